@@ -1,0 +1,329 @@
+"""The one HTTP session factory of flowstone-dagster.
+
+Every integration that speaks HTTP through ``requests`` gets its session from
+:func:`create_session`, so that all of them share the same guarantees::
+
+    from flowstone_dagster.http import create_session
+
+    session = create_session(timeout=(3.05, 30), ca_bundle="/etc/ssl/internal-ca.pem")
+    orders = session.get("https://api.example.com/orders", params={"day": "2025-01-15"}).json()
+
+- **Timeouts always set.** A request without ``timeout=`` uses the session's
+  ``(connect, read)`` default; there is no way to wait forever by accident.
+- **TLS verified** by default; ``ca_bundle`` trusts a private CA.
+- **Connection pooling** per host (``pool_size`` connections kept alive).
+- **No hidden retries.** urllib3 retries nothing; retrying is the resilience layer's job.
+- **Errors from the taxonomy.** A timeout raises :class:`~flowstone_dagster.errors.CallTimeout`,
+  a refused or broken connection :class:`~flowstone_dagster.errors.TransportError`, a failing
+  status the matching :class:`~flowstone_dagster.errors.HTTPError` subclass (pass
+  ``raise_for_status=False`` to a request to get the response instead).
+- **No secrets in errors or telemetry.** Passwords in URLs, secret-looking query parameters and
+  any value listed in ``secrets`` are replaced by ``***``.
+- **Telemetry.** Each request emits ``flowstone.http.request`` (method, host, status, bytes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from flowstone_dagster import telemetry
+from flowstone_dagster._version import __version__
+from flowstone_dagster.errors import (
+    CallTimeout,
+    ConfigurationError,
+    ExternalServiceError,
+    TransportError,
+    error_for_status,
+    parse_retry_after,
+)
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_READ_TIMEOUT",
+    "DEFAULT_USER_AGENT",
+    "HttpSession",
+    "create_session",
+    "redact_headers",
+    "redact_text",
+    "redact_url",
+]
+
+#: Seconds to wait for a TCP (and TLS) connection.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds to wait between bytes of the response.
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_USER_AGENT = f"flowstone-dagster/{__version__} python-requests/{requests.__version__}"
+
+REDACTED = "***"
+
+#: Query parameters whose values are secrets (compared case-insensitively).
+SECRET_QUERY_PARAMS = frozenset(
+    {
+        "access_token",
+        "api_key",
+        "api-key",
+        "apikey",
+        "auth",
+        "client_secret",
+        "code",
+        "key",
+        "password",
+        "secret",
+        "sig",
+        "signature",
+        "token",
+        "x-amz-signature",
+        "x-goog-signature",
+    }
+)
+
+#: Headers whose values are secrets (compared case-insensitively).
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+    }
+)
+
+Timeout = float | tuple[float, float]
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace every occurrence of each secret in ``text`` with ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_url(url: str, secrets: Iterable[str] = ()) -> str:
+    """``url`` without its password, secret-looking query values and the given ``secrets``.
+
+    >>> redact_url("https://user:pw@api.example.com/x?token=abc&day=1")
+    'https://user:***@api.example.com/x?token=***&day=1'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_text(url, secrets)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(name.lower() in SECRET_QUERY_PARAMS for name, _ in pairs):
+            query = urlencode(
+                [
+                    (name, REDACTED if name.lower() in SECRET_QUERY_PARAMS else value)
+                    for name, value in pairs
+                ],
+                safe="*",
+            )
+    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return redact_text(redacted, secrets)
+
+
+def redact_headers(headers: Mapping[str, str], secrets: Iterable[str] = ()) -> dict[str, str]:
+    """A copy of ``headers`` with secret values (``Authorization``, API keys, cookies) hidden."""
+    secrets = tuple(secrets)
+    return {
+        name: REDACTED if name.lower() in SECRET_HEADERS else redact_text(str(value), secrets)
+        for name, value in headers.items()
+    }
+
+
+_URL_IN_TEXT = re.compile(r"(?:https?)://[^\s'\")]+")
+
+
+def _reason(exc: requests.RequestException, secrets: Iterable[str]) -> str:
+    """The underlying cause of a requests error, with URLs in it redacted."""
+    cause: Any = exc.args[0] if exc.args else exc
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the real reason
+    text = str(cause)
+    secrets = tuple(secrets)
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0), secrets), redact_text(text, secrets))
+
+
+class HttpSession(requests.Session):
+    """A ``requests.Session`` with default timeouts, taxonomy errors, redaction and telemetry.
+
+    Build it with :func:`create_session`. ``request`` (and so ``get``, ``post``, ...) accepts
+    one extra keyword, ``raise_for_status`` (default ``True``).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+        secrets: Iterable[str] = (),
+        service: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self.secrets: tuple[str, ...] = tuple(s for s in secrets if s)
+        self.service = service
+
+    def __repr__(self) -> str:
+        return f"<HttpSession service={self.service!r} timeout={self.timeout!r}>"
+
+    def redact(self, url: str) -> str:
+        """``url`` as it may appear in errors, logs and metadata."""
+        return redact_url(url, self.secrets)
+
+    def request(
+        self,
+        method: str | bytes,
+        url: str | bytes,
+        *args: Any,
+        raise_for_status: bool = True,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """Send a request; see ``requests.Session.request``.
+
+        Raises :class:`CallTimeout`, :class:`TransportError`, or (with ``raise_for_status``)
+        the taxonomy error for a status >= 400.
+        """
+        method_name = method.decode() if isinstance(method, bytes) else str(method)
+        method_name = method_name.upper()
+        url_text = url.decode() if isinstance(url, bytes) else str(url)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        host = urlsplit(url_text).hostname or ""
+        with telemetry.span("flowstone.http.request", method=method_name, host=host) as call:
+            try:
+                response = super().request(method_name, url_text, *args, **kwargs)
+            except requests.exceptions.Timeout as exc:  # ConnectTimeout and ReadTimeout
+                raise CallTimeout(
+                    f"{method_name} {self.redact(url_text)} timed out after "
+                    f"{kwargs['timeout']} s ({type(exc).__name__})",
+                    timeout=_total_seconds(kwargs["timeout"]),
+                    service=self.service,
+                ) from None
+            except requests.exceptions.SSLError as exc:
+                raise TransportError(
+                    f"{method_name} {self.redact(url_text)}: TLS failure: "
+                    f"{_reason(exc, self.secrets)} (set ca_bundle to trust a private CA)",
+                    service=self.service,
+                    tls=True,
+                ) from None
+            except requests.exceptions.ConnectionError as exc:
+                raise TransportError(
+                    f"{method_name} {self.redact(url_text)}: {_reason(exc, self.secrets)}",
+                    service=self.service,
+                ) from None
+            except requests.exceptions.TooManyRedirects:
+                raise ExternalServiceError(
+                    f"{method_name} {self.redact(url_text)}: more than {self.max_redirects} "
+                    "redirects",
+                    service=self.service,
+                ) from None
+            except (
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema,
+            ) as exc:
+                raise ConfigurationError(
+                    f"invalid URL {self.redact(url_text)}: {type(exc).__name__}",
+                    field="url",
+                    service=self.service,
+                ) from None
+            call.set(status=response.status_code)
+            if not kwargs.get("stream"):
+                call.set(bytes=len(response.content))
+            if raise_for_status and response.status_code >= 400:
+                raise self.error_for(response)
+        return response
+
+    def error_for(self, response: requests.Response) -> ExternalServiceError:
+        """The taxonomy error for a failing ``response`` (redacted; the caller raises it)."""
+        body = redact_text(_error_body(response), self.secrets)
+        return error_for_status(
+            response.status_code,
+            url=self.redact(response.url or ""),
+            method=response.request.method if response.request else None,
+            body=body,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            service=self.service,
+        )
+
+
+#: How much of a streamed error response is read to explain the error.
+ERROR_BODY_READ_LIMIT = 64 * 1024
+
+
+def _error_body(response: requests.Response) -> str:
+    """The error body, reading at most ``ERROR_BODY_READ_LIMIT`` bytes of a streamed one."""
+    if getattr(response, "_content", False) is not False:  # already read (not streamed)
+        return response.text
+    try:
+        chunk = response.raw.read(ERROR_BODY_READ_LIMIT, decode_content=True)
+    except Exception:  # the body is only an explanation; never mask the status error
+        return ""
+    finally:
+        response.close()
+    return chunk.decode(response.encoding or "utf-8", errors="replace")
+
+
+def _total_seconds(timeout: Timeout) -> float:
+    return float(sum(timeout)) if isinstance(timeout, tuple) else float(timeout)
+
+
+def create_session(
+    *,
+    timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+    verify: bool = True,
+    ca_bundle: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    user_agent: str | None = None,
+    pool_size: int = 10,
+    max_redirects: int = 10,
+    secrets: Iterable[str] = (),
+    service: str | None = None,
+) -> HttpSession:
+    """Build the :class:`HttpSession` every integration uses.
+
+    Args:
+        timeout: default ``(connect, read)`` seconds (or one number for both) for requests
+            that pass none.
+        verify: verify TLS certificates. Turn off only for a test server you own.
+        ca_bundle: path to a PEM file of CA certificates to trust instead of the system's.
+        headers: headers sent with every request.
+        user_agent: replaces the default ``flowstone-dagster/<version> ...`` User-Agent.
+        pool_size: connections kept alive per host.
+        max_redirects: redirects followed before failing.
+        secrets: values (tokens, keys, webhook URLs) to hide wherever they would appear in an
+            error message or telemetry.
+        service: a name for the external system, carried by errors.
+    """
+    if isinstance(timeout, tuple):
+        if len(timeout) != 2 or any(t <= 0 for t in timeout):
+            raise ConfigurationError("must be positive seconds", field="timeout")
+    elif timeout <= 0:
+        raise ConfigurationError("must be positive seconds", field="timeout")
+    if pool_size < 1:
+        raise ConfigurationError("must be at least 1", field="pool_size")
+    session = HttpSession(timeout=timeout, secrets=secrets, service=service)
+    # max_retries=0: urllib3 retries nothing, not even reads, so retrying stays in one layer.
+    adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.max_redirects = max_redirects
+    session.verify = ca_bundle if ca_bundle else verify
+    session.headers["User-Agent"] = user_agent or DEFAULT_USER_AGENT
+    if headers:
+        session.headers.update(headers)
+    return session

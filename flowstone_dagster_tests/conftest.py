@@ -1,0 +1,119 @@
+"""Fixtures every test module may use: real servers on loopback, started here and stopped here.
+
+- ``httpserver`` (from pytest-httpserver): a plain HTTP server; ``https_server`` and
+  ``ca_bundle``: an HTTPS server with a throwaway certificate, and the PEM of the CA that
+  signed it (``untrusted_https_server`` is signed by a CA nobody trusts).
+- ``postgres``: a PostgreSQL cluster for the whole session (``initdb`` as the ``postgres`` user,
+  a free port on 127.0.0.1, password auth); ``pg_database`` a fresh database in it per test.
+- ``smtp_server``: an aiosmtpd server that keeps what it receives.
+- ``dagster_instance``: an ephemeral Dagster instance; ``dagster_home_instance`` a persistent one
+  in a temporary ``DAGSTER_HOME`` (needed by the multiprocess executor).
+"""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import psycopg2
+import pytest
+import trustme
+from psycopg2 import sql
+from pytest_httpserver import HTTPServer
+
+from flowstone_dagster_tests.support.postgres import PostgresCluster
+from flowstone_dagster_tests.support.smtp import SmtpSink
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_bundle(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path to the PEM of the CA that signed ``https_server``'s certificate."""
+    path = tmp_path_factory.mktemp("tls") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def _start_https(ca: trustme.CA) -> HTTPServer:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    server = HTTPServer(host="localhost", ssl_context=context)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def _https_server_session(tls_ca: trustme.CA) -> Iterator[HTTPServer]:
+    server = _start_https(tls_ca)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def https_server(_https_server_session: HTTPServer) -> Iterator[HTTPServer]:
+    """An HTTPS server on localhost whose certificate ``ca_bundle`` trusts."""
+    yield _https_server_session
+    _https_server_session.clear()
+
+
+@pytest.fixture
+def untrusted_https_server() -> Iterator[HTTPServer]:
+    """An HTTPS server whose certificate is signed by a CA that nothing trusts."""
+    server = _start_https(trustme.CA())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster, started once for the session."""
+    with PostgresCluster.start() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_database(postgres: PostgresCluster) -> Iterator[PostgresCluster]:
+    """A fresh, empty database in the session's cluster, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(postgres.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield PostgresCluster(
+            postgres.host, postgres.port, postgres.user, postgres.password, name, postgres.data_dir
+        )
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        admin.close()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpSink]:
+    """A real SMTP server on 127.0.0.1 that keeps every message it receives."""
+    with SmtpSink.start() as sink:
+        yield sink
+
+
+@pytest.fixture
+def dagster_instance() -> Iterator[dg.DagsterInstance]:
+    """An ephemeral, in-memory Dagster instance."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+@pytest.fixture
+def dagster_home_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A persistent Dagster instance in a temporary DAGSTER_HOME (for multiprocess runs)."""
+    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home")) as instance:
+        yield instance
