@@ -68,7 +68,8 @@ def truncate(text: str, limit: int = MAX_BODY_EXCERPT) -> str:
     """Shorten ``text`` to at most ``limit`` characters, marking the cut."""
     if len(text) <= limit:
         return text
-    return text[: max(limit - 15, 0)] + f"... [{len(text) - limit + 15} more]"
+    keep = max(limit - len(f"... [{len(text)} more]"), 0)
+    return f"{text[:keep]}... [{len(text) - keep} more]"
 
 
 class FlowstoneError(Exception):

@@ -202,6 +202,9 @@ class HttpSession(requests.Session):
         url_text = url.decode() if isinstance(url, bytes) else str(url)
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.timeout
+        if kwargs.get("verify") is None:
+            # requests lets REQUESTS_CA_BUNDLE override a session's verify; ours wins.
+            kwargs["verify"] = self.verify
         host = urlsplit(url_text).hostname or ""
         with telemetry.span("flowstone.http.request", method=method_name, host=host) as call:
             try:
