@@ -55,7 +55,7 @@ RETRY_TABLE = [
     ("rate limited", RateLimited("429", retry_after=2.0), True),
     ("worker crashed", WorkerCrashed("SIGSEGV", signal=11), True),
     ("builtin TimeoutError", TimeoutError(), True),
-    ("socket timeout", socket.timeout(), True),
+    ("socket timeout", socket.timeout(), True),  # noqa: UP041 - the alias is the point
     ("builtin ConnectionRefusedError", ConnectionRefusedError(), True),
     ("requests ReadTimeout", requests.exceptions.ReadTimeout(), True),
     ("requests ConnectionError", requests.exceptions.ConnectionError(), True),
@@ -94,7 +94,9 @@ RETRY_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("case", "exc", "expected"), RETRY_TABLE, ids=[c for c, _, _ in RETRY_TABLE])
+@pytest.mark.parametrize(
+    ("case", "exc", "expected"), RETRY_TABLE, ids=[c for c, _, _ in RETRY_TABLE]
+)
 def test_is_retryable(case: str, exc: BaseException, expected: bool) -> None:
     assert is_retryable(exc) is expected, case
 

@@ -17,7 +17,9 @@ from flowstone_dagster_tests.support.smtp import SmtpSink
 def test_postgres_accepts_a_query(pg_database: PostgresCluster) -> None:
     with psycopg2.connect(pg_database.dsn) as connection, connection.cursor() as cursor:
         cursor.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2);")
-        cursor.execute("SELECT sum(x), current_database(), current_setting('server_version') FROM t")
+        cursor.execute(
+            "SELECT sum(x), current_database(), current_setting('server_version') FROM t"
+        )
         total, database, version = cursor.fetchone()
     connection.close()
     assert total == 2 + 1

@@ -206,9 +206,7 @@ def test_redirect_loop_is_bounded(httpserver: HTTPServer) -> None:
 
 
 def test_secrets_never_reach_error_text(httpserver: HTTPServer) -> None:
-    httpserver.expect_request("/private").respond_with_data(
-        f"invalid key {SECRET}", status=401
-    )
+    httpserver.expect_request("/private").respond_with_data(f"invalid key {SECRET}", status=401)
     session = create_session(
         headers={"Authorization": f"Bearer {SECRET}"}, secrets=[SECRET], service="vendor"
     )
@@ -226,9 +224,7 @@ def test_invalid_url_is_a_configuration_error() -> None:
         create_session().get("not a url")
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"timeout": 0}, {"timeout": (1.0, -1.0)}, {"pool_size": 0}]
-)
+@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"timeout": (1.0, -1.0)}, {"pool_size": 0}])
 def test_bad_factory_arguments(kwargs: dict) -> None:
     with pytest.raises(ConfigurationError):
         create_session(**kwargs)
