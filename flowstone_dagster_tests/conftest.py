@@ -115,5 +115,7 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
 @pytest.fixture
 def dagster_home_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
     """A persistent Dagster instance in a temporary DAGSTER_HOME (for multiprocess runs)."""
-    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home")) as instance:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
         yield instance

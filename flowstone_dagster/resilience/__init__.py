@@ -1,0 +1,99 @@
+"""How flowstone-dagster survives failing or slow external systems.
+
+::
+
+    from flowstone_dagster.resilience import (
+        CircuitBreaker, RateLimiter, ResilienceResource, with_circuit_breaker, with_retry,
+    )
+
+    rows = with_retry(lambda: api.get("/orders"), max_attempts=5, base_delay=0.2)
+    rows = with_circuit_breaker("orders-api", lambda: api.get("/orders"), threshold=5)
+    with RateLimiter("orders-api", limit=10, period=1.0):
+        api.get("/orders")
+
+- :mod:`.retry`: :func:`with_retry` (exponential backoff on ``backoff``; only what
+  :func:`~flowstone_dagster.errors.is_retryable` accepts) and :func:`backoff_delays`;
+- :mod:`.breaker`: :class:`CircuitBreaker`, :func:`with_circuit_breaker`, :func:`state`,
+  :func:`reset`;
+- :mod:`.limiter`: :class:`RateLimiter` (sliding window, exact across processes);
+- :mod:`.stores`: where breaker and limiter state is shared (:func:`open_store`: SQLite,
+  PostgreSQL, memory);
+- :mod:`.timeouts`: :class:`Deadline`, :func:`deadline_scope`, :func:`with_timeout`;
+- :mod:`.resource`: :class:`ResilienceResource` (policies per service) and the Dagster
+  interplay (:func:`to_dagster_error`, :func:`dagster_retries`,
+  :data:`RECOMMENDED_RETRY_POLICY`).
+
+The full guide is ``docs/resilience.md``.
+"""
+
+from flowstone_dagster.resilience.breaker import (
+    BreakerStatus,
+    CircuitBreaker,
+    classify,
+    reset,
+    state,
+    with_circuit_breaker,
+)
+from flowstone_dagster.resilience.limiter import RateLimiter, RateLimitExceeded
+from flowstone_dagster.resilience.resource import (
+    RECOMMENDED_RETRY_POLICY,
+    CircuitBreakerConfig,
+    RateLimitConfig,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+    dagster_retries,
+    to_dagster_error,
+)
+from flowstone_dagster.resilience.retry import backoff_delays, with_retry
+from flowstone_dagster.resilience.stores import (
+    BreakerRecord,
+    MemoryStore,
+    PostgresStore,
+    Reservation,
+    SQLiteStore,
+    StateStore,
+    close_stores,
+    default_store_url,
+    open_store,
+)
+from flowstone_dagster.resilience.timeouts import (
+    Deadline,
+    current_deadline,
+    deadline_scope,
+    with_timeout,
+)
+
+__all__ = [
+    "RECOMMENDED_RETRY_POLICY",
+    "BreakerRecord",
+    "BreakerStatus",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "Deadline",
+    "MemoryStore",
+    "PostgresStore",
+    "RateLimitConfig",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "Reservation",
+    "ResilienceResource",
+    "RetryConfig",
+    "SQLiteStore",
+    "ServicePolicy",
+    "StateStore",
+    "backoff_delays",
+    "classify",
+    "close_stores",
+    "current_deadline",
+    "dagster_retries",
+    "deadline_scope",
+    "default_store_url",
+    "open_store",
+    "reset",
+    "state",
+    "to_dagster_error",
+    "with_circuit_breaker",
+    "with_retry",
+    "with_timeout",
+]
