@@ -13,45 +13,21 @@ import sys
 from pathlib import Path
 
 # Run as a script, this file's folder is first on sys.path and its name shadows the standard
-# library's ``http`` package (which requests needs): drop that folder before importing.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+# library's ``http`` package (which requests needs): put the repository root there instead.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import argparse  # noqa: E402
-import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
 import requests  # noqa: E402
 
 from flowstone_dagster.http import create_session  # noqa: E402
+from flowstone_dagster_tests.support.loopback import serve_bodies  # noqa: E402
 
 BODY = b'{"ok": true, "rows": [1, 2, 3]}'
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body in one write, sent at once: without this, Nagle's algorithm and the
-    # client's delayed ACK hold each keep-alive response back by ~40 ms.
-    wbufsize = -1
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-def _serve(port_queue: multiprocessing.Queue) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    port_queue.put(server.server_address[1])
-    server.serve_forever()
 
 
 def _rate(get: Callable[[str], object], url: str, count: int) -> float:
@@ -67,11 +43,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    ports: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=_serve, args=(ports,), daemon=True)
-    server.start()
-    url = f"http://127.0.0.1:{ports.get(timeout=10)}/data"
-    try:
+    with serve_bodies({"/data": BODY}) as base_url:
+        url = f"{base_url}/data"
         bare = requests.Session()
         ours = create_session()
 
@@ -87,8 +60,6 @@ def main() -> None:
         for _ in range(args.rounds):
             bare_rates.append(_rate(bare_get, url, args.requests))
             our_rates.append(_rate(ours_get, url, args.requests))
-    finally:
-        server.terminate()
     bare_rate = statistics.median(bare_rates)
     our_rate = statistics.median(our_rates)
     print(f"requests per round: {args.requests}, rounds: {args.rounds}")

@@ -2,7 +2,7 @@
 
 The public API is re-exported here::
 
-    from flowstone_dagster import create_session, is_retryable, telemetry
+    from flowstone_dagster import RestIOManager, ResilienceResource, create_session, telemetry
 """
 
 from flowstone_dagster import telemetry
@@ -22,15 +22,28 @@ from flowstone_dagster.errors import (
     PartialFailure,
     PythonWorkerError,
     RateLimited,
+    ResponseTooLarge,
     TransportError,
     Unauthorized,
     WorkerCrashed,
     is_retryable,
 )
 from flowstone_dagster.http import HttpSession, create_session
+from flowstone_dagster.io_managers import RestClient, RestIOManager
+from flowstone_dagster.resilience import (
+    RECOMMENDED_RETRY_POLICY,
+    CircuitBreaker,
+    RateLimiter,
+    ResilienceResource,
+    with_circuit_breaker,
+    with_retry,
+    with_timeout,
+)
 
 __all__ = [
+    "RECOMMENDED_RETRY_POLICY",
     "CallTimeout",
+    "CircuitBreaker",
     "CircuitOpen",
     "ConfigurationError",
     "DbtFailed",
@@ -45,6 +58,11 @@ __all__ = [
     "PartialFailure",
     "PythonWorkerError",
     "RateLimited",
+    "RateLimiter",
+    "ResilienceResource",
+    "ResponseTooLarge",
+    "RestClient",
+    "RestIOManager",
     "TransportError",
     "Unauthorized",
     "WorkerCrashed",
@@ -52,4 +70,7 @@ __all__ = [
     "create_session",
     "is_retryable",
     "telemetry",
+    "with_circuit_breaker",
+    "with_retry",
+    "with_timeout",
 ]

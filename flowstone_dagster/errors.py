@@ -46,6 +46,7 @@ __all__ = [
     "PartialFailure",
     "PythonWorkerError",
     "RateLimited",
+    "ResponseTooLarge",
     "TransportError",
     "Unauthorized",
     "WorkerCrashed",
@@ -211,6 +212,20 @@ class DecodeError(ExternalServiceError):
         super().__init__(message, service=service)
         self.url = url
         self.format = fmt
+
+
+class ResponseTooLarge(ExternalServiceError):
+    """A response body exceeded the configured ``max_body_bytes``. Never retried.
+
+    Raise the limit if the response is expected to be that large.
+    """
+
+    def __init__(
+        self, message: str, *, limit: int, url: str | None = None, service: str | None = None
+    ) -> None:
+        super().__init__(message, service=service)
+        self.limit = limit
+        self.url = url
 
 
 class CircuitOpen(FlowstoneError):

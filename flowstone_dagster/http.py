@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -171,8 +172,10 @@ class HttpSession(requests.Session):
         timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
         secrets: Iterable[str] = (),
         service: str | None = None,
+        telemetry_event: str | None = "flowstone.http.request",
     ) -> None:
         super().__init__()
+        self.telemetry_event = telemetry_event
         self.timeout = timeout
         self.secrets: tuple[str, ...] = tuple(s for s in secrets if s)
         self.service = service
@@ -206,7 +209,7 @@ class HttpSession(requests.Session):
             # requests lets REQUESTS_CA_BUNDLE override a session's verify; ours wins.
             kwargs["verify"] = self.verify
         host = urlsplit(url_text).hostname or ""
-        with telemetry.span("flowstone.http.request", method=method_name, host=host) as call:
+        with self._span(method_name, host) as call:
             try:
                 response = super().request(method_name, url_text, *args, **kwargs)
             except requests.exceptions.Timeout as exc:  # ConnectTimeout and ReadTimeout
@@ -250,6 +253,11 @@ class HttpSession(requests.Session):
             if raise_for_status and response.status_code >= 400:
                 raise self.error_for(response)
         return response
+
+    def _span(self, method: str, host: str) -> AbstractContextManager[telemetry.Span]:
+        if self.telemetry_event is None:  # the integration reports the call itself
+            return nullcontext(telemetry.Span("", {}))
+        return telemetry.span(self.telemetry_event, method=method, host=host)
 
     def error_for(self, response: requests.Response) -> ExternalServiceError:
         """The taxonomy error for a failing ``response`` (redacted; the caller raises it)."""
@@ -296,6 +304,7 @@ def create_session(
     max_redirects: int = 10,
     secrets: Iterable[str] = (),
     service: str | None = None,
+    telemetry_event: str | None = "flowstone.http.request",
 ) -> HttpSession:
     """Build the :class:`HttpSession` every integration uses.
 
@@ -311,6 +320,8 @@ def create_session(
         secrets: values (tokens, keys, webhook URLs) to hide wherever they would appear in an
             error message or telemetry.
         service: a name for the external system, carried by errors.
+        telemetry_event: the event each request emits; ``None`` for an integration that emits
+            its own event per call (``flowstone.rest.load``, ...) and so avoids counting twice.
     """
     if isinstance(timeout, tuple):
         if len(timeout) != 2 or any(t <= 0 for t in timeout):
@@ -319,7 +330,9 @@ def create_session(
         raise ConfigurationError("must be positive seconds", field="timeout")
     if pool_size < 1:
         raise ConfigurationError("must be at least 1", field="pool_size")
-    session = HttpSession(timeout=timeout, secrets=secrets, service=service)
+    session = HttpSession(
+        timeout=timeout, secrets=secrets, service=service, telemetry_event=telemetry_event
+    )
     # max_retries=0: urllib3 retries nothing, not even reads, so retrying stays in one layer.
     adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
     session.mount("https://", adapter)

@@ -15,8 +15,9 @@ receive every event:
 - Python ``logging``, always, on the ``flowstone_dagster.telemetry`` logger at DEBUG (errors at
   WARNING);
 - any callback registered with :func:`add_listener`;
-- while :func:`observe` is active, the Dagster context's log and a :class:`StepTelemetry`
-  aggregator, which turns the step's events into ``flowstone/...`` materialization metadata::
+- while :func:`observe` is active, the Dagster context's log (failed and retried calls; all
+  calls with ``log_all=True``) and a :class:`StepTelemetry` aggregator, which turns the step's
+  events into ``flowstone/...`` materialization metadata::
 
       @asset
       def scores(context: AssetExecutionContext, llm: LLMResource):
@@ -217,8 +218,9 @@ class StepTelemetry:
     numeric measure (``flowstone/llm.call/input_tokens``, ``flowstone/db.store/rows``, ...).
     """
 
-    def __init__(self, context: Any | None = None) -> None:
+    def __init__(self, context: Any | None = None, *, log_all: bool = False) -> None:
         self.context = context
+        self.log_all = log_all
         self.events: list[TelemetryEvent] = []
         self._totals: dict[str, _Totals] = {}
         self._lock = threading.Lock()
@@ -235,8 +237,17 @@ class StepTelemetry:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals.sums[key] = totals.sums.get(key, 0) + value
         log = getattr(self.context, "log", None)
-        if log is not None:
-            (log.debug if event.ok else log.warning)(format_event(event))
+        if log is None:
+            return
+        # Failures and retried calls go to the step log one by one; clean successes only with
+        # log_all (their totals are in the metadata, and a Dagster log line per call is costly
+        # for steps that make thousands of calls).
+        if not event.ok:
+            log.warning(format_event(event))
+        elif event.attempts > 1:
+            log.info(format_event(event))
+        elif self.log_all:
+            log.debug(format_event(event))
 
     def metadata(self) -> dict[str, int | float]:
         """The ``flowstone/...`` metadata of the events seen so far."""
@@ -255,20 +266,28 @@ class StepTelemetry:
 
 
 @contextmanager
-def observe(context: Any | None = None, *, attach_metadata: bool = True) -> Iterator[StepTelemetry]:
+def observe(
+    context: Any | None = None, *, attach_metadata: bool = True, log_all: bool = False
+) -> Iterator[StepTelemetry]:
     """Collect the events emitted in this process while the block runs.
 
-    With a Dagster ``context`` (an asset, op or I/O manager output context), each event is also
-    written to the step's log, and when the block succeeds its totals are attached with
-    ``context.add_output_metadata`` so that they show on the materialization in the UI.
+    With a Dagster ``context`` (an asset, op or I/O manager context), failed calls (WARNING)
+    and retried calls (INFO) are written to the step's log as they happen, every call with
+    ``log_all`` (DEBUG); and when the block succeeds the totals are attached with
+    ``context.add_output_metadata`` (``add_input_metadata`` for an I/O manager's input context)
+    so that they show on the materialization, or the input's load event, in the UI.
     """
-    collector = StepTelemetry(context)
+    collector = StepTelemetry(context, log_all=log_all)
     remove = add_listener(collector)
     try:
         yield collector
     finally:
         remove()
     if attach_metadata and context is not None and collector.events:
-        add_output_metadata = getattr(context, "add_output_metadata", None)
-        if add_output_metadata is not None:
-            add_output_metadata(collector.metadata())
+        # Output contexts (assets, ops, I/O managers storing) take output metadata; an I/O
+        # manager's input context takes input metadata.
+        attach = getattr(context, "add_output_metadata", None) or getattr(
+            context, "add_input_metadata", None
+        )
+        if attach is not None:
+            attach(collector.metadata())

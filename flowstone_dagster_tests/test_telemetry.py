@@ -118,19 +118,32 @@ def test_metadata_and_logs_on_a_materialization(dagster_instance: dg.DagsterInst
             with telemetry.span("flowstone.rest.load", status=200) as call:
                 call.set(bytes=2048)
             telemetry.emit("flowstone.rest.load", error=TimeoutError("slow"), attempts=3)
+            telemetry.emit("flowstone.rest.load", attempts=2, status=200)
+        with telemetry.observe(context, log_all=True, attach_metadata=False):
+            telemetry.emit("flowstone.db.store", rows=5)
         return 1
 
     result = dg.materialize([enriched], instance=dagster_instance)
     assert result.success
     materialization = result.asset_materializations_for_node("enriched")[0]
     metadata = {key: value.value for key, value in materialization.metadata.items()}
-    assert metadata["flowstone/rest.load/calls"] == 2
+    assert metadata["flowstone/rest.load/calls"] == 3
     assert metadata["flowstone/rest.load/errors"] == 1
-    assert metadata["flowstone/rest.load/attempts"] == 4
+    assert metadata["flowstone/rest.load/attempts"] == 6
     assert metadata["flowstone/rest.load/bytes"] == 2048
-    logs = [entry.user_message for entry in dagster_instance.all_logs(result.run_id)]
-    assert any(m.startswith("flowstone.rest.load outcome=ok") for m in logs)
-    assert any("outcome=error" in m and "error=TimeoutError" in m for m in logs)
+    assert "flowstone/db.store/calls" not in metadata
+    logs = {
+        entry.user_message: entry.level
+        for entry in dagster_instance.all_logs(result.run_id)
+        if entry.user_message.startswith("flowstone.")
+    }
+    assert logs == {
+        "flowstone.rest.load outcome=error duration_ms=0.0 attempts=3 error=TimeoutError": (
+            logging.WARNING
+        ),
+        "flowstone.rest.load outcome=ok duration_ms=0.0 attempts=2 status=200": logging.INFO,
+        "flowstone.db.store outcome=ok duration_ms=0.0 attempts=1 rows=5": logging.DEBUG,
+    }
 
 
 @pytest.mark.dagster

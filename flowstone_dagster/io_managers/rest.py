@@ -1,0 +1,724 @@
+"""REST I/O manager: an asset's value per partition, loaded from and stored to an HTTP API.
+
+::
+
+    import dagster as dg
+    from flowstone_dagster.io_managers import RestIOManager
+
+    daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
+
+    @dg.asset(partitions_def=daily, io_manager_key="rest")
+    def orders() -> list[dict]:
+        return [{"id": 1, "total": 9.5}]        # POST {base_url}/orders/2025-01-15
+
+    @dg.asset(partitions_def=daily)
+    def order_totals(orders: list[dict]) -> float:   # GET {base_url}/orders/2025-01-15
+        return sum(o["total"] for o in orders)
+
+    defs = dg.Definitions(
+        assets=[orders, order_totals],
+        resources={"rest": RestIOManager(
+            base_url="https://api.example.com/v1",
+            auth="bearer", token=dg.EnvVar("ORDERS_API_TOKEN"),
+        )},
+    )
+
+Outside an I/O manager, :class:`RestClient` does the same for any ``url_fn(partition)``::
+
+    client = RestClient(lambda day: f"https://api.example.com/data/{day}")
+    client.load("2025-01-15")
+    client.store({"value": 42}, "2025-01-15")
+
+Every status has one outcome (the table in ``docs/rest.md``): 2xx success (204 loads as
+``None``), redirects followed up to ``max_redirects``, 401 ``Unauthorized``, 403 ``Forbidden``,
+404/410 ``NotFound`` naming the asset and partition, other 4xx ``HTTPError`` with the server's
+message, 408/429/5xx retryable errors: retried through ``resilience`` when one is configured,
+else raised after exactly one request.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, urljoin
+
+import dagster as dg
+import requests
+from pydantic import Field, PrivateAttr
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.errors import (
+    ConfigurationError,
+    DecodeError,
+    ExternalServiceError,
+    NotFound,
+    ResponseTooLarge,
+)
+from flowstone_dagster.http import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    HttpSession,
+    create_session,
+)
+from flowstone_dagster.io_managers.formats import (
+    FORMATS,
+    MEDIA_TYPES,
+    RestFormat,
+    decode,
+    encode,
+    require_pandas,
+)
+from flowstone_dagster.resilience import ResilienceResource, to_dagster_error
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "HeadInfo",
+    "RestClient",
+    "RestIOManager",
+    "StoreResult",
+]
+
+T = TypeVar("T")
+
+#: Largest response body read by default (100 MiB); ``max_body_bytes`` changes it.
+DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
+_CHUNK = 1024 * 1024
+
+Pagination = Literal["none", "link", "cursor"]
+StoreMethod = Literal["POST", "PUT", "PATCH"]
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a ``HEAD`` request says about a stored value."""
+
+    status: int
+    content_type: str | None
+    content_length: int | None
+    etag: str | None
+    last_modified: str | None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of :meth:`RestClient.store`."""
+
+    url: str
+    method: str
+    status: int
+    bytes: int
+    etag: str | None = None
+    location: str | None = None
+
+
+def _dig(value: Any, path: str) -> Any:
+    """``value["a"]["b"]`` for ``path="a.b"``; ``None`` when a step is missing."""
+    for part in path.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+class RestClient:
+    """Load and store values at URLs given by ``url_fn(partition)``.
+
+    Args:
+        url_fn: the URL of a partition (``partition`` is whatever the caller passes).
+        format: body format, one of ``json``, ``ndjson``, ``csv``, ``text``, ``bytes``.
+        method: ``POST``, ``PUT`` or ``PATCH`` for :meth:`store`.
+        headers: extra headers for every request (``Content-Type``/``Accept`` follow the
+            format unless given here).
+        secrets: values never to show in errors (tokens, passwords).
+        timeout: ``(connect, read)`` seconds.
+        max_body_bytes: a larger response raises ``ResponseTooLarge``.
+        max_redirects: redirects followed before failing.
+        pagination: ``none``, ``link`` (RFC 8288 ``Link: <...>; rel="next"``) or ``cursor``
+            (the next cursor read from the body at ``cursor_path``, sent as ``cursor_param``).
+        items_path: where a page's items are in its body (``"data"``); by default a page that
+            is a list is its items. Paginated loads return all items in one list.
+        max_pages: more pages than this is an error (nothing is silently dropped).
+        resilience: a :class:`ResilienceResource`; each request then goes through its policy
+            for ``service`` (retries honouring ``Retry-After``, breaker, rate limit). Without
+            it a request is made exactly once.
+        service: the service name for errors, telemetry and the resilience policy.
+        session: an :class:`~flowstone_dagster.http.HttpSession` to use instead of a new one.
+    """
+
+    def __init__(
+        self,
+        url_fn: Callable[[Any], str],
+        *,
+        format: str = "json",
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
+        secrets: Iterable[str] = (),
+        timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_redirects: int = 10,
+        pagination: str = "none",
+        cursor_path: str | None = None,
+        cursor_param: str = "cursor",
+        items_path: str | None = None,
+        max_pages: int = 100,
+        verify: bool = True,
+        ca_bundle: str | None = None,
+        resilience: ResilienceResource | None = None,
+        service: str = "rest",
+        session: HttpSession | None = None,
+    ) -> None:
+        if format not in FORMATS:
+            raise ConfigurationError(f"must be one of {', '.join(FORMATS)}", field="format")
+        if method.upper() not in ("POST", "PUT", "PATCH"):
+            raise ConfigurationError("must be POST, PUT or PATCH", field="method")
+        if pagination not in ("none", "link", "cursor"):
+            raise ConfigurationError("must be none, link or cursor", field="pagination")
+        if pagination == "cursor" and not cursor_path:
+            raise ConfigurationError("is required when pagination is 'cursor'", field="cursor_path")
+        if pagination != "none" and format not in ("json", "ndjson"):
+            raise ConfigurationError("pagination needs the json or ndjson format", field="format")
+        if max_body_bytes < 1:
+            raise ConfigurationError("must be positive", field="max_body_bytes")
+        if max_pages < 1:
+            raise ConfigurationError("must be at least 1", field="max_pages")
+        self.url_fn = url_fn
+        self.format = format
+        self.method = method.upper()
+        self.max_body_bytes = max_body_bytes
+        self.pagination = pagination
+        self.cursor_path = cursor_path
+        self.cursor_param = cursor_param
+        self.items_path = items_path
+        self.max_pages = max_pages
+        self.resilience = resilience
+        self.service = service
+        self.headers = {"Accept": MEDIA_TYPES[format], **(headers or {})}
+        self.session = session or create_session(
+            timeout=timeout,
+            verify=verify,
+            ca_bundle=ca_bundle,
+            max_redirects=max_redirects,
+            secrets=secrets,
+            service=service,
+            telemetry_event=None,  # flowstone.rest.load / .store report each call
+        )
+
+    def __repr__(self) -> str:
+        return f"<RestClient service={self.service!r} format={self.format!r}>"
+
+    # -- requests, each through the resilience policy when there is one ------------------------
+
+    def _send(self, attempts: list[int], method: str, url: str, **kwargs: Any) -> requests.Response:
+        def once() -> requests.Response:
+            attempts[0] += 1
+            return self.session.request(method, url, **kwargs)
+
+        if self.resilience is None:
+            return once()
+        return self.resilience.call(self.service, once, dagster_errors=False)
+
+    def _read(self, response: requests.Response, url: str) -> bytes:
+        """The body, refusing to hold more than ``max_body_bytes``."""
+        with response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise self._too_large(url, f"declares {int(declared)} bytes")
+            body = bytearray()
+            for chunk in response.iter_content(_CHUNK):
+                body += chunk
+                if len(body) > self.max_body_bytes:
+                    raise self._too_large(url, f"sent more than {self.max_body_bytes} bytes")
+        return bytes(body)
+
+    def _too_large(self, url: str, what: str) -> ResponseTooLarge:
+        return ResponseTooLarge(
+            f"response from {self.session.redact(url)} {what}; max_body_bytes is "
+            f"{self.max_body_bytes} (raise it if the response should be that large)",
+            limit=self.max_body_bytes,
+            url=self.session.redact(url),
+            service=self.service,
+        )
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load(
+        self, partition: Any = None, *, asset: str | None = None, as_dataframe: bool = False
+    ) -> Any:
+        """GET the value at ``url_fn(partition)``, following pagination.
+
+        Returns the decoded body (``None`` for 204). Raises ``NotFound`` (saying which asset and
+        partition), ``Unauthorized``, ``Forbidden``, ``HTTPError``, ``DecodeError``,
+        ``ResponseTooLarge``, ``CallTimeout``, ``TransportError``, or with ``resilience``
+        ``MaxAttemptsExceeded`` / ``CircuitOpen``.
+        """
+        url = self.url_fn(partition)
+        attempts = [0]
+        with telemetry.span(
+            "flowstone.rest.load", method="GET", format=self.format, service=self.service
+        ) as call:
+            try:
+                value, status, size, pages = self._load_pages(url, attempts, as_dataframe)
+            except NotFound as exc:
+                what = f"asset {asset!r} " if asset else ""
+                where = f"partition {partition!s}" if partition is not None else "(unpartitioned)"
+                raise NotFound(
+                    f"no data for {what}{where}: {exc.message}",
+                    status=exc.status,
+                    url=exc.url,
+                    method=exc.method,
+                    body=exc.body,
+                    service=exc.service,
+                ) from None
+            finally:
+                call.attempts = max(attempts[0], 1)
+            call.set(status=status, bytes=size, pages=pages)
+        return value
+
+    def _load_pages(
+        self, url: str, attempts: list[int], as_dataframe: bool
+    ) -> tuple[Any, int, int, int]:
+        if self.pagination == "none":
+            response = self._send(attempts, "GET", url, headers=self.headers, stream=True)
+            body = self._read(response, url)
+            if response.status_code == 204 or not body:
+                return None, response.status_code, 0, 1
+            value = self._decode(body, url, response, as_dataframe)
+            return value, response.status_code, len(body), 1
+
+        items: list[Any] = []
+        total, pages, status = 0, 0, 200
+        next_url: str | None = url
+        params: dict[str, str] | None = None
+        seen: set[tuple[str, str | None]] = set()
+        while next_url is not None:
+            marker = (next_url, params[self.cursor_param] if params else None)
+            if marker in seen:
+                raise ExternalServiceError(
+                    f"pagination loop at {self.session.redact(next_url)}: the same page was "
+                    "returned as the next one",
+                    service=self.service,
+                )
+            seen.add(marker)
+            pages += 1
+            if pages > self.max_pages:
+                raise ExternalServiceError(
+                    f"{self.session.redact(url)} has more than max_pages={self.max_pages} pages; "
+                    "raise max_pages to load them all",
+                    service=self.service,
+                )
+            response = self._send(
+                attempts, "GET", next_url, headers=self.headers, params=params, stream=True
+            )
+            body = self._read(response, next_url)
+            status = response.status_code
+            total += len(body)
+            page = self._decode(body, next_url, response, False) if body else None
+            items.extend(self._items_of(page, next_url))
+            next_url, params = self._next_page(url, next_url, response, page)
+        if as_dataframe:
+            return require_pandas().DataFrame(items), status, total, pages
+        return items, status, total, pages
+
+    def _items_of(self, page: Any, url: str) -> list[Any]:
+        if page is None:
+            return []
+        items = _dig(page, self.items_path) if self.items_path else page
+        if items is None:
+            return []
+        if not isinstance(items, list):
+            where = f" at items_path {self.items_path!r}" if self.items_path else ""
+            raise DecodeError(
+                f"page from {self.session.redact(url)} has no list of items{where} "
+                f"(found {type(items).__name__}); set items_path",
+                url=self.session.redact(url),
+                fmt=self.format,
+                service=self.service,
+            )
+        return items
+
+    def _next_page(
+        self, first_url: str, url: str, response: requests.Response, page: Any
+    ) -> tuple[str | None, dict[str, str] | None]:
+        if self.pagination == "link":
+            target = response.links.get("next", {}).get("url")
+            return (urljoin(url, target), None) if target else (None, None)
+        cursor = _dig(page, self.cursor_path or "") if page is not None else None
+        if cursor in (None, ""):
+            return None, None
+        return first_url, {self.cursor_param: str(cursor)}
+
+    def _decode(
+        self, body: bytes, url: str, response: requests.Response, as_dataframe: bool
+    ) -> Any:
+        try:
+            return decode(
+                body,
+                self.format,
+                url=self.session.redact(url),
+                encoding=response.encoding if self.format in ("text", "csv") else None,
+                as_dataframe=as_dataframe,
+            )
+        except DecodeError as exc:
+            exc.service = self.service
+            raise
+
+    # -- store and head ------------------------------------------------------------------------
+
+    def store(self, data: Any, partition: Any = None, *, asset: str | None = None) -> StoreResult:
+        """Send ``data`` to ``url_fn(partition)`` with the configured method.
+
+        Raises ``TypeError`` when ``data`` does not fit the format (nothing is sent), else the
+        same errors as :meth:`load`.
+        """
+        url = self.url_fn(partition)
+        try:
+            body = encode(data, self.format)
+        except TypeError as exc:
+            what = f"asset {asset!r}" if asset else "the value"
+            raise TypeError(f"cannot store {what} as {self.format}: {exc}") from None
+        headers = {"Content-Type": MEDIA_TYPES[self.format], **self.headers}
+        attempts = [0]
+        with telemetry.span(
+            "flowstone.rest.store", method=self.method, format=self.format, service=self.service
+        ) as call:
+            try:
+                response = self._send(attempts, self.method, url, data=body, headers=headers)
+            finally:
+                call.attempts = max(attempts[0], 1)
+            call.set(status=response.status_code, bytes=len(body))
+        return StoreResult(
+            url=self.session.redact(response.url or url),
+            method=self.method,
+            status=response.status_code,
+            bytes=len(body),
+            etag=response.headers.get("ETag"),
+            location=response.headers.get("Location"),
+        )
+
+    def head(self, partition: Any = None) -> HeadInfo | None:
+        """``HEAD`` the partition's URL: ``None`` when the value does not exist (404/410) or
+        the server does not support ``HEAD`` (405/501)."""
+        url = self.url_fn(partition)
+        attempts = [0]
+        response = self._send(attempts, "HEAD", url, headers=self.headers, raise_for_status=False)
+        if response.status_code in (404, 405, 410, 501):
+            return None
+        if response.status_code >= 400:
+            raise self.session.error_for(response)
+        length = response.headers.get("Content-Length")
+        return HeadInfo(
+            status=response.status_code,
+            content_type=response.headers.get("Content-Type"),
+            content_length=int(length) if length and length.isdigit() else None,
+            etag=response.headers.get("ETag"),
+            last_modified=response.headers.get("Last-Modified"),
+        )
+
+    def exists(self, partition: Any = None) -> bool:
+        """Whether the partition's value exists, by ``HEAD``."""
+        return self.head(partition) is not None
+
+
+# -- the I/O manager --------------------------------------------------------------------------
+
+
+def _asset_path(asset_key: dg.AssetKey) -> str:
+    return "/".join(quote(part, safe="") for part in asset_key.path)
+
+
+def _partition_fields(definition: dg.PartitionsDefinition | None, key: str) -> dict[str, str]:
+    """Placeholders for a partition: ``partition_key`` and, for multi-partitions, one per
+    dimension (``{date}``, ``{region}``, ...), all URL-encoded."""
+    fields = {"partition_key": quote(key, safe="")}
+    multi: dg.MultiPartitionKey | None = None
+    if isinstance(key, dg.MultiPartitionKey):
+        multi = key
+    elif isinstance(definition, dg.MultiPartitionsDefinition):
+        multi = definition.get_partition_key_from_str(key)
+    if multi is not None:
+        for dimension, value in multi.keys_by_dimension.items():
+            fields[dimension] = quote(value, safe="")
+    return fields
+
+
+def _wants_dataframe(context: dg.InputContext) -> bool:
+    """Whether the input is annotated as a pandas DataFrame."""
+    try:
+        annotation = context.dagster_type.typing_type
+    except dg.DagsterInvariantViolationError:  # a context built without a type (tests, benches)
+        return False
+    return getattr(annotation, "__name__", "") == "DataFrame" and str(
+        getattr(annotation, "__module__", "")
+    ).startswith("pandas")
+
+
+class RestIOManager(dg.ConfigurableIOManager):
+    """Stores each asset output with an HTTP request and loads inputs with ``GET``.
+
+    The URL is ``base_url`` + ``path_template`` (unpartitioned assets) or
+    ``partition_path_template`` (partitioned ones), with ``{asset_key}`` (the key's parts joined
+    by ``/``), ``{partition_key}`` and, for multi-partitioned assets, one placeholder per
+    dimension, all URL-encoded. An asset overrides these with definition metadata:
+    ``rest/path`` (a template), ``rest/format`` and ``rest/method``.
+
+    After a store, ``HEAD`` on the same URL records status, content type, length, ETag and
+    Last-Modified as output metadata (``record_head``), beside the request's own figures and the
+    step's ``flowstone/...`` telemetry totals.
+    """
+
+    base_url: str = Field(description="Base URL of the API, e.g. https://api.example.com/v1.")
+    path_template: str = Field(
+        default="/{asset_key}",
+        description="Path of an unpartitioned asset, appended to base_url. Placeholders: "
+        "{asset_key}.",
+    )
+    partition_path_template: str = Field(
+        default="/{asset_key}/{partition_key}",
+        description="Path of a partitioned asset. Placeholders: {asset_key}, {partition_key}, "
+        "and one per dimension of a multi-partitioned asset (e.g. {date}, {region}).",
+    )
+    format: RestFormat = Field(
+        default="json",
+        description="Body format: json, ndjson, csv (list of dicts, or a DataFrame when the "
+        "input is annotated pd.DataFrame), text or bytes. Sets Content-Type and Accept.",
+    )
+    method: StoreMethod = Field(default="POST", description="HTTP method of stores.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers sent with every request."
+    )
+    auth: Literal["none", "bearer", "basic", "api_key"] = Field(
+        default="none",
+        description="none; bearer (token); basic (username, password); api_key (api_key sent "
+        "in the api_key_header header).",
+    )
+    token: str | None = Field(
+        default=None, repr=False, description="Bearer token. Use EnvVar('...')."
+    )
+    username: str | None = Field(default=None, description="User for basic auth.")
+    password: str | None = Field(
+        default=None, repr=False, description="Password for basic auth. Use EnvVar('...')."
+    )
+    api_key: str | None = Field(
+        default=None, repr=False, description="API key for api_key auth. Use EnvVar('...')."
+    )
+    api_key_header: str = Field(default="X-API-Key", description="Header carrying api_key.")
+    connect_timeout: float = Field(
+        default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="Seconds to connect."
+    )
+    read_timeout: float = Field(
+        default=DEFAULT_READ_TIMEOUT, gt=0, description="Seconds to wait between bytes."
+    )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        gt=0,
+        description="Largest response body accepted; larger ones fail with ResponseTooLarge.",
+    )
+    max_redirects: int = Field(default=10, ge=0, description="Redirects followed.")
+    pagination: Pagination = Field(
+        default="none",
+        description="Loads: none; link (RFC 8288 Link rel=next); cursor (next cursor from "
+        "the body at cursor_path, sent as the cursor_param query parameter).",
+    )
+    cursor_path: str | None = Field(
+        default=None, description="Dotted path of the next cursor in a page, e.g. meta.next."
+    )
+    cursor_param: str = Field(default="cursor", description="Query parameter of the cursor.")
+    items_path: str | None = Field(
+        default=None,
+        description="Dotted path of a page's items (e.g. data); default: the page is a list.",
+    )
+    max_pages: int = Field(
+        default=100, ge=1, description="More pages than this fails the load (never truncates)."
+    )
+    verify_tls: bool = Field(default=True, description="Verify TLS certificates.")
+    ca_bundle: str | None = Field(default=None, description="PEM file of CAs to trust.")
+    record_head: bool = Field(
+        default=True,
+        description="After a store, HEAD the URL and record its status, type, length, ETag and "
+        "Last-Modified as output metadata.",
+    )
+    service: str = Field(
+        default="rest", description="Service name in errors, telemetry and resilience policy."
+    )
+    resilience: ResilienceResource | None = Field(
+        default=None,
+        description="Retry/breaker/rate-limit policy for each request (policy `service`). "
+        "Without it, each request is made exactly once.",
+    )
+
+    # One client (so one connection pool) per asset configuration, for the manager's lifetime.
+    _clients: dict[tuple[Any, ...], RestClient] = PrivateAttr(default_factory=dict)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._auth_headers()  # fail at set-up on incomplete auth, naming the field
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for client in self._clients.values():
+            client.session.close()
+        self._clients.clear()
+
+    def _auth_headers(self) -> tuple[dict[str, str], list[str]]:
+        if self.auth == "none":
+            return {}, []
+        if self.auth == "bearer":
+            if not self.token:
+                raise ConfigurationError("is required for bearer auth", field="token")
+            return {"Authorization": f"Bearer {self.token}"}, [self.token]
+        if self.auth == "basic":
+            if not self.username or self.password is None:
+                raise ConfigurationError(
+                    "username and password are required for basic auth", field="password"
+                )
+            encoded = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+            return {"Authorization": f"Basic {encoded}"}, [self.password, encoded]
+        if not self.api_key:
+            raise ConfigurationError("is required for api_key auth", field="api_key")
+        return {self.api_key_header: self.api_key}, [self.api_key]
+
+    def _client(
+        self, context: dg.InputContext | dg.OutputContext, metadata: Mapping[str, Any]
+    ) -> RestClient:
+        partitioned = context.has_asset_partitions
+        template = metadata.get("rest/path") or (
+            self.partition_path_template if partitioned else self.path_template
+        )
+        fmt = str(metadata.get("rest/format") or self.format)
+        method = str(metadata.get("rest/method") or self.method)
+        cache_key = (context.asset_key, partitioned, template, fmt, method)
+        client = self._clients.get(cache_key)
+        if client is None:
+            client = self._clients[cache_key] = self._new_client(
+                context, str(template), fmt, method
+            )
+        return client
+
+    def _new_client(
+        self,
+        context: dg.InputContext | dg.OutputContext,
+        template: str,
+        fmt: str,
+        method: str,
+    ) -> RestClient:
+        asset_path = _asset_path(context.asset_key)
+        partitions_def = context.asset_partitions_def if context.has_asset_partitions else None
+        base = self.base_url.rstrip("/")
+
+        def url_fn(partition: Any) -> str:
+            fields = {"asset_key": asset_path}
+            if partition is not None:
+                fields |= _partition_fields(partitions_def, partition)
+            try:
+                path = template.format(**fields)
+            except KeyError as exc:
+                raise ConfigurationError(
+                    f"template {template!r} uses {{{exc.args[0]}}}, which asset "
+                    f"{context.asset_key.to_user_string()} does not have "
+                    f"(available: {', '.join(sorted(fields))})",
+                    field="path_template",
+                ) from None
+            return base + (path if path.startswith("/") else "/" + path)
+
+        auth_headers, secrets = self._auth_headers()
+        return RestClient(
+            url_fn,
+            format=fmt,
+            method=method,
+            headers={**self.headers, **auth_headers},
+            secrets=secrets,
+            timeout=(self.connect_timeout, self.read_timeout),
+            max_body_bytes=self.max_body_bytes,
+            max_redirects=self.max_redirects,
+            pagination=self.pagination,
+            cursor_path=self.cursor_path,
+            cursor_param=self.cursor_param,
+            items_path=self.items_path,
+            max_pages=self.max_pages,
+            verify=self.verify_tls,
+            ca_bundle=self.ca_bundle,
+            resilience=self.resilience,
+            service=self.service,
+        )
+
+    def _dagster_errors(self, call: Callable[[], T]) -> T:
+        """With ``resilience``, its Dagster interplay: an open circuit becomes RetryRequested."""
+        try:
+            return call()
+        except Exception as exc:
+            if self.resilience is None or not self.resilience.dagster_errors:
+                raise
+            mapped = to_dagster_error(
+                exc,
+                retry_requested_after=self.resilience.retry_requested_after,
+                max_retries=self.resilience.step_max_retries,
+                service=self.service,
+            )
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        metadata = context.definition_metadata or {}
+        client = self._client(context, metadata)
+        asset = context.asset_key.to_user_string()
+        keys: list[str | None] = (
+            list(context.asset_partition_keys) if context.has_asset_partitions else [None]
+        )
+        if len(keys) > 1:
+            raise ConfigurationError(
+                f"asset {asset} wrote {len(keys)} partitions in one run; the REST I/O manager "
+                "stores one partition per request: run them as separate partitions",
+                field="partitions",
+            )
+        partition = keys[0]
+        started = time.perf_counter()
+        with telemetry.observe(context):
+            result = self._dagster_errors(lambda: client.store(obj, partition, asset=asset))
+            head = client.head(partition) if self.record_head else None
+        output: dict[str, Any] = {
+            "url": dg.MetadataValue.url(result.url),
+            "rest/method": result.method,
+            "rest/status": result.status,
+            "rest/bytes": result.bytes,
+            "rest/duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if result.location:
+            output["rest/location"] = result.location
+        if head is not None:
+            output["rest/head_status"] = head.status
+            for key, value in (
+                ("rest/content_type", head.content_type),
+                ("rest/content_length", head.content_length),
+                ("rest/etag", head.etag or result.etag),
+                ("rest/last_modified", head.last_modified),
+            ):
+                if value is not None:
+                    output[key] = value
+        elif result.etag:
+            output["rest/etag"] = result.etag
+        context.add_output_metadata(output)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        upstream = context.upstream_output
+        metadata = (upstream.definition_metadata if upstream is not None else None) or {}
+        client = self._client(context, metadata)
+        asset = context.asset_key.to_user_string()
+        as_dataframe = _wants_dataframe(context)
+        keys: list[str | None] = (
+            list(context.asset_partition_keys) if context.has_asset_partitions else [None]
+        )
+        loaded: dict[str | None, Any] = {}
+        # Dagster takes input metadata for one partition only; several are still logged.
+        with telemetry.observe(context, attach_metadata=len(keys) == 1):
+            for key in keys:
+                loaded[key] = self._dagster_errors(
+                    partial(client.load, key, asset=asset, as_dataframe=as_dataframe)
+                )
+        # A downstream asset reading several upstream partitions gets {partition_key: value}.
+        return loaded[keys[0]] if len(keys) == 1 else loaded

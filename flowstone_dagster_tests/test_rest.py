@@ -1,0 +1,639 @@
+"""The REST client and I/O manager against a real HTTP server on loopback."""
+
+import base64
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.errors import (
+    ConfigurationError,
+    DecodeError,
+    ExternalServiceError,
+    Forbidden,
+    HTTPError,
+    MaxAttemptsExceeded,
+    NotFound,
+    RateLimited,
+    ResponseTooLarge,
+    Unauthorized,
+    is_retryable,
+)
+from flowstone_dagster.io_managers import RestClient, RestIOManager
+from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
+
+SECRET = "tok-5ecr3t-value-000111"
+
+
+def client_for(server: HTTPServer, **kwargs: Any) -> RestClient:
+    return RestClient(lambda partition: server.url_for(f"/data/{partition}"), **kwargs)
+
+
+# -- the brief's tests ---------------------------------------------------------------------------
+
+
+def test_loads_data_from_rest_api(httpserver: HTTPServer) -> None:
+    httpserver.expect_oneshot_request("/data/2025-01-15", method="GET").respond_with_json(
+        {"data": [1, 2, 3]}
+    )
+    assert client_for(httpserver, format="json").load("2025-01-15") == {"data": [1, 2, 3]}
+    httpserver.check_assertions()
+
+
+def test_returns_not_found_on_404(httpserver: HTTPServer) -> None:
+    httpserver.expect_oneshot_request("/data/missing").respond_with_data("Not Found", status=404)
+    with pytest.raises(NotFound) as raised:
+        client_for(httpserver).load("missing", asset="test_asset")
+    assert "no data for asset 'test_asset' partition missing" in str(raised.value)
+    assert raised.value.status == 404
+    assert len(httpserver.log) == 1
+
+
+def test_handles_http_errors(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/error").respond_with_data("Internal Server Error", status=500)
+    with pytest.raises(HTTPError) as raised:
+        client_for(httpserver).load("error")
+    assert raised.value.status == 500
+    assert len(httpserver.log) == 1  # no retry policy: exactly one request
+
+
+def test_includes_authorization_headers(httpserver: HTTPServer) -> None:
+    httpserver.expect_oneshot_request(
+        "/data/secure", headers={"Authorization": "Bearer secret"}
+    ).respond_with_json({"data": "secure"})
+    client = client_for(httpserver, headers={"Authorization": "Bearer secret"}, format="json")
+    assert client.load("secure") == {"data": "secure"}
+    httpserver.check_assertions()
+
+
+def test_stores_data_via_post(httpserver: HTTPServer) -> None:
+    httpserver.expect_oneshot_request(
+        "/data/2025-01-15", method="POST", json={"value": 42}
+    ).respond_with_data("", status=201)
+    result = client_for(httpserver, format="json").store({"value": 42}, "2025-01-15")
+    assert result.status == 201
+    assert result.method == "POST"
+    httpserver.check_assertions()
+
+
+# -- every status has one outcome ----------------------------------------------------------------
+
+STATUS_TABLE = [
+    (400, HTTPError, False),
+    (401, Unauthorized, False),
+    (403, Forbidden, False),
+    (404, NotFound, False),
+    (408, HTTPError, True),
+    (409, HTTPError, False),
+    (410, NotFound, False),
+    (422, HTTPError, False),
+    (429, RateLimited, True),
+    (500, HTTPError, True),
+    (502, HTTPError, True),
+    (503, HTTPError, True),
+    (504, HTTPError, True),
+]
+
+
+@pytest.mark.parametrize(("status", "error", "retryable"), STATUS_TABLE)
+def test_status_table(
+    httpserver: HTTPServer, status: int, error: type[Exception], retryable: bool
+) -> None:
+    httpserver.expect_request("/data/p").respond_with_data("x" * 2000 + " detail", status=status)
+    with pytest.raises(error) as raised:
+        client_for(httpserver).load("p")
+    assert type(raised.value) is error
+    assert is_retryable(raised.value) is retryable
+    assert f"HTTP {status}" in str(raised.value)
+    assert len(str(raised.value)) < 800  # the server's message, truncated
+    assert len(httpserver.log) == 1
+
+
+@pytest.mark.parametrize("status", [200, 201, 203])
+def test_2xx_loads(httpserver: HTTPServer, status: int) -> None:
+    httpserver.expect_request("/data/p").respond_with_json([1], status=status)
+    assert client_for(httpserver).load("p") == [1]
+
+
+def test_204_loads_as_none(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data("", status=204)
+    assert client_for(httpserver).load("p") is None
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirects_are_followed(httpserver: HTTPServer, status: int) -> None:
+    httpserver.expect_request("/data/old").respond_with_data(
+        "", status=status, headers={"Location": "/moved/new"}
+    )
+    httpserver.expect_request("/moved/new").respond_with_json({"moved": True})
+    assert client_for(httpserver).load("old") == {"moved": True}
+
+
+def test_redirect_loop_fails_clearly(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/loop").respond_with_data(
+        "", status=302, headers={"Location": "/data/loop"}
+    )
+    with pytest.raises(ExternalServiceError, match="more than 5 redirects"):
+        client_for(httpserver, max_redirects=5).load("loop")
+    assert len(httpserver.log) == 6
+
+
+def test_malformed_json_is_a_decode_error(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data('{"data": [1, 2', status=200)
+    with pytest.raises(DecodeError) as raised:
+        client_for(httpserver).load("p")
+    assert raised.value.format == "json"
+    assert raised.value.url == httpserver.url_for("/data/p")
+    assert f"response from {httpserver.url_for('/data/p')} is not valid json" in str(raised.value)
+    assert not is_retryable(raised.value)
+
+
+def test_oversized_body_with_content_length(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/big").respond_with_data("[" + "1," * 5000 + "1]")
+    with pytest.raises(ResponseTooLarge, match="declares 10003 bytes; max_body_bytes is 1000"):
+        client_for(httpserver, max_body_bytes=1000).load("big")
+
+
+def test_oversized_chunked_body_is_cut_off(httpserver: HTTPServer) -> None:
+    def chunked(request: Request) -> Response:
+        return Response((b"x" * 4096 for _ in range(100)), content_type="text/plain")
+
+    httpserver.expect_request("/data/stream").respond_with_handler(chunked)
+    with pytest.raises(ResponseTooLarge, match="sent more than 10000 bytes"):
+        client_for(httpserver, format="text", max_body_bytes=10_000).load("stream")
+
+
+# -- pagination ------------------------------------------------------------------------------------
+
+
+def test_link_header_pagination(httpserver: HTTPServer) -> None:
+    base = httpserver.url_for("/data/p")
+    httpserver.expect_request("/data/p", query_string="").respond_with_json(
+        [1, 2], headers={"Link": f'<{base}?page=2>; rel="next", <{base}>; rel="first"'}
+    )
+    httpserver.expect_request("/data/p", query_string="page=2").respond_with_json(
+        [3], headers={"Link": '</data/p?page=3>; rel="next"'}
+    )
+    httpserver.expect_request("/data/p", query_string="page=3").respond_with_json([4, 5])
+    assert client_for(httpserver, pagination="link").load("p") == [1, 2, 3, 4, 5]
+    assert len(httpserver.log) == 3
+
+
+def test_cursor_pagination(httpserver: HTTPServer) -> None:
+    pages = {
+        "": {"data": [{"id": 1}], "meta": {"next": "c2"}},
+        "after=c2": {"data": [{"id": 2}], "meta": {"next": "c3"}},
+        "after=c3": {"data": [{"id": 3}], "meta": {"next": None}},
+    }
+    for query, page in pages.items():
+        httpserver.expect_request("/data/p", query_string=query).respond_with_json(page)
+    client = client_for(
+        httpserver,
+        pagination="cursor",
+        cursor_path="meta.next",
+        cursor_param="after",
+        items_path="data",
+    )
+    assert client.load("p") == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+def test_pagination_beyond_max_pages_fails(httpserver: HTTPServer) -> None:
+    def endless(request: Request) -> Response:
+        page = int(request.args.get("cursor", "0"))
+        return Response(json.dumps({"items": [page], "next": page + 1}))
+
+    httpserver.expect_request("/data/p").respond_with_handler(endless)
+    client = client_for(
+        httpserver, pagination="cursor", cursor_path="next", items_path="items", max_pages=3
+    )
+    with pytest.raises(ExternalServiceError, match="more than max_pages=3 pages"):
+        client.load("p")
+    assert len(httpserver.log) == 3
+
+
+def test_pagination_loop_is_detected(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_json({"items": [1], "next": "same"})
+    client = client_for(httpserver, pagination="cursor", cursor_path="next", items_path="items")
+    with pytest.raises(ExternalServiceError, match="pagination loop"):
+        client.load("p")
+
+
+# -- retries through the resilience resource -------------------------------------------------------
+
+
+def _resilience(max_attempts: int = 3) -> ResilienceResource:
+    return ResilienceResource(
+        store_url="memory://",
+        policies={
+            "rest": ServicePolicy(
+                retry=RetryConfig(max_attempts=max_attempts, base_delay=0.01, max_delay=1.0),
+                circuit_breaker=None,
+            )
+        },
+    )
+
+
+def test_503_503_200_with_retry_after(httpserver: HTTPServer) -> None:
+    for _ in range(2):
+        httpserver.expect_ordered_request("/data/p").respond_with_data(
+            "busy", status=503, headers={"Retry-After": "0.3"}
+        )
+    httpserver.expect_ordered_request("/data/p").respond_with_json({"ok": True})
+    events: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(events.append)
+    started = time.monotonic()
+    try:
+        assert client_for(httpserver, resilience=_resilience()).load("p") == {"ok": True}
+    finally:
+        remove()
+    assert time.monotonic() - started >= 0.6  # Retry-After honoured twice
+    assert len(httpserver.log) == 3
+    (load,) = [e for e in events if e.name == "flowstone.rest.load"]
+    assert load.attempts == 3
+    assert load.outcome == "ok"
+
+
+def test_exhausted_retries_name_the_last_status(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data("still down", status=503)
+    with pytest.raises(MaxAttemptsExceeded) as raised:
+        client_for(httpserver, resilience=_resilience(max_attempts=2)).load("p")
+    assert "HTTP 503" in str(raised.value)
+    assert isinstance(raised.value.last_error, HTTPError)
+    assert len(httpserver.log) == 2
+
+
+def test_non_retryable_status_is_not_retried_even_with_a_policy(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data("nope", status=404)
+    with pytest.raises(NotFound):
+        client_for(httpserver, resilience=_resilience()).load("p")
+    assert len(httpserver.log) == 1
+
+
+# -- formats ---------------------------------------------------------------------------------------
+
+FORMAT_CASES = [
+    ("json", {"a": [1, 2]}, b'{"a":[1,2]}', "application/json"),
+    ("ndjson", [{"a": 1}, {"a": 2}], b'{"a":1}\n{"a":2}\n', "application/x-ndjson"),
+    ("csv", [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}], b"a,b\n1,x\n2,y\n", "text/csv"),
+    ("text", "héllo\nworld", "héllo\nworld".encode(), "text/plain; charset=utf-8"),
+    ("bytes", b"\x00\x01\xff", b"\x00\x01\xff", "application/octet-stream"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "value", "wire", "media_type"), FORMAT_CASES)
+def test_each_format_both_ways(
+    httpserver: HTTPServer, fmt: str, value: Any, wire: bytes, media_type: str
+) -> None:
+    httpserver.expect_oneshot_request(
+        "/data/p", method="POST", headers={"Content-Type": media_type, "Accept": media_type}
+    ).respond_with_data("", status=204)
+    httpserver.expect_oneshot_request("/data/p", method="GET").respond_with_data(
+        wire, content_type=media_type
+    )
+    client = client_for(httpserver, format=fmt)
+    client.store(value, "p")
+    assert httpserver.log[0][0].get_data() == wire
+    assert client.load("p") == value
+    httpserver.check_assertions()
+
+
+def test_json_encodes_dates_and_decimals(httpserver: HTTPServer) -> None:
+    import datetime as dt
+    from decimal import Decimal
+
+    httpserver.expect_request("/data/p", method="POST").respond_with_data("", status=201)
+    client_for(httpserver).store({"day": dt.date(2025, 1, 15), "amount": Decimal("9.50")}, "p")
+    assert json.loads(httpserver.log[0][0].get_data()) == {"day": "2025-01-15", "amount": "9.50"}
+
+
+def test_value_that_does_not_fit_the_format_sends_nothing(httpserver: HTTPServer) -> None:
+    with pytest.raises(TypeError, match="cannot store asset 'orders' as csv"):
+        client_for(httpserver, format="csv").store("not rows", "p", asset="orders")
+    assert httpserver.log == []
+
+
+def test_put_and_patch(httpserver: HTTPServer) -> None:
+    httpserver.expect_oneshot_request("/data/p", method="PUT").respond_with_data("", status=200)
+    httpserver.expect_oneshot_request("/data/p", method="PATCH").respond_with_data("", status=200)
+    client_for(httpserver, method="PUT").store([1], "p")
+    client_for(httpserver, method="patch").store([1], "p")
+    httpserver.check_assertions()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"format": "xml"}, "format"),
+        ({"method": "GET"}, "method"),
+        ({"pagination": "pages"}, "pagination"),
+        ({"pagination": "cursor"}, "cursor_path"),
+        ({"pagination": "link", "format": "csv"}, "format"),
+        ({"max_pages": 0}, "max_pages"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        RestClient(lambda p: "http://127.0.0.1/", **kwargs)
+    assert raised.value.field == field
+
+
+def test_head_reports_metadata(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p", method="HEAD").respond_with_data(
+        "",
+        headers={
+            "ETag": '"v1"',
+            "Last-Modified": "Wed, 15 Jan 2025 07:28:00 GMT",
+            "Content-Type": "application/json",
+        },
+    )
+    httpserver.expect_request("/data/none", method="HEAD").respond_with_data("", status=404)
+    client = client_for(httpserver)
+    head = client.head("p")
+    assert head is not None
+    assert head.etag == '"v1"'
+    assert head.last_modified == "Wed, 15 Jan 2025 07:28:00 GMT"
+    assert head.content_type == "application/json"
+    assert client.exists("p")
+    assert not client.exists("none")
+
+
+# -- the I/O manager inside Dagster --------------------------------------------------------------
+
+
+class FakeStore:
+    """A tiny REST backend on the test server: POST/PUT store, GET/HEAD read, per path."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.bodies: dict[str, tuple[bytes, str]] = {}
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        server.expect_request(re.compile(r"^/api/.*")).respond_with_handler(self)
+
+    def __call__(self, request: Request) -> Response:
+        raw_uri = request.environ.get("RAW_URI") or request.full_path
+        self.requests.append((request.method, raw_uri, dict(request.headers)))
+        if request.method in ("POST", "PUT"):
+            self.bodies[request.path] = (request.get_data(), request.content_type or "")
+            return Response("", status=201, headers={"ETag": f'"{len(self.bodies)}"'})
+        if request.path not in self.bodies:
+            return Response("no such thing", status=404)
+        body, content_type = self.bodies[request.path]
+        headers = {"ETag": '"stored"', "Last-Modified": "Wed, 15 Jan 2025 07:28:00 GMT"}
+        return Response(body, content_type=content_type, headers=headers)  # no body on HEAD
+
+
+daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
+
+
+@dg.asset(partitions_def=daily, io_manager_key="rest")
+def readings(context: dg.AssetExecutionContext) -> list[dict]:
+    return [{"day": context.partition_key, "value": int(context.partition_key[-2:])}]
+
+
+@dg.asset(partitions_def=daily, io_manager_key="rest")
+def doubled(readings: list[dict]) -> list[dict]:
+    return [{**row, "value": row["value"] * 2} for row in readings]
+
+
+@pytest.mark.dagster
+def test_daily_partitions_stored_and_loaded_through_rest(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    store = FakeStore(httpserver)
+    manager = RestIOManager(base_url=httpserver.url_for("/api"))
+    for day in ("2025-01-14", "2025-01-15"):
+        result = dg.materialize(
+            [readings, doubled],
+            partition_key=day,
+            resources={"rest": manager},
+            instance=dagster_instance,
+        )
+        assert result.success
+    assert json.loads(store.bodies["/api/doubled/2025-01-15"][0]) == [
+        {"day": "2025-01-15", "value": 30}
+    ]
+    assert json.loads(store.bodies["/api/readings/2025-01-14"][0]) == [
+        {"day": "2025-01-14", "value": 14}
+    ]
+    materialization = dagster_instance.get_latest_materialization_event(
+        dg.AssetKey("doubled")
+    ).asset_materialization
+    metadata = {k: v.value for k, v in materialization.metadata.items()}
+    assert metadata["url"] == httpserver.url_for("/api/doubled/2025-01-15")
+    assert metadata["rest/status"] == 201
+    assert metadata["rest/etag"] == '"stored"'
+    assert metadata["rest/last_modified"] == "Wed, 15 Jan 2025 07:28:00 GMT"
+    assert metadata["rest/content_length"] == len(store.bodies["/api/doubled/2025-01-15"][0])
+    assert metadata["flowstone/rest.store/calls"] == 1
+    methods = [(m, p) for m, p, _ in store.requests]
+    assert ("GET", "/api/readings/2025-01-15") in methods
+
+
+@pytest.mark.dagster
+def test_missing_upstream_partition_names_asset_and_partition(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    FakeStore(httpserver)
+    manager = RestIOManager(base_url=httpserver.url_for("/api"))
+
+    @dg.asset(partitions_def=daily, ins={"readings": dg.AssetIn(key="readings")})
+    def consumer(readings: list[dict]) -> int:
+        return len(readings)
+
+    result = dg.materialize(
+        [consumer, readings.to_source_asset()],
+        partition_key="2025-01-20",
+        resources={"io_manager": manager, "rest": manager},
+        instance=dagster_instance,
+        raise_on_error=False,
+        selection=[consumer],
+    )
+    assert not result.success
+    error = result.failure_data_for_node("consumer").error  # type: ignore[union-attr]
+    messages = []
+    while error is not None:
+        messages.append(error.message)
+        error = error.cause
+    assert any("no data for asset 'readings' partition 2025-01-20" in m for m in messages)
+
+
+hourly = dg.HourlyPartitionsDefinition(start_date="2025-01-15-00:00")
+regions = dg.MultiPartitionsDefinition(
+    {
+        "date": dg.DailyPartitionsDefinition(start_date="2025-01-01"),
+        "region": dg.StaticPartitionsDefinition(["eu/west", "us"]),
+    }
+)
+
+
+@dg.asset(partitions_def=hourly, io_manager_key="rest")
+def hourly_counts() -> dict:
+    return {"n": 1}
+
+
+@dg.asset(
+    partitions_def=regions,
+    io_manager_key="rest",
+    metadata={"rest/path": "/sales/{region}/{date}", "rest/format": "csv", "rest/method": "PUT"},
+)
+def regional_sales() -> pd.DataFrame:
+    return pd.DataFrame([{"sku": "a", "qty": 2}, {"sku": "b", "qty": 5}])
+
+
+@dg.asset(partitions_def=regions, io_manager_key="rest")
+def regional_total(regional_sales: pd.DataFrame) -> int:
+    return int(regional_sales["qty"].sum())
+
+
+@pytest.mark.dagster
+def test_hourly_and_multi_partition_urls_and_dataframes(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    store = FakeStore(httpserver)
+    resources = {"rest": RestIOManager(base_url=httpserver.url_for("/api/"), record_head=False)}
+    assert dg.materialize(
+        [hourly_counts],
+        partition_key="2025-01-15-13:00",
+        resources=resources,
+        instance=dagster_instance,
+    ).success
+    assert "/api/hourly_counts/2025-01-15-13:00" in store.bodies  # werkzeug decodes %3A
+    assert any("2025-01-15-13%3A00" in path for _, path, _ in store.requests)
+
+    result = dg.materialize(
+        [regional_sales, regional_total],
+        partition_key="2025-01-15|eu/west",
+        resources=resources,
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert result.output_for_node("regional_total") == 7
+    body, content_type = store.bodies["/api/sales/eu/west/2025-01-15"]
+    assert body == b"sku,qty\na,2\nb,5\n"
+    assert content_type == "text/csv"
+    assert any(
+        m == "PUT" and p.startswith("/api/sales/eu%2Fwest/2025-01-15") for m, p, _ in store.requests
+    )
+
+
+@pytest.mark.parametrize(
+    ("auth", "fields", "header", "expected"),
+    [
+        ("bearer", {"token": SECRET}, "Authorization", f"Bearer {SECRET}"),
+        (
+            "basic",
+            {"username": "bot", "password": SECRET},
+            "Authorization",
+            "Basic " + base64.b64encode(f"bot:{SECRET}".encode()).decode(),
+        ),
+        ("api_key", {"api_key": SECRET, "api_key_header": "X-Key"}, "X-Key", SECRET),
+    ],
+)
+@pytest.mark.dagster
+def test_auth_variants_and_the_secret_shows_nowhere(
+    httpserver: HTTPServer,
+    dagster_instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    auth: str,
+    fields: dict[str, str],
+    header: str,
+    expected: str,
+) -> None:
+    store = FakeStore(httpserver)
+    secret_field = next(k for k in ("token", "password", "api_key") if k in fields)
+    monkeypatch.setenv("REST_SECRET", SECRET)
+    config = {**fields, secret_field: dg.EnvVar("REST_SECRET")}
+    manager = RestIOManager(base_url=httpserver.url_for("/api"), auth=auth, **config)  # type: ignore[arg-type]
+
+    @dg.asset(io_manager_key="rest")
+    def private() -> dict:
+        return {"ok": 1}
+
+    @dg.asset(io_manager_key="rest")
+    def private_copy(private: dict) -> dict:
+        return private
+
+    @dg.asset(io_manager_key="rest", ins={"missing": dg.AssetIn(key="never_written")})
+    def broken(missing: dict) -> dict:
+        return missing
+
+    with caplog.at_level(logging.DEBUG):
+        result = dg.materialize(
+            [private, private_copy], resources={"rest": manager}, instance=dagster_instance
+        )
+        failed = dg.materialize(
+            [broken, dg.AssetSpec("never_written")],
+            resources={"rest": manager},
+            instance=dagster_instance,
+            raise_on_error=False,
+            selection=[broken],
+        )
+    assert result.success
+    assert not failed.success
+    assert all(headers.get(header) == expected for _, _, headers in store.requests)
+    visible = [repr(manager), caplog.text]
+    for run in (result, failed):
+        for entry in dagster_instance.all_logs(run.run_id):
+            visible.append(entry.user_message)
+            if entry.dagster_event is not None:
+                visible.append(repr(entry.dagster_event.event_specific_data))
+    assert SECRET not in "\n".join(visible)
+    encoded = base64.b64encode(f"bot:{SECRET}".encode()).decode()
+    assert encoded not in "\n".join(visible)
+
+
+def test_incomplete_auth_fails_at_setup() -> None:
+    @dg.asset(io_manager_key="rest")
+    def anything() -> int:
+        return 1
+
+    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
+        dg.materialize(
+            [anything],
+            resources={"rest": RestIOManager(base_url="http://127.0.0.1:9", auth="bearer")},
+        )
+    assert isinstance(raised.value.__cause__, ConfigurationError)
+    assert str(raised.value.__cause__) == "token: is required for bearer auth"
+
+
+regions_static = dg.StaticPartitionsDefinition(["north", "south"])
+
+
+@dg.asset(partitions_def=regions_static, io_manager_key="rest")
+def region_counts(context: dg.AssetExecutionContext) -> dict:
+    return {"region": context.partition_key, "count": len(context.partition_key)}
+
+
+@dg.asset(io_manager_key="rest")
+def all_regions(region_counts: dict[str, dict]) -> int:
+    return sum(value["count"] for value in region_counts.values())
+
+
+@pytest.mark.dagster
+def test_unpartitioned_downstream_loads_every_upstream_partition(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    store = FakeStore(httpserver)
+    resources = {"rest": RestIOManager(base_url=httpserver.url_for("/api"))}
+    for region in ("north", "south"):
+        assert dg.materialize(
+            [region_counts], partition_key=region, resources=resources, instance=dagster_instance
+        ).success
+    result = dg.materialize(
+        [all_regions, region_counts],
+        selection=[all_regions],
+        resources=resources,
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert result.output_for_node("all_regions") == 10
+    gets = sorted(path for method, path, _ in store.requests if method == "GET")
+    assert gets == ["/api/region_counts/north", "/api/region_counts/south"]
