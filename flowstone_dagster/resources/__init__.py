@@ -1,0 +1,1 @@
+"""Dagster resources: LLMs, Python workers, dbt and notifications."""
