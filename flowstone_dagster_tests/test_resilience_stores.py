@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.http import redact_url
 from flowstone_dagster.resilience import (
     CircuitBreaker,
     MemoryStore,
@@ -18,7 +19,7 @@ from flowstone_dagster.resilience import (
     default_store_url,
     open_store,
 )
-from flowstone_dagster.resilience.stores import STORE_URL_ENV, redact_url
+from flowstone_dagster.resilience.stores import STORE_URL_ENV
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 
 

@@ -44,9 +44,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.http import redact_url
 
 __all__ = [
     "CLOSED",
@@ -62,7 +62,6 @@ __all__ = [
     "close_stores",
     "default_store_url",
     "open_store",
-    "redact_url",
 ]
 
 T = TypeVar("T")
@@ -176,19 +175,6 @@ def _wait_until_fits(
         if freed >= excess - _EPSILON:
             return max(ts + period - now, 0.0) + _WAIT_MARGIN
     return period  # only when rows changed under us; the caller asks again
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and ``repr``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 # --------------------------------------------------------------------------------------------
