@@ -54,6 +54,7 @@ __all__ = [
     "is_retryable",
     "parse_retry_after",
     "retry_after_of",
+    "status_of",
     "truncate",
 ]
 
@@ -424,12 +425,23 @@ def _sdk_transient_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def _status_of(exc: BaseException) -> int | None:
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status an error carries (``status`` or an SDK's ``status_code``), if any."""
     for attribute in ("status", "status_code"):
         status = getattr(exc, attribute, None)
         if isinstance(status, int) and not isinstance(status, bool):
             return status
     return None
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    import ssl
+
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - requests is a dependency
+        return isinstance(exc, ssl.SSLError)
+    return isinstance(exc, (ssl.SSLError, requests.exceptions.SSLError))
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -438,7 +450,7 @@ def is_retryable(exc: BaseException) -> bool:
     The one decision every integration uses:
 
     - timeouts and connection failures (ours, the standard library's, ``requests``', and the
-      Anthropic/OpenAI SDKs') are retryable;
+      Anthropic/OpenAI SDKs') are retryable, except TLS certificate failures;
     - an HTTP status error (ours, or an SDK's ``APIStatusError``) is retryable when its status is
       in :data:`RETRYABLE_STATUSES` (408, 425, 429, 500, 502, 503, 504, 529);
     - a flowstone error answers with its ``retryable`` attribute (rate limits and worker crashes
@@ -447,11 +459,13 @@ def is_retryable(exc: BaseException) -> bool:
     """
     if isinstance(exc, FlowstoneError):
         return bool(exc.retryable)
+    if _is_tls_failure(exc):
+        return False  # an untrusted certificate fails the same way every time
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, _sdk_transient_types()):
         return True
-    status = _status_of(exc)
+    status = status_of(exc)
     if status is not None:
         return status in RETRYABLE_STATUSES
     return False

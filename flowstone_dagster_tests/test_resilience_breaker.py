@@ -297,8 +297,8 @@ class BreakerModel:
         if outcome == "success":
             if mine:
                 self.state, self.failures, self.probe = "closed", 0, None
-            elif self.state == "closed" and kind != "clean":
-                self.failures = 0
+            elif self.state == "closed":
+                self.failures = 0  # a success resets the count, whenever it was admitted
         elif outcome == "failure":
             if self.state == "closed":
                 self.failures += 1

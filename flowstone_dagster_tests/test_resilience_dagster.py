@@ -327,3 +327,79 @@ def test_the_breaker_opens_across_step_processes(
     assert len(pids) <= 3 + 2
     status = state(resilience_jobs.FAILING_SERVICE, store=f"sqlite://{tmp_path / 'state.sqlite3'}")
     assert status.state == "open"
+
+
+def test_a_rate_limit_wait_past_retry_requested_after_is_not_slept(store_url: str) -> None:
+    policy = ServicePolicy(
+        retry=RetryConfig(max_attempts=3, base_delay=0.01, max_delay=30),
+        rate_limit=RateLimitConfig(limit=1, period=3, mode="reject"),
+    )
+    resource = ResilienceResource(
+        store_url=store_url, policies={"geo": policy}, retry_requested_after=1.0
+    )
+    assert resource.call("geo", Service()) == "ok"
+    started = time.monotonic()
+    with pytest.raises(dg.RetryRequested) as retry:
+        resource.call("geo", Service())
+    assert time.monotonic() - started < 1.0  # the ~3 s wait became a step retry
+    assert retry.value.seconds_to_wait >= 2
+
+
+def test_a_wait_mode_limiter_never_waits_past_retry_requested_after(store_url: str) -> None:
+    policy = ServicePolicy(
+        retry=RetryConfig(max_attempts=1),
+        rate_limit=RateLimitConfig(limit=1, period=3, mode="wait", max_wait=30),
+    )
+    resource = ResilienceResource(
+        store_url=store_url, policies={"geo": policy}, retry_requested_after=1.0
+    )
+    resource.call("geo", Service())
+    started = time.monotonic()
+    with pytest.raises(dg.RetryRequested):
+        resource.call("geo", Service())
+    assert time.monotonic() - started < 1.0
+
+
+class FailingExitStore:
+    """Wraps a store so that recording a call's outcome fails (a locked or lost database)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.fail_updates = False
+
+    def update_breaker(self, *args: object, **kwargs: object) -> object:
+        if self.fail_updates:
+            raise OSError("database is locked")
+        return self.inner.update_breaker(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_store_failure_neither_hides_the_error_nor_loses_the_result(
+    store_url: str, events: list[telemetry.TelemetryEvent]
+) -> None:
+    from flowstone_dagster.resilience import CircuitBreaker, open_store
+
+    store = FailingExitStore(open_store(store_url))
+    breaker = CircuitBreaker("flaky-store", threshold=5, store=store)  # type: ignore[arg-type]
+    resource = ResilienceResource(
+        store_url=store_url,
+        policies={"svc": ServicePolicy(retry=RetryConfig(max_attempts=1))},
+    )
+    # The StateStore protocol is the seam: the resource's breaker gets a store whose writes
+    # fail, as a locked SQLite file or a failed-over PostgreSQL would.
+    object.__setattr__(resource, "breaker", lambda service: breaker)
+    with pytest.raises(dg.Failure):  # one failure recorded: a success now needs a write
+        resource.call("svc", Service(TransportError("refused")))
+    assert breaker.status().failures == 1
+
+    store.fail_updates = True
+    with pytest.raises(dg.Failure) as failed:
+        resource.call("svc", Service(NotFound("HTTP 404", status=404)))
+    assert isinstance(failed.value.__cause__, NotFound)  # the call's own error, not the store's
+    assert resource.call("svc", Service(), "done") == "done"  # the result is kept
+    assert [e.error_type for e in events if e.name == "flowstone.circuit.store_error"] == [
+        "OSError",
+        "OSError",
+    ]

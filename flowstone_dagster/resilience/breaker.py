@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import CircuitOpen, ConfigurationError, is_retryable
+from flowstone_dagster.errors import CircuitOpen, ConfigurationError, is_retryable, status_of
 from flowstone_dagster.resilience.limiter import RateLimitExceeded
 from flowstone_dagster.resilience.stores import (
     CLOSED,
@@ -76,21 +76,13 @@ DEFAULT_PROBE_LEASE = 60.0
 Outcome = Literal["failure", "success", "ignore"]
 
 
-def _status(exc: BaseException) -> int | None:
-    for attribute in ("status", "status_code"):
-        status = getattr(exc, attribute, None)
-        if isinstance(status, int) and not isinstance(status, bool):
-            return status
-    return None
-
-
 def classify(exc: BaseException) -> Outcome:
     """How a breaker records a call that raised ``exc`` (see the module docs)."""
     if not isinstance(exc, Exception):
         return "ignore"
     if isinstance(exc, (ConfigurationError, CircuitOpen, RateLimitExceeded)):
         return "ignore"
-    status = _status(exc)
+    status = status_of(exc)
     if status is not None and 400 <= status < 500 and not is_retryable(exc):
         return "success"
     return "failure"
@@ -111,7 +103,7 @@ class BreakerStatus:
 
 
 class _Ticket(NamedTuple):
-    clean: bool  # admitted while closed with no failures: a success needs no write
+    clean: bool  # admitted while closed with no failures: a success may need no write
     probe_id: str | None
 
 
@@ -223,7 +215,11 @@ class CircuitBreaker:
         outcome: Outcome = "success" if error is None else self.classifier(error)
         if outcome == "success":
             if ticket.clean:
-                return  # closed with no failures: nothing to reset (the fast path)
+                # Admitted with no failures: a read (not a write) tells whether failures that
+                # other calls recorded meanwhile need resetting, which a success always does.
+                current = self.store.read_breaker(self.name)
+                if current.state == CLOSED and current.failures == 0:
+                    return
             self._update(ticket, _success(ticket.probe_id))
         elif outcome == "failure":
             self._update(ticket, _failure(ticket.probe_id, self.threshold))

@@ -38,6 +38,7 @@ cannot fix ``Failure(allow_retries=False)``.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ from flowstone_dagster.errors import (
     MaxAttemptsExceeded,
     is_retryable,
     retry_after_of,
+    status_of,
     truncate,
 )
 from flowstone_dagster.resilience.breaker import CircuitBreaker
@@ -76,6 +78,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 #: Step retries in :data:`RECOMMENDED_RETRY_POLICY` and in the ``RetryRequested`` this module
 #: raises. With the default 3 attempts per call, a step makes at most 3 x (2 + 1) = 9 calls.
@@ -299,8 +303,9 @@ class ResilienceResource(dg.ConfigurableResource):
             store=self.store,
         )
 
-    def limiter(self, service: str) -> RateLimiter | None:
-        """The service's rate limiter (``None`` when its policy has none)."""
+    def limiter(self, service: str, *, max_wait: float | None = None) -> RateLimiter | None:
+        """The service's rate limiter (``None`` when its policy has none); ``max_wait`` lowers
+        the policy's own."""
         config = self.policy_for(service).rate_limit
         if config is None:
             return None
@@ -309,7 +314,7 @@ class ResilienceResource(dg.ConfigurableResource):
             config.limit,
             config.period,
             mode=config.mode,
-            max_wait=config.max_wait,
+            max_wait=config.max_wait if max_wait is None else min(config.max_wait, max_wait),
             store=self.store,
         )
 
@@ -336,10 +341,30 @@ class ResilienceResource(dg.ConfigurableResource):
         the non-retryable error unchanged.
         """
         policy = self.policy_for(service)
+        retry = policy.retry
+        to_dagster = self.dagster_errors if dagster_errors is None else dagster_errors
+        # With Dagster errors on, a wait of retry_requested_after or more is not slept inside
+        # the call (by the limiter or between attempts): it ends the call and becomes a step
+        # retry (RetryRequested), which frees the step's process meanwhile.
+        long_wait = self.retry_requested_after if to_dagster else None
+        max_delay = retry.max_delay
+        if long_wait is not None:
+            max_delay = max(min(max_delay, long_wait), retry.base_delay)
         breaker = self.breaker(service)
-        limiter = self.limiter(service)
+        limiter = self.limiter(service, max_wait=long_wait)
         timeout, enforce = policy.timeout, policy.enforce_timeout
         attempts = 0
+
+        def record(ticket: Any, error: BaseException | None = None) -> None:
+            # The breaker's store failing must neither hide the call's own error nor lose its
+            # result: log it and carry on.
+            try:
+                breaker.exit(ticket, error)  # type: ignore[union-attr]
+            except Exception as store_error:
+                logger.warning(
+                    "circuit breaker %r could not record a call: %s", service, store_error
+                )
+                telemetry.emit("flowstone.circuit.store_error", error=store_error, breaker=service)
 
         def attempt() -> T:
             nonlocal attempts
@@ -348,31 +373,32 @@ class ResilienceResource(dg.ConfigurableResource):
             try:
                 if limiter is not None:
                     limiter.acquire(cost)
-                with deadline_scope(timeout):
-                    if enforce and timeout is not None:
-                        result = with_timeout(fn, timeout, *args, **kwargs)
+                # Nested in the call's deadline: each attempt gets min(timeout, time left).
+                with deadline_scope(timeout) as deadline:
+                    if enforce and deadline is not None:
+                        result = with_timeout(fn, deadline.remaining(), *args, **kwargs)
                     else:
                         result = fn(*args, **kwargs)
             except BaseException as exc:
-                if breaker is not None and ticket is not None:
-                    breaker.exit(ticket, exc)
+                if ticket is not None:
+                    record(ticket, exc)
                 raise
-            if breaker is not None and ticket is not None:
-                breaker.exit(ticket)
+            if ticket is not None:
+                record(ticket)
             return result
 
-        retry = policy.retry
         started = time.perf_counter()
         try:
-            result = with_retry(
-                attempt,
-                max_attempts=retry.max_attempts,
-                base_delay=retry.base_delay,
-                max_delay=retry.max_delay,
-                deadline=retry.deadline,
-                jitter=retry.jitter,
-                name=service,
-            )
+            with deadline_scope(retry.deadline):
+                result = with_retry(
+                    attempt,
+                    max_attempts=retry.max_attempts,
+                    base_delay=retry.base_delay,
+                    max_delay=max_delay,
+                    deadline=retry.deadline,
+                    jitter=retry.jitter,
+                    name=service,
+                )
         except Exception as exc:
             telemetry.emit(
                 "flowstone.resilience.call",
@@ -381,7 +407,7 @@ class ResilienceResource(dg.ConfigurableResource):
                 error=exc,
                 service=service,
             )
-            if self.dagster_errors if dagster_errors is None else dagster_errors:
+            if to_dagster:
                 mapped = to_dagster_error(
                     exc,
                     retry_requested_after=self.retry_requested_after,
@@ -410,8 +436,8 @@ def _metadata(exc: BaseException, cause: BaseException, service: str | None) -> 
         metadata["flowstone/service"] = str(service)
     if isinstance(exc, MaxAttemptsExceeded):
         metadata["flowstone/attempts"] = exc.attempts
-    status = getattr(cause, "status", None)
-    if isinstance(status, int) and not isinstance(status, bool):
+    status = status_of(cause)
+    if status is not None:
         metadata["flowstone/status"] = status
     wait = retry_after_of(cause)
     if wait is not None:

@@ -428,11 +428,13 @@ class SQLiteStore:
         connection.execute("BEGIN IMMEDIATE")
         try:
             yield connection
+            connection.execute("COMMIT")
         except BaseException:
+            # Also when COMMIT itself fails (busy, disk full): never leave the thread's
+            # connection inside a transaction, or every later BEGIN would fail.
             with suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
 
     def read_breaker(self, name: str) -> BreakerRecord:
         connection: sqlite3.Connection = self._connections.get()
