@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
+import requests.auth
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from flowstone_dagster import telemetry
@@ -38,7 +40,10 @@ from flowstone_dagster._version import __version__
 from flowstone_dagster.errors import (
     CallTimeout,
     ConfigurationError,
+    DecodeError,
     ExternalServiceError,
+    FlowstoneError,
+    ResponseTooLarge,
     TransportError,
     error_for_status,
     parse_retry_after,
@@ -48,8 +53,10 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_USER_AGENT",
+    "HeaderAuth",
     "HttpSession",
     "create_session",
+    "origin_of",
     "redact_headers",
     "redact_text",
     "redact_url",
@@ -173,9 +180,11 @@ class HttpSession(requests.Session):
         secrets: Iterable[str] = (),
         service: str | None = None,
         telemetry_event: str | None = "flowstone.http.request",
+        secret_headers: Iterable[str] = (),
     ) -> None:
         super().__init__()
         self.telemetry_event = telemetry_event
+        self.secret_headers = frozenset(name.lower() for name in secret_headers)
         self.timeout = timeout
         self.secrets: tuple[str, ...] = tuple(s for s in secrets if s)
         self.service = service
@@ -212,47 +221,127 @@ class HttpSession(requests.Session):
         with self._span(method_name, host) as call:
             try:
                 response = super().request(method_name, url_text, *args, **kwargs)
-            except requests.exceptions.Timeout as exc:  # ConnectTimeout and ReadTimeout
-                raise CallTimeout(
-                    f"{method_name} {self.redact(url_text)} timed out after "
-                    f"{kwargs['timeout']} s ({type(exc).__name__})",
-                    timeout=_total_seconds(kwargs["timeout"]),
-                    service=self.service,
-                ) from None
-            except requests.exceptions.SSLError as exc:
-                raise TransportError(
-                    f"{method_name} {self.redact(url_text)}: TLS failure: "
-                    f"{_reason(exc, self.secrets)} (set ca_bundle to trust a private CA)",
-                    service=self.service,
-                    tls=True,
-                ) from None
-            except requests.exceptions.ConnectionError as exc:
-                raise TransportError(
-                    f"{method_name} {self.redact(url_text)}: {_reason(exc, self.secrets)}",
-                    service=self.service,
-                ) from None
-            except requests.exceptions.TooManyRedirects:
-                raise ExternalServiceError(
-                    f"{method_name} {self.redact(url_text)}: more than {self.max_redirects} "
-                    "redirects",
-                    service=self.service,
-                ) from None
-            except (
-                requests.exceptions.InvalidURL,
-                requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidSchema,
-            ) as exc:
-                raise ConfigurationError(
-                    f"invalid URL {self.redact(url_text)}: {type(exc).__name__}",
-                    field="url",
-                    service=self.service,
-                ) from None
+            except requests.exceptions.RequestException as exc:
+                raise self.translate(exc, method_name, url_text, kwargs["timeout"]) from None
             call.set(status=response.status_code)
             if not kwargs.get("stream"):
                 call.set(bytes=len(response.content))
             if raise_for_status and response.status_code >= 400:
                 raise self.error_for(response)
         return response
+
+    def translate(
+        self,
+        exc: requests.exceptions.RequestException,
+        method: str,
+        url: str,
+        timeout: Timeout | None = None,
+    ) -> FlowstoneError:
+        """The taxonomy error for a ``requests`` failure (redacted; the caller raises it).
+
+        The one mapping, for sending a request and for reading its body afterwards.
+        """
+        where = f"{method} {self.redact(url)}"
+        # While a body streams, requests reports a read timeout as a ConnectionError wrapping
+        # urllib3's ReadTimeoutError: it is a timeout all the same.
+        cause = exc.args[0] if exc.args else None
+        if isinstance(exc, requests.exceptions.Timeout) or isinstance(
+            cause, urllib3.exceptions.TimeoutError
+        ):
+            limit = timeout if timeout is not None else self.timeout
+            return CallTimeout(
+                f"{where} timed out after {limit} s ({type(exc).__name__})",
+                timeout=_total_seconds(limit),
+                service=self.service,
+            )
+        if isinstance(exc, requests.exceptions.SSLError):
+            return TransportError(
+                f"{where}: TLS failure: {_reason(exc, self.secrets)} "
+                "(set ca_bundle to trust a private CA)",
+                service=self.service,
+                tls=True,
+            )
+        if isinstance(
+            exc, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+        ):
+            # ChunkedEncodingError: the connection broke in the middle of the body.
+            return TransportError(f"{where}: {_reason(exc, self.secrets)}", service=self.service)
+        if isinstance(exc, requests.exceptions.ContentDecodingError):
+            return DecodeError(
+                f"{where}: the body's Content-Encoding does not decode: "
+                f"{_reason(exc, self.secrets)}",
+                url=self.redact(url),
+                service=self.service,
+            )
+        if isinstance(exc, requests.exceptions.TooManyRedirects):
+            return ExternalServiceError(
+                f"{where}: more than {self.max_redirects} redirects", service=self.service
+            )
+        if isinstance(
+            exc,
+            (
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema,
+            ),
+        ):
+            return ConfigurationError(
+                f"invalid URL {self.redact(url)}: {type(exc).__name__}",
+                field="url",
+                service=self.service,
+            )
+        return ExternalServiceError(
+            f"{where}: {type(exc).__name__}: {_reason(exc, self.secrets)}", service=self.service
+        )
+
+    def read_body(self, response: requests.Response, *, max_bytes: int | None = None) -> bytes:
+        """The body of a streamed ``response``, reading at most ``max_bytes``.
+
+        Raises :class:`ResponseTooLarge` when the body (declared or received) is larger, and the
+        taxonomy error when the connection fails while reading (a timeout between bytes, a
+        dropped connection). Always releases the connection.
+        """
+        url = response.url or ""
+        method = response.request.method if response.request else "GET"
+        with response:
+            declared = response.headers.get("Content-Length", "")
+            if max_bytes is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise self._too_large(url, f"declares {int(declared)} bytes", max_bytes)
+            body = bytearray()
+            try:
+                for chunk in response.iter_content(_READ_CHUNK):
+                    body += chunk
+                    if max_bytes is not None and len(body) > max_bytes:
+                        raise self._too_large(url, f"sent more than {max_bytes} bytes", max_bytes)
+            except requests.exceptions.RequestException as exc:
+                raise self.translate(exc, method or "GET", url) from None
+        return bytes(body)
+
+    def _too_large(self, url: str, what: str, limit: int) -> ResponseTooLarge:
+        return ResponseTooLarge(
+            f"response from {self.redact(url)} {what}; max_body_bytes is {limit} "
+            "(raise it if the response should be that large)",
+            limit=limit,
+            url=self.redact(url),
+            service=self.service,
+        )
+
+    def rebuild_auth(
+        self, prepared_request: requests.PreparedRequest, response: requests.Response
+    ) -> None:
+        """On a redirect to another host, drop every credential header, not only
+        ``Authorization`` as ``requests`` does (API keys, cookies, ``secret_headers``)."""
+        super().rebuild_auth(prepared_request, response)
+        original = response.request.url if response.request else None
+        if (
+            original
+            and prepared_request.url
+            and self.should_strip_auth(original, prepared_request.url)
+        ):
+            secret = SECRET_HEADERS | self.secret_headers
+            for name in list(prepared_request.headers):
+                if name.lower() in secret:
+                    del prepared_request.headers[name]
 
     def _span(self, method: str, host: str) -> AbstractContextManager[telemetry.Span]:
         if self.telemetry_event is None:  # the integration reports the call itself
@@ -270,6 +359,37 @@ class HttpSession(requests.Session):
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             service=self.service,
         )
+
+
+_READ_CHUNK = 1024 * 1024
+
+
+class HeaderAuth(requests.auth.AuthBase):
+    """Credential headers sent only to one origin (scheme, host and port).
+
+    A next-page link or a redirect to another host never receives them::
+
+        session.get(url, auth=HeaderAuth({"X-API-Key": key}, origin="https://api.example.com"))
+    """
+
+    def __init__(self, headers: Mapping[str, str], origin: str) -> None:
+        self.headers = dict(headers)
+        self.origin = origin_of(origin)
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if request.url and origin_of(request.url) == self.origin:
+            request.headers.update(self.headers)
+        return request
+
+    def __repr__(self) -> str:
+        return f"<HeaderAuth {sorted(self.headers)} for {self.origin}>"
+
+
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``url``, with the scheme's default port filled in."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
 
 
 #: How much of a streamed error response is read to explain the error.
@@ -305,6 +425,7 @@ def create_session(
     secrets: Iterable[str] = (),
     service: str | None = None,
     telemetry_event: str | None = "flowstone.http.request",
+    secret_headers: Iterable[str] = (),
 ) -> HttpSession:
     """Build the :class:`HttpSession` every integration uses.
 
@@ -322,6 +443,8 @@ def create_session(
         service: a name for the external system, carried by errors.
         telemetry_event: the event each request emits; ``None`` for an integration that emits
             its own event per call (``flowstone.rest.load``, ...) and so avoids counting twice.
+        secret_headers: more header names (besides ``Authorization``, ``X-API-Key``, cookies,
+            ...) that carry credentials and are dropped on a redirect to another host.
     """
     if isinstance(timeout, tuple):
         if len(timeout) != 2 or any(t <= 0 for t in timeout):
@@ -331,7 +454,11 @@ def create_session(
     if pool_size < 1:
         raise ConfigurationError("must be at least 1", field="pool_size")
     session = HttpSession(
-        timeout=timeout, secrets=secrets, service=service, telemetry_event=telemetry_event
+        timeout=timeout,
+        secrets=secrets,
+        service=service,
+        telemetry_event=telemetry_event,
+        secret_headers=secret_headers,
     )
     # max_retries=0: urllib3 retries nothing, not even reads, so retrying stays in one layer.
     adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)

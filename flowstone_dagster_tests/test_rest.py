@@ -15,6 +15,7 @@ from werkzeug import Request, Response
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
+    CallTimeout,
     ConfigurationError,
     DecodeError,
     ExternalServiceError,
@@ -637,3 +638,156 @@ def test_unpartitioned_downstream_loads_every_upstream_partition(
     assert result.output_for_node("all_regions") == 10
     gets = sorted(path for method, path, _ in store.requests if method == "GET")
     assert gets == ["/api/region_counts/north", "/api/region_counts/south"]
+
+
+# -- credentials stay with their origin; bodies read inside the retry ----------------------------
+
+
+@pytest.fixture
+def other_origin() -> Any:
+    server = HTTPServer(host="127.0.0.1")
+    server.start()
+    yield server
+    server.clear()
+    server.stop()
+
+
+@pytest.fixture
+def threaded_server() -> Any:
+    """A server that answers a retry while an earlier handler is still stalling."""
+    server = HTTPServer(host="127.0.0.1", threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    server.stop()
+
+
+def test_credentials_are_not_sent_to_another_host_on_redirect(
+    httpserver: HTTPServer, other_origin: HTTPServer
+) -> None:
+    other_origin.expect_request("/elsewhere").respond_with_json({"moved": True})
+    httpserver.expect_request("/data/p").respond_with_data(
+        "", status=302, headers={"Location": other_origin.url_for("/elsewhere")}
+    )
+    client = client_for(
+        httpserver, auth_headers={"X-API-Key": SECRET, "Authorization": f"Bearer {SECRET}"}
+    )
+    assert client.load("p") == {"moved": True}
+    assert httpserver.log[0][0].headers["X-API-Key"] == SECRET
+    redirected = other_origin.log[0][0].headers
+    assert "X-API-Key" not in redirected
+    assert "Authorization" not in redirected
+
+
+def test_credentials_are_not_sent_to_a_next_page_on_another_host(
+    httpserver: HTTPServer, other_origin: HTTPServer
+) -> None:
+    other_origin.expect_request("/page2").respond_with_json([3])
+    httpserver.expect_request("/data/p").respond_with_json(
+        [1, 2], headers={"Link": f'<{other_origin.url_for("/page2")}>; rel="next"'}
+    )
+    client = client_for(httpserver, pagination="link", auth_headers={"X-API-Key": SECRET})
+    assert client.load("p") == [1, 2, 3]
+    assert httpserver.log[0][0].headers["X-API-Key"] == SECRET
+    assert "X-API-Key" not in other_origin.log[0][0].headers
+
+
+def test_repr_hides_every_secret() -> None:
+    manager = RestIOManager(
+        base_url=f"https://bot:{SECRET}@api.example.com",
+        headers={"X-Tenant-Secret": SECRET},
+        auth="bearer",
+        token=SECRET,
+        resilience=ResilienceResource(store_url=f"postgresql://d:{SECRET}@db/d"),
+    )
+    assert SECRET not in repr(manager)
+    assert SECRET not in repr(client_for(HTTPServer(), auth_headers={"X-API-Key": SECRET}))
+
+
+def test_a_body_that_stalls_midway_is_retried_as_a_timeout(threaded_server: HTTPServer) -> None:
+    httpserver = threaded_server
+    stalls = [True]
+
+    def stall_once(request: Request) -> Response:
+        def body() -> Any:
+            yield b'{"rows": ['
+            if stalls and stalls.pop():
+                time.sleep(1.0)  # the server hangs mid-body: the client's read timeout fires
+            yield b"1]}"
+
+        return Response(body(), content_type="application/json")
+
+    httpserver.expect_request("/data/p").respond_with_handler(stall_once)
+    client = client_for(httpserver, timeout=(2.0, 0.3), resilience=_resilience())
+    assert client.load("p") == {"rows": [1]}
+    assert len(httpserver.log) == 2
+
+
+def test_a_body_that_stalls_without_a_policy_is_a_call_timeout(httpserver: HTTPServer) -> None:
+    def stall(request: Request) -> Response:
+        def body() -> Any:
+            yield b'{"rows": ['
+            time.sleep(1.0)
+            yield b"1]}"
+
+        return Response(body(), content_type="application/json")
+
+    httpserver.expect_request("/data/p").respond_with_handler(stall)
+    with pytest.raises(CallTimeout):
+        client_for(httpserver, timeout=(2.0, 0.3)).load("p")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "fmt", "expected"),
+    [
+        ("text/csv", "csv", [{"name": "café"}]),
+        ("text/plain", "text", "name\ncafé\n"),
+        ("text/csv; charset=utf-8", "csv", [{"name": "café"}]),
+    ],
+)
+def test_text_without_a_charset_is_utf8(
+    httpserver: HTTPServer, content_type: str, fmt: str, expected: Any
+) -> None:
+    httpserver.expect_request("/data/p").respond_with_data(
+        "name\ncafé\n".encode(), headers={"Content-Type": content_type}
+    )
+    assert client_for(httpserver, format=fmt).load("p") == expected
+
+
+def test_an_unknown_charset_is_a_decode_error(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data(
+        b"a\n1\n", headers={"Content-Type": "text/csv; charset=nope"}
+    )
+    with pytest.raises(DecodeError, match="not valid csv"):
+        client_for(httpserver, format="csv").load("p")
+
+
+@pytest.mark.dagster
+def test_a_failing_head_does_not_fail_a_successful_store(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    httpserver.expect_request("/api/logged", method="POST").respond_with_data(
+        "", status=201, headers={"Location": f"/api/logged/1?token={SECRET}"}
+    )
+    httpserver.expect_request("/api/logged", method="HEAD").respond_with_data("", status=503)
+
+    @dg.asset(io_manager_key="rest")
+    def logged() -> dict:
+        return {"ok": 1}
+
+    result = dg.materialize(
+        [logged],
+        resources={"rest": RestIOManager(base_url=httpserver.url_for("/api"))},
+        instance=dagster_instance,
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("logged")[0].metadata
+    assert metadata["rest/status"].value == 201
+    assert "rest/head_status" not in metadata
+    assert metadata["rest/location"].value == "/api/logged/1?token=***"
+    warnings = [
+        e.user_message
+        for e in dagster_instance.all_logs(result.run_id)
+        if e.level == logging.WARNING
+    ]
+    assert any("HEAD after the store failed" in w for w in warnings)

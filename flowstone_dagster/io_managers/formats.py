@@ -153,7 +153,7 @@ def decode(
             if as_dataframe:
                 return require_pandas().read_csv(io.StringIO(text))
             return list(csv.DictReader(io.StringIO(text)))
-    except (ValueError, UnicodeDecodeError, csv.Error) as exc:
+    except (ValueError, UnicodeDecodeError, LookupError, csv.Error) as exc:
         raise DecodeError(
             f"response from {url} is not valid {fmt}: {type(exc).__name__}: {exc}",
             url=url,

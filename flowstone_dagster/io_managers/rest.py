@@ -39,6 +39,7 @@ else raised after exactly one request.
 from __future__ import annotations
 
 import base64
+import email.message
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -56,11 +57,11 @@ from flowstone_dagster.errors import (
     DecodeError,
     ExternalServiceError,
     NotFound,
-    ResponseTooLarge,
 )
 from flowstone_dagster.http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
+    HeaderAuth,
     HttpSession,
     create_session,
 )
@@ -115,6 +116,18 @@ class StoreResult:
     location: str | None = None
 
 
+def _declared_charset(response: requests.Response) -> str | None:
+    """The charset the server declared, if any (``requests`` would guess ISO-8859-1 for any
+    ``text/*`` without one; the formats default to UTF-8 instead)."""
+    content_type = response.headers.get("Content-Type")
+    if not content_type:
+        return None
+    message = email.message.Message()
+    message["Content-Type"] = content_type
+    charset = message.get_param("charset")
+    return charset if isinstance(charset, str) else None
+
+
 def _dig(value: Any, path: str) -> Any:
     """``value["a"]["b"]`` for ``path="a.b"``; ``None`` when a step is missing."""
     for part in path.split("."):
@@ -136,6 +149,9 @@ class RestClient:
         method: ``POST``, ``PUT`` or ``PATCH`` for :meth:`store`.
         headers: extra headers for every request (``Content-Type``/``Accept`` follow the
             format unless given here).
+        auth_headers: credential headers (``Authorization``, an API key): sent only to the
+            origin of the URL a load or store starts at, never to a redirect or a next page on
+            another host; their values are redacted like ``secrets``.
         secrets: values never to show in errors (tokens, passwords).
         timeout: ``(connect, read)`` seconds.
         max_body_bytes: a larger response raises ``ResponseTooLarge``.
@@ -159,6 +175,7 @@ class RestClient:
         format: str = "json",
         method: str = "POST",
         headers: Mapping[str, str] | None = None,
+        auth_headers: Mapping[str, str] | None = None,
         secrets: Iterable[str] = (),
         timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -200,14 +217,16 @@ class RestClient:
         self.resilience = resilience
         self.service = service
         self.headers = {"Accept": MEDIA_TYPES[format], **(headers or {})}
+        self.auth_headers = dict(auth_headers or {})
         self.session = session or create_session(
             timeout=timeout,
             verify=verify,
             ca_bundle=ca_bundle,
             max_redirects=max_redirects,
-            secrets=secrets,
+            secrets=[*secrets, *self.auth_headers.values()],
             service=service,
             telemetry_event=None,  # flowstone.rest.load / .store report each call
+            secret_headers=self.auth_headers,
         )
 
     def __repr__(self) -> str:
@@ -215,36 +234,22 @@ class RestClient:
 
     # -- requests, each through the resilience policy when there is one ------------------------
 
-    def _send(self, attempts: list[int], method: str, url: str, **kwargs: Any) -> requests.Response:
-        def once() -> requests.Response:
+    def _send(
+        self, attempts: list[int], method: str, url: str, *, origin: str, **kwargs: Any
+    ) -> tuple[requests.Response, bytes]:
+        """One request and its body, as one attempt of the resilience policy (so a connection
+        that breaks while the body streams is retried like one that breaks before it)."""
+        if self.auth_headers:
+            kwargs["auth"] = HeaderAuth(self.auth_headers, origin)
+
+        def once() -> tuple[requests.Response, bytes]:
             attempts[0] += 1
-            return self.session.request(method, url, **kwargs)
+            response = self.session.request(method, url, stream=True, **kwargs)
+            return response, self.session.read_body(response, max_bytes=self.max_body_bytes)
 
         if self.resilience is None:
             return once()
         return self.resilience.call(self.service, once, dagster_errors=False)
-
-    def _read(self, response: requests.Response, url: str) -> bytes:
-        """The body, refusing to hold more than ``max_body_bytes``."""
-        with response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-                raise self._too_large(url, f"declares {int(declared)} bytes")
-            body = bytearray()
-            for chunk in response.iter_content(_CHUNK):
-                body += chunk
-                if len(body) > self.max_body_bytes:
-                    raise self._too_large(url, f"sent more than {self.max_body_bytes} bytes")
-        return bytes(body)
-
-    def _too_large(self, url: str, what: str) -> ResponseTooLarge:
-        return ResponseTooLarge(
-            f"response from {self.session.redact(url)} {what}; max_body_bytes is "
-            f"{self.max_body_bytes} (raise it if the response should be that large)",
-            limit=self.max_body_bytes,
-            url=self.session.redact(url),
-            service=self.service,
-        )
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -285,8 +290,7 @@ class RestClient:
         self, url: str, attempts: list[int], as_dataframe: bool
     ) -> tuple[Any, int, int, int]:
         if self.pagination == "none":
-            response = self._send(attempts, "GET", url, headers=self.headers, stream=True)
-            body = self._read(response, url)
+            response, body = self._send(attempts, "GET", url, origin=url, headers=self.headers)
             if response.status_code == 204 or not body:
                 return None, response.status_code, 0, 1
             value = self._decode(body, url, response, as_dataframe)
@@ -313,10 +317,10 @@ class RestClient:
                     "raise max_pages to load them all",
                     service=self.service,
                 )
-            response = self._send(
-                attempts, "GET", next_url, headers=self.headers, params=params, stream=True
+            # Credentials go to the first page's origin only, never to a next link elsewhere.
+            response, body = self._send(
+                attempts, "GET", next_url, origin=url, headers=self.headers, params=params
             )
-            body = self._read(response, next_url)
             status = response.status_code
             total += len(body)
             page = self._decode(body, next_url, response, False) if body else None
@@ -362,7 +366,7 @@ class RestClient:
                 body,
                 self.format,
                 url=self.session.redact(url),
-                encoding=response.encoding if self.format in ("text", "csv") else None,
+                encoding=_declared_charset(response),
                 as_dataframe=as_dataframe,
             )
         except DecodeError as exc:
@@ -389,7 +393,9 @@ class RestClient:
             "flowstone.rest.store", method=self.method, format=self.format, service=self.service
         ) as call:
             try:
-                response = self._send(attempts, self.method, url, data=body, headers=headers)
+                response, _ = self._send(
+                    attempts, self.method, url, origin=url, data=body, headers=headers
+                )
             finally:
                 call.attempts = max(attempts[0], 1)
             call.set(status=response.status_code, bytes=len(body))
@@ -407,7 +413,9 @@ class RestClient:
         the server does not support ``HEAD`` (405/501)."""
         url = self.url_fn(partition)
         attempts = [0]
-        response = self._send(attempts, "HEAD", url, headers=self.headers, raise_for_status=False)
+        response, _ = self._send(
+            attempts, "HEAD", url, origin=url, headers=self.headers, raise_for_status=False
+        )
         if response.status_code in (404, 405, 410, 501):
             return None
         if response.status_code >= 400:
@@ -473,7 +481,10 @@ class RestIOManager(dg.ConfigurableIOManager):
     step's ``flowstone/...`` telemetry totals.
     """
 
-    base_url: str = Field(description="Base URL of the API, e.g. https://api.example.com/v1.")
+    base_url: str = Field(
+        repr=False,  # may carry credentials (user:password@, a signed query)
+        description="Base URL of the API, e.g. https://api.example.com/v1.",
+    )
     path_template: str = Field(
         default="/{asset_key}",
         description="Path of an unpartitioned asset, appended to base_url. Placeholders: "
@@ -491,7 +502,9 @@ class RestIOManager(dg.ConfigurableIOManager):
     )
     method: StoreMethod = Field(default="POST", description="HTTP method of stores.")
     headers: dict[str, str] = Field(
-        default_factory=dict, description="Extra headers sent with every request."
+        default_factory=dict,
+        repr=False,  # may carry credentials
+        description="Extra headers sent with every request.",
     )
     auth: Literal["none", "bearer", "basic", "api_key"] = Field(
         default="none",
@@ -630,7 +643,8 @@ class RestIOManager(dg.ConfigurableIOManager):
             url_fn,
             format=fmt,
             method=method,
-            headers={**self.headers, **auth_headers},
+            headers=self.headers,
+            auth_headers=auth_headers,
             secrets=secrets,
             timeout=(self.connect_timeout, self.read_timeout),
             max_body_bytes=self.max_body_bytes,
@@ -663,6 +677,17 @@ class RestIOManager(dg.ConfigurableIOManager):
                 raise
             raise mapped from exc
 
+    def _head(
+        self, context: dg.OutputContext, client: RestClient, partition: str | None
+    ) -> HeadInfo | None:
+        """HEAD after a store is for metadata only: its failure must not fail a step whose
+        store succeeded (a step retry would store again)."""
+        try:
+            return client.head(partition)
+        except Exception as exc:
+            context.log.warning(f"HEAD after the store failed, metadata skipped: {exc}")
+            return None
+
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         metadata = context.definition_metadata or {}
         client = self._client(context, metadata)
@@ -680,7 +705,7 @@ class RestIOManager(dg.ConfigurableIOManager):
         started = time.perf_counter()
         with telemetry.observe(context):
             result = self._dagster_errors(lambda: client.store(obj, partition, asset=asset))
-            head = client.head(partition) if self.record_head else None
+            head = self._head(context, client, partition) if self.record_head else None
         output: dict[str, Any] = {
             "url": dg.MetadataValue.url(result.url),
             "rest/method": result.method,
@@ -689,7 +714,7 @@ class RestIOManager(dg.ConfigurableIOManager):
             "rest/duration_ms": round((time.perf_counter() - started) * 1000, 1),
         }
         if result.location:
-            output["rest/location"] = result.location
+            output["rest/location"] = client.session.redact(result.location)
         if head is not None:
             output["rest/head_status"] = head.status
             for key, value in (

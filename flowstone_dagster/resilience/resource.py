@@ -225,6 +225,7 @@ class ResilienceResource(dg.ConfigurableResource):
 
     store_url: str | None = Field(
         default=None,
+        repr=False,  # a postgresql:// URL carries its password
         description="Where breaker and limiter state is shared: sqlite:///<absolute path> (one "
         "machine), postgresql://user:password@host:port/db (many machines; use EnvVar for the "
         "password) or memory:// (in-process executor, tests). Null: "

@@ -1,0 +1,863 @@
+"""External database I/O manager: asset tables in PostgreSQL or SQLite, per partition.
+
+::
+
+    import dagster as dg
+    from flowstone_dagster.io_managers.external_db import ExternalDBIOManager
+
+    daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
+
+    @dg.asset(partitions_def=daily, io_manager_key="warehouse",
+              metadata={"partition_expr": "day"})
+    def orders(context: dg.AssetExecutionContext) -> list[dict]:
+        return [{"id": 1, "total": 9.5}]   # replaces public.orders rows WHERE day = '2025-01-15'
+
+    @dg.asset(partitions_def=daily, io_manager_key="warehouse",
+              metadata={"partition_expr": "day"})
+    def order_totals(orders: list[dict]) -> list[dict]:  # loads that partition's rows
+        return [{"total": sum(o["total"] for o in orders)}]
+
+    defs = dg.Definitions(
+        assets=[orders, order_totals],
+        resources={"warehouse": ExternalDBIOManager(
+            adapter="postgres", host="db.internal", database="analytics", user="etl",
+            password=dg.EnvVar("WAREHOUSE_PASSWORD"),
+        )},
+    )
+
+A store replaces the partition's rows (DELETE of the partition, then COPY of the new rows) in one
+transaction: re-running a partition never duplicates it, and a failure anywhere (a constraint
+violated by row 50,001, a dropped connection, a timeout) leaves the table exactly as it was.
+Tables are created from the data's types when missing (see
+:mod:`~flowstone_dagster.io_managers.external_db_types`); an existing table's schema is used as
+it is, and data that does not fit it is a :class:`SchemaMismatch` before anything is written.
+
+For custom SQL, :class:`ExternalDB` is the lower-level form (the brief's)::
+
+    db = ExternalDB.postgres(host="db.internal", database="analytics", user="etl",
+                             password=os.environ["WAREHOUSE_PASSWORD"])
+    db.load(lambda day: ("SELECT * FROM users WHERE date = %s", [day]), partition="2025-01-15")
+    db.store(
+        [{"name": "Alice"}, {"name": "Bob"}],
+        "INSERT INTO users (name, date) VALUES (%s, %s)",
+        lambda row, day: [row["name"], day],
+        partition="2025-01-15",
+    )
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.io_managers.external_db_adapters import (
+    UNDEFINED_TABLE,
+    Adapter,
+    ColumnInfo,
+    PostgresAdapter,
+    SQLiteAdapter,
+    Where,
+)
+from flowstone_dagster.io_managers.external_db_errors import (
+    ConstraintViolation,
+    DatabaseError,
+    SchemaMismatch,
+)
+from flowstone_dagster.io_managers.external_db_partitions import (
+    PartitionSelection,
+    select_partitions,
+)
+from flowstone_dagster.io_managers.external_db_types import (
+    POSTGRES_TYPES,
+    SQLITE_TYPES,
+    Columns,
+    Kind,
+    accepts,
+    gc_paused,
+    payload_size,
+    to_columns,
+)
+from flowstone_dagster.io_managers.formats import is_dataframe, require_pandas
+from flowstone_dagster.io_managers.rest import _wants_dataframe
+from flowstone_dagster.resilience import ResilienceResource, current_deadline, to_dagster_error
+
+__all__ = [
+    "DEFAULT_STATEMENT_TIMEOUT",
+    "ConstraintViolation",
+    "DatabaseError",
+    "ExternalDB",
+    "ExternalDBIOManager",
+    "SchemaMismatch",
+    "TableStoreResult",
+]
+
+T = TypeVar("T")
+
+#: Seconds a statement may run before the database cancels it (``CallTimeout``).
+DEFAULT_STATEMENT_TIMEOUT = 300.0
+#: Seconds to wait for a connection to be established.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+Query = str | Callable[[Any], tuple[str, Any]]
+WriteMode = Literal["replace", "append"]
+
+
+@dataclass(frozen=True)
+class TableStoreResult:
+    """What :meth:`ExternalDB.store_table` did."""
+
+    table: str
+    rows: int
+    deleted: int
+    bytes: int
+    created: bool
+    columns: list[tuple[str, str]]
+
+
+def _shape(names: list[str], rows: list[tuple[Any, ...]], as_dataframe: bool) -> Any:
+    with gc_paused():
+        return _shape_rows(names, rows, as_dataframe)
+
+
+def _shape_rows(names: list[str], rows: list[tuple[Any, ...]], as_dataframe: bool) -> Any:
+    if as_dataframe:
+        pandas = require_pandas()
+        if not rows:
+            return pandas.DataFrame(columns=names)
+        return pandas.DataFrame.from_records(rows, columns=names)
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def _records(rows: Any) -> list[Any]:
+    if is_dataframe(rows):
+        return list(to_records(rows))
+    if isinstance(rows, (str, bytes, Mapping)):
+        raise TypeError(f"stores a list of rows, not {type(rows).__name__}")
+    return list(rows)
+
+
+def to_records(frame: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as dicts of Python values (NaN/NaT as ``None``)."""
+    columns = to_columns(frame)
+    return [
+        dict(zip(columns.names, values, strict=True))
+        for values in zip(*columns.values, strict=True)
+    ]
+
+
+class ExternalDB:
+    """A PostgreSQL or SQLite database: custom SQL (:meth:`load`, :meth:`store`) and whole
+    tables per partition (:meth:`load_table`, :meth:`store_table`).
+
+    Each call is one transaction on one connection, kept open between calls (and replaced when
+    it broke: a connection that died while idle, say because the server restarted, is replaced
+    before the call runs, since the server never saw it). With ``resilience``, each call runs
+    through its policy for ``service`` (retries of connection failures and timeouts, breaker,
+    rate limit); without it a call is made once. Statements run under ``statement_timeout``
+    seconds (or the time left of the resilience policy's timeout, when shorter).
+
+    Placeholders in custom SQL are the driver's: ``%s`` / ``%(name)s`` for PostgreSQL, ``?`` /
+    ``:name`` for SQLite.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        *,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+        resilience: ResilienceResource | None = None,
+        service: str = "external_db",
+    ) -> None:
+        if statement_timeout is not None and statement_timeout <= 0:
+            raise ConfigurationError("must be positive (or None)", field="statement_timeout")
+        self.adapter = adapter
+        self.statement_timeout = statement_timeout
+        self.resilience = resilience
+        self.service = service
+        self._connection: Any = None
+        self._pid = 0
+        self._lock = threading.RLock()
+
+    @classmethod
+    def postgres(
+        cls,
+        *,
+        database: str,
+        user: str,
+        password: str | None = None,
+        host: str = "localhost",
+        port: int = 5432,
+        sslmode: str = "prefer",
+        sslrootcert: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        **options: Any,
+    ) -> ExternalDB:
+        """A PostgreSQL database; ``options`` are :class:`ExternalDB`'s keyword arguments."""
+        adapter = PostgresAdapter(
+            host=host,
+            port=port,
+            database=database,
+            user=user,
+            password=password,
+            sslmode=sslmode,
+            sslrootcert=sslrootcert,
+            connect_timeout=connect_timeout,
+        )
+        return cls(adapter, **options)
+
+    @classmethod
+    def sqlite(
+        cls, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, **options: Any
+    ) -> ExternalDB:
+        """A SQLite database file (created when missing)."""
+        return cls(SQLiteAdapter(path=os.fspath(path), busy_timeout=busy_timeout), **options)
+
+    def __repr__(self) -> str:
+        return f"ExternalDB({self.adapter!r}, service={self.service!r})"
+
+    def __enter__(self) -> ExternalDB:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the next call opens a new one)."""
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self.adapter.close(self._connection)
+            self._connection = None
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def _checkout(self) -> tuple[Any, bool]:
+        """The open connection (reused: True) or a new one. A connection inherited through
+        fork belongs to the parent: it is forgotten, never used or closed."""
+        if self._connection is not None and self._pid == os.getpid():
+            return self._connection, True
+        self._connection = self.adapter.connect()
+        self._pid = os.getpid()
+        return self._connection, False
+
+    def _discard(self) -> None:
+        if self._connection is not None:
+            self.adapter.close(self._connection)
+        self._connection = None
+
+    def _timeout(self) -> float | None:
+        deadline = current_deadline()
+        if deadline is None:
+            return self.statement_timeout
+        deadline.check("the database call")
+        remaining = deadline.remaining()
+        return (
+            remaining if self.statement_timeout is None else min(remaining, self.statement_timeout)
+        )
+
+    def _attempt(
+        self, work: Callable[[Any], T], *, write: bool, idempotent: bool, table: str | None
+    ) -> T:
+        adapter = self.adapter
+        with self._lock:
+            timeout = self._timeout()
+            connection, reused = self._checkout()
+            committing = False
+            try:
+                try:
+                    adapter.begin(connection, timeout, write=write)
+                except Exception as exc:
+                    if not (reused and adapter.is_disconnect(exc, connection)):
+                        raise
+                    # The connection died while idle (server restart, a proxy's idle cut): the
+                    # server never saw this call, so it runs on a new connection.
+                    self._discard()
+                    connection, reused = self._checkout()
+                    adapter.begin(connection, timeout, write=write)
+                result = work(connection)
+                committing = True
+                adapter.commit(connection)
+                return result
+            except BaseException as exc:
+                lost = adapter.is_disconnect(exc, connection)
+                error = adapter.translate(exc, table=table, timeout=timeout, connection=connection)
+                if lost:
+                    self._discard()
+                else:
+                    try:
+                        adapter.rollback(connection)
+                    except Exception:
+                        self._discard()
+                if committing and lost and not idempotent:
+                    error = DatabaseError(
+                        f"the connection was lost while committing{' to ' + table if table else ''}"
+                        f"; whether the transaction was committed is unknown: check before "
+                        f"running it again ({error})",
+                        table=table,
+                        service=self.service,
+                    )
+                if error is exc:
+                    raise
+                if getattr(error, "service", None) is None:
+                    error.service = self.service  # type: ignore[attr-defined]
+                raise error from None
+
+    def _run(
+        self,
+        event: str,
+        work: Callable[[Any], T],
+        measure: Callable[[T], dict[str, Any]],
+        *,
+        write: bool,
+        idempotent: bool,
+        table: str | None = None,
+    ) -> T:
+        attempts = 0
+
+        def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return self._attempt(work, write=write, idempotent=idempotent, table=table)
+
+        measures: dict[str, Any] = {"adapter": self.adapter.name, "service": self.service}
+        if table is not None:
+            measures["table"] = table
+        with telemetry.span(event, **measures) as call:
+            try:
+                if self.resilience is None:
+                    result = attempt()
+                else:
+                    result = self.resilience.call(self.service, attempt, dagster_errors=False)
+            finally:
+                call.attempts = max(attempts, 1)
+            call.set(**measure(result))
+        return result
+
+    # -- custom SQL (the brief's form) -----------------------------------------------------------
+
+    def load(
+        self,
+        load_query: Query,
+        params: Any = None,
+        *,
+        partition: Any = None,
+        as_dataframe: bool = False,
+    ) -> Any:
+        """Rows of a query, as a list of dicts (or a DataFrame with ``as_dataframe``).
+
+        ``load_query`` is SQL with ``params``, or a function ``load_query(partition)`` returning
+        ``(sql, params)``::
+
+            db.load("SELECT * FROM users WHERE date = %s", ["2025-01-15"])
+            db.load(lambda day: ("SELECT * FROM users WHERE date = %s", [day]),
+                    partition=date(2025, 1, 15))
+        """
+        statement, bound = _query(load_query, params, partition, "load_query")
+
+        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+            return self.adapter.query(connection, statement, bound)
+
+        names, rows = self._run(
+            "flowstone.db.load", work, _load_measures, write=False, idempotent=True
+        )
+        return _shape(names, rows, as_dataframe)
+
+    def store(
+        self,
+        rows: Any,
+        insert_query: str,
+        params_fn: Callable[[Any, Any], Any] | None = None,
+        *,
+        partition: Any = None,
+        delete_query: Query | None = None,
+        delete_params: Any = None,
+    ) -> int:
+        """Run ``insert_query`` once per row, all rows in one transaction; returns the row count.
+
+        ``params_fn(row, partition)`` gives each row's parameters (default: the row itself, for
+        named placeholders). ``delete_query`` (SQL, or ``fn(partition) -> (sql, params)``) runs
+        first in the same transaction, so that a re-run replaces instead of duplicating::
+
+            db.store(
+                [{"name": "Alice"}, {"name": "Bob"}],
+                "INSERT INTO users (name, date) VALUES (%s, %s)",
+                lambda row, day: [row["name"], day],
+                partition=date(2025, 1, 15),
+                delete_query=lambda day: ("DELETE FROM users WHERE date = %s", [day]),
+            )
+
+        On PostgreSQL an ``INSERT ... VALUES %s`` statement is sent with ``execute_values``
+        (many rows per statement), any other with ``execute_batch``. Parameters are computed
+        before the transaction starts: a ``params_fn`` that fails writes nothing.
+        """
+        records = _records(rows)
+        params = records if params_fn is None else [params_fn(r, partition) for r in records]
+        delete = (
+            _query(delete_query, delete_params, partition, "delete_query")
+            if delete_query is not None
+            else None
+        )
+
+        def work(connection: Any) -> int:
+            if delete is not None:
+                self.adapter.query(connection, delete[0], delete[1])
+            if params:
+                self.adapter.execute_many(connection, insert_query, params)
+            return len(params)
+
+        size = _params_size(params)
+        self._run(
+            "flowstone.db.store",
+            work,
+            lambda count: {"rows": count, "bytes": size},
+            write=True,
+            idempotent=delete is not None,
+        )
+        return len(params)
+
+    # -- tables ----------------------------------------------------------------------------------
+
+    def _schema(self, schema: str | None) -> str:
+        if isinstance(self.adapter, SQLiteAdapter):
+            if schema not in (None, "main"):
+                raise ConfigurationError(
+                    f"SQLite has no schemas; got {schema!r}: leave it unset (or 'main')",
+                    field="schema",
+                )
+            return "main"
+        return schema or "public"
+
+    def load_table(
+        self,
+        table: str,
+        *,
+        schema: str | None = None,
+        partition: Mapping[str, Any] | None = None,
+        selection: PartitionSelection | None = None,
+        as_dataframe: bool = False,
+    ) -> Any:
+        """The rows of ``table`` (all, or those equal to ``partition``, e.g. ``{"day": day}``,
+        or of a Dagster ``selection``), as a list of dicts or a DataFrame.
+
+        A missing table raises :class:`DatabaseError` with ``sqlstate`` ``42P01``.
+        """
+        schema = self._schema(schema)
+        where = _where_of(partition, selection)
+        qualified = self.adapter.qualified(schema, table)
+        self.adapter.identifier(schema, table)
+
+        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+            if isinstance(self.adapter, SQLiteAdapter) and (
+                self.adapter.columns(connection, schema, table) is None
+            ):
+                raise _missing_table(qualified)
+            return self.adapter.select(connection, schema, table, where)
+
+        names, rows = self._run(
+            "flowstone.db.load",
+            work,
+            _load_measures,
+            write=False,
+            idempotent=True,
+            table=qualified,
+        )
+        return _shape(names, rows, as_dataframe)
+
+    def store_table(
+        self,
+        table: str,
+        data: Any,
+        *,
+        schema: str | None = None,
+        mode: WriteMode = "replace",
+        partition: Mapping[str, Any] | None = None,
+        selection: PartitionSelection | None = None,
+        create: bool = True,
+    ) -> TableStoreResult:
+        """Store ``data`` (a list of dicts or a DataFrame) in ``table``, in one transaction.
+
+        ``mode="replace"`` first deletes the rows being replaced: those of ``partition`` (e.g.
+        ``{"day": date(2025, 1, 15)}``; missing partition columns are filled in, and every row
+        must belong to it) or of the Dagster ``selection``, or all rows when neither is given.
+        ``mode="append"`` deletes nothing. The table is created from the data's types when
+        missing (unless ``create`` is false); an existing table is never altered.
+
+        Raises ``TypeError``/``ValueError`` for data that cannot be stored and
+        :class:`SchemaMismatch` for data that does not fit the table, before anything is
+        written; :class:`ConstraintViolation`, ``CallTimeout``, ``TransportError`` or
+        :class:`DatabaseError` from the database, after rolling back.
+        """
+        if mode not in ("replace", "append"):
+            raise ConfigurationError("must be 'replace' or 'append'", field="write_mode")
+        schema = self._schema(schema)
+        if selection is None and partition is not None:
+            selection = PartitionSelection.of(partition)
+        columns = to_columns(data)
+        if selection is not None:
+            selection.apply(columns)
+        self.adapter.identifier(schema, table)
+        for name in columns.names:
+            self.adapter.identifier(name)
+        where = selection.where() if selection is not None else None
+        qualified = self.adapter.qualified(schema, table)
+
+        def work(connection: Any) -> TableStoreResult:
+            return self._store_table(
+                connection,
+                schema=schema,
+                table=table,
+                qualified=qualified,
+                columns=columns,
+                mode=mode,
+                where=where,
+                create=create,
+            )
+
+        return self._run(
+            "flowstone.db.store",
+            work,
+            lambda result: {"rows": result.rows, "bytes": result.bytes},
+            write=True,
+            idempotent=mode == "replace",
+            table=qualified,
+        )
+
+    def _store_table(
+        self,
+        connection: Any,
+        *,
+        schema: str,
+        table: str,
+        qualified: str,
+        columns: Columns,
+        mode: WriteMode,
+        where: Where | None,
+        create: bool,
+    ) -> TableStoreResult:
+        adapter = self.adapter
+        adapter.lock_table(connection, schema, table)
+        existing = adapter.columns(connection, schema, table)
+        created = False
+        if existing is None:
+            if not create:
+                raise _missing_table(qualified, hint="create_tables is off: create it first")
+            if not columns.names:
+                # Nothing to infer a table from, and nothing to store.
+                return TableStoreResult(qualified, 0, 0, 0, False, [])
+            kinds = list(columns.kinds)
+            adapter.create_table(connection, schema, table, columns.names, kinds)
+            created = True
+            types = POSTGRES_TYPES if adapter.name == "postgres" else SQLITE_TYPES
+            described = [(n, types[k or "text"]) for n, k in zip(columns.names, kinds, strict=True)]
+        else:
+            kinds = _fit(existing, columns, qualified, self.service)
+            described = [(c.name, c.declared) for c in existing]
+        deleted = adapter.delete(connection, schema, table, where) if mode == "replace" else 0
+        sent = adapter.insert(connection, schema, table, columns, kinds) if columns.rows else 0
+        return TableStoreResult(qualified, columns.rows, deleted, sent, created, described)
+
+
+def _fit(
+    existing: list[ColumnInfo], columns: Columns, table: str, service: str
+) -> list[Kind | None]:
+    """The target kinds of the data's columns in an existing table, or SchemaMismatch."""
+    by_name = {column.name: column for column in existing}
+    kinds: list[Kind | None] = []
+    for name, kind in zip(columns.names, columns.kinds, strict=True):
+        column = by_name.get(name)
+        if column is None:
+            raise SchemaMismatch(
+                f"{table} has no column {name!r} (its columns: "
+                f"{', '.join(repr(c.name) for c in existing)}); the I/O manager never alters an "
+                "existing table: add the column (ALTER TABLE) or leave it out of the data",
+                table=table,
+                column=name,
+                found=kind,
+                service=service,
+            )
+        if not accepts(column.kind, kind):
+            raise SchemaMismatch(
+                f"column {name!r} of {table} is {column.declared}, but the data holds {kind} "
+                "values; convert the data, or migrate the column",
+                table=table,
+                column=name,
+                expected=column.declared,
+                found=kind,
+                service=service,
+            )
+        kinds.append(column.kind or kind)
+    return kinds
+
+
+def _missing_table(table: str, hint: str = "materialize its asset first") -> DatabaseError:
+    return DatabaseError(
+        f"table {table} does not exist; {hint}", sqlstate=UNDEFINED_TABLE, table=table
+    )
+
+
+def _where_of(
+    partition: Mapping[str, Any] | None, selection: PartitionSelection | None
+) -> Where | None:
+    if selection is not None:
+        return selection.where()
+    if partition is not None:
+        return PartitionSelection.of(partition).where()
+    return None
+
+
+def _query(query: Query, params: Any, partition: Any, field: str) -> tuple[str, Any]:
+    if callable(query):
+        produced = query(partition)
+        if not (
+            isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[0], str)
+        ):
+            raise ConfigurationError(
+                f"must return (sql, params), got {type(produced).__name__}", field=field
+            )
+        return produced
+    if not isinstance(query, str):
+        raise ConfigurationError("must be SQL text or fn(partition) -> (sql, params)", field=field)
+    return query, params
+
+
+def _load_measures(result: tuple[list[str], list[tuple[Any, ...]]]) -> dict[str, Any]:
+    _, rows = result
+    if not rows:
+        return {"rows": 0, "bytes": 0}
+    with gc_paused():
+        return {"rows": len(rows), "bytes": payload_size(list(zip(*rows, strict=True)))}
+
+
+def _params_size(params: Sequence[Any]) -> int:
+    if not params:
+        return 0
+    first = params[0]
+    if isinstance(first, Mapping):
+        return payload_size([list(row.values()) for row in params])
+    return payload_size([list(column) for column in zip(*params, strict=False)])
+
+
+# -- the I/O manager ---------------------------------------------------------------------------
+
+
+class ExternalDBIOManager(dg.ConfigurableIOManager):
+    """Stores each asset output as rows of a table and loads inputs from it.
+
+    The table is the asset key's last part, in the schema named by the key's prefix (the part
+    before the last), else ``schema``, else ``public`` (SQLite: no schemas). Asset definition
+    metadata overrides: ``table``, ``schema``, ``partition_expr`` (the column holding the
+    partition; for multi-partitions ``{dimension: column}``) and ``write_mode``.
+
+    Output metadata: ``dagster/table_name``, ``dagster/column_schema``,
+    ``dagster/partition_row_count`` (partitioned) or ``dagster/row_count``, ``db/rows``,
+    ``db/rows_replaced``, ``db/bytes``, ``db/partition``, ``db/table_created``, and the step's
+    ``flowstone/db.store/...`` telemetry totals.
+    """
+
+    adapter: Literal["postgres", "sqlite"] = Field(
+        default="sqlite",
+        description="postgres (host, port, database, user, password, sslmode) or sqlite (path).",
+    )
+    path: str | None = Field(
+        default=None, description="SQLite: the database file (created when missing)."
+    )
+    host: str = Field(default="localhost", description="PostgreSQL: server host.")
+    port: int = Field(default=5432, description="PostgreSQL: server port.")
+    database: str | None = Field(default=None, description="PostgreSQL: database name.")
+    user: str | None = Field(default=None, description="PostgreSQL: user name.")
+    password: str | None = Field(
+        default=None, repr=False, description="PostgreSQL: password. Use EnvVar('...')."
+    )
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        default="prefer", description="PostgreSQL: libpq sslmode."
+    )
+    sslrootcert: str | None = Field(
+        default=None, description="PostgreSQL: PEM file of the CAs to trust (verify-ca/-full)."
+    )
+    schema_: str | None = Field(
+        default=None,
+        alias="schema",
+        description="PostgreSQL schema of tables whose asset key has no prefix (default "
+        "public); created when missing. SQLite: leave unset.",
+    )
+    write_mode: WriteMode = Field(
+        default="replace",
+        description="Unpartitioned outputs: replace the table's rows, or append to them. "
+        "Partitioned outputs always replace their partition's rows.",
+    )
+    create_tables: bool = Field(
+        default=True,
+        description="Create a missing table from the data's types; if false a missing table is "
+        "an error.",
+    )
+    statement_timeout: float | None = Field(
+        default=DEFAULT_STATEMENT_TIMEOUT,
+        description="Seconds a statement may run before it is cancelled (CallTimeout). Null: no "
+        "limit.",
+    )
+    connect_timeout: float = Field(
+        default=DEFAULT_CONNECT_TIMEOUT, description="PostgreSQL: seconds to connect."
+    )
+    busy_timeout: float = Field(
+        default=30.0, description="SQLite: seconds a write waits for another writer's lock."
+    )
+    service: str = Field(
+        default="external_db",
+        description="Service name in errors, telemetry and the resilience policy.",
+    )
+    resilience: ResilienceResource | None = Field(
+        default=None,
+        description="Retry/breaker/rate-limit policy for each database call (policy `service`). "
+        "Without it, each call is made once.",
+    )
+
+    _db: ExternalDB | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._check_config()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _check_config(self) -> None:
+        if self.adapter == "sqlite":
+            if not self.path:
+                raise ConfigurationError("is required for the sqlite adapter", field="path")
+            if self.schema_ not in (None, "main"):
+                raise ConfigurationError("SQLite has no schemas: leave it unset", field="schema")
+        else:
+            for name in ("database", "user"):
+                if not getattr(self, name):
+                    raise ConfigurationError("is required for the postgres adapter", field=name)
+        if self.statement_timeout is not None and self.statement_timeout <= 0:
+            raise ConfigurationError("must be positive (or null)", field="statement_timeout")
+        if self.connect_timeout <= 0:
+            raise ConfigurationError("must be positive", field="connect_timeout")
+
+    @property
+    def db(self) -> ExternalDB:
+        """The :class:`ExternalDB` this manager stores through (one per process)."""
+        if self._db is None:
+            self._check_config()
+            options: dict[str, Any] = {
+                "statement_timeout": self.statement_timeout,
+                "resilience": self.resilience,
+                "service": self.service,
+            }
+            if self.adapter == "sqlite":
+                self._db = ExternalDB.sqlite(
+                    str(self.path), busy_timeout=self.busy_timeout, **options
+                )
+            else:
+                self._db = ExternalDB.postgres(
+                    host=self.host,
+                    port=self.port,
+                    database=str(self.database),
+                    user=str(self.user),
+                    password=self.password,
+                    sslmode=self.sslmode,
+                    sslrootcert=self.sslrootcert,
+                    connect_timeout=self.connect_timeout,
+                    **options,
+                )
+        return self._db
+
+    def _table(self, asset_key: dg.AssetKey, metadata: Mapping[str, Any]) -> tuple[str | None, str]:
+        table = metadata.get("table") or asset_key.path[-1]
+        schema = metadata.get("schema") or self.schema_
+        if schema is None and len(asset_key.path) > 1 and self.adapter == "postgres":
+            schema = asset_key.path[-2]
+        for field, value in (("table", table), ("schema", schema)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"must be a string, got {value!r}", field=field)
+        return schema, str(table)
+
+    def _dagster_errors(self, call: Callable[[], T]) -> T:
+        """With ``resilience``, its Dagster interplay: an open circuit becomes RetryRequested."""
+        try:
+            return call()
+        except Exception as exc:
+            if self.resilience is None or not self.resilience.dagster_errors:
+                raise
+            mapped = to_dagster_error(
+                exc,
+                retry_requested_after=self.resilience.retry_requested_after,
+                max_retries=self.resilience.step_max_retries,
+                service=self.service,
+            )
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None and context.dagster_type.typing_type is type(None):
+            return  # an asset annotated "-> None" stores nothing
+        metadata = context.definition_metadata or {}
+        schema, table = self._table(context.asset_key, metadata)
+        selection = select_partitions(context, metadata.get("partition_expr"))
+        mode = metadata.get("write_mode") or self.write_mode
+        started = time.perf_counter()
+        with telemetry.observe(context):
+            result = self._dagster_errors(
+                lambda: self.db.store_table(
+                    table,
+                    obj,
+                    schema=schema,
+                    mode=mode,
+                    selection=selection,
+                    create=self.create_tables,
+                )
+            )
+        output: dict[str, Any] = {
+            "dagster/table_name": result.table,
+            "db/rows": result.rows,
+            "db/rows_replaced": result.deleted,
+            "db/bytes": result.bytes,
+            "db/table_created": result.created,
+            "db/duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if result.columns:
+            output["dagster/column_schema"] = dg.TableSchema(
+                columns=[dg.TableColumn(name, type_) for name, type_ in result.columns]
+            )
+        if selection is not None:
+            output["dagster/partition_row_count"] = result.rows
+            output["db/partition"] = selection.describe()
+        elif mode == "replace":
+            output["dagster/row_count"] = result.rows
+        context.add_output_metadata(output)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        upstream = context.upstream_output
+        metadata = (upstream.definition_metadata if upstream is not None else None) or {}
+        schema, table = self._table(context.asset_key, metadata)
+        selection = select_partitions(context, metadata.get("partition_expr"))
+        as_dataframe = _wants_dataframe(context)
+        # Dagster takes input metadata for one partition only; several are still logged.
+        single = not context.has_asset_partitions or len(context.asset_partition_keys) == 1
+        with telemetry.observe(context, attach_metadata=single):
+            try:
+                return self._dagster_errors(
+                    lambda: self.db.load_table(
+                        table, schema=schema, selection=selection, as_dataframe=as_dataframe
+                    )
+                )
+            except DatabaseError as exc:
+                if exc.sqlstate != UNDEFINED_TABLE:
+                    raise
+                raise DatabaseError(
+                    f"no table for asset {context.asset_key.to_user_string()}: {exc.message}",
+                    sqlstate=exc.sqlstate,
+                    table=exc.table,
+                    service=exc.service,
+                ) from None

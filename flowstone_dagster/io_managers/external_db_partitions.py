@@ -1,0 +1,274 @@
+"""Which rows of a table an asset's partitions are: Dagster's ``partition_expr`` convention.
+
+A partitioned asset names the column that holds its partition in its definition metadata::
+
+    @dg.asset(partitions_def=daily, metadata={"partition_expr": "day"})
+    def orders() -> list[dict]: ...
+
+    @dg.asset(partitions_def=regions_by_day,                    # a MultiPartitionsDefinition
+              metadata={"partition_expr": {"date": "day", "region": "region"}})
+    def sales() -> list[dict]: ...
+
+:func:`select_partitions` turns the partitions of an output or input context into a
+:class:`PartitionSelection`: the row filter (``day = '2025-01-15'``; a time window
+``day >= '2025-01-01' AND day < '2025-01-08'``; ``region IN (...)``; for multi-partitions one
+condition per dimension), the values to fill in when the data lacks the partition column, and
+the check that every stored row belongs to the partitions being written.
+
+``partition_expr`` is a column name, always quoted as an identifier: unlike Dagster's
+Snowflake/DuckDB I/O managers, SQL expressions are not accepted (they would be SQL text pasted
+into statements).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.io_managers.external_db_adapters import Condition, Where
+from flowstone_dagster.io_managers.external_db_types import Columns, Kind, infer_kind
+
+__all__ = ["DimensionValue", "PartitionSelection", "select_partitions"]
+
+
+@dataclass(frozen=True)
+class DimensionValue:
+    """One dimension of one partition: a key (``key``, a partition key string or any value
+    for :meth:`PartitionSelection.of`) or a time window (``start``/``end``, as dates when the
+    partitions are whole days)."""
+
+    column: str
+    key: Any = None
+    start: dt.datetime | dt.date | None = None
+    end: dt.datetime | dt.date | None = None
+
+    @property
+    def is_window(self) -> bool:
+        return self.start is not None
+
+    def conditions(self) -> list[Condition]:
+        if self.is_window:
+            return [Condition(self.column, ">=", self.start), Condition(self.column, "<", self.end)]
+        return [Condition(self.column, "=", self.key)]
+
+    def describe(self) -> str:
+        if self.is_window:
+            return f"{self.column} >= {self.start} AND {self.column} < {self.end}"
+        return f"{self.column} = {self.key}"
+
+
+@dataclass
+class PartitionSelection:
+    """The rows of the partitions an output or input covers.
+
+    ``alternatives``: each partition (or time window) as its per-dimension values; a row
+    belongs to the selection when it matches all dimensions of one alternative. ``single``:
+    the selection is exactly one partition, so missing partition columns can be filled in.
+    """
+
+    alternatives: list[list[DimensionValue]]
+    single: bool
+    columns: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> PartitionSelection:
+        """The rows whose columns equal ``values`` (``{"day": date(2025, 1, 15)}``): one
+        partition, outside Dagster."""
+        if not values:
+            raise ConfigurationError("must name at least one column", field="partition")
+        columns = [_check_column(column, "partition") for column in values]
+        return cls([[DimensionValue(c, key=values[c]) for c in columns]], True, columns)
+
+    def where(self) -> Where:
+        if len(self.alternatives) > 1 and len(self.columns) == 1:
+            values = [alternative[0] for alternative in self.alternatives]
+            if all(not value.is_window for value in values):  # one dimension, several keys
+                return [[Condition(self.columns[0], "in", tuple(v.key for v in values))]]
+        return [
+            [condition for value in alternative for condition in value.conditions()]
+            for alternative in self.alternatives
+        ]
+
+    def describe(self) -> str:
+        parts = [" AND ".join(v.describe() for v in alt) for alt in self.alternatives[:5]]
+        more = f" (and {len(self.alternatives) - 5} more)" if len(self.alternatives) > 5 else ""
+        return " OR ".join(f"({p})" if len(parts) > 1 else p for p in parts) + more
+
+    def apply(self, data: Columns) -> None:
+        """Fill in missing partition columns (one partition only), turn time columns given as
+        ISO strings into dates/datetimes, and check that every row belongs to the selection.
+
+        Raises ``ValueError`` naming the row and the partition when a row does not belong.
+        """
+        for position, column in enumerate(self.columns):
+            sample = self.alternatives[0][position]
+            if column not in data.names:
+                if not self.single:
+                    raise ValueError(
+                        f"the data has no partition column {column!r}; it can only be filled in "
+                        f"when one partition is stored, and this run stores {self.describe()}"
+                    )
+                value: Any = sample.start if sample.is_window else sample.key
+                data.add(column, [value] * data.rows, _kind_of_fill(value))
+                continue
+            index = data.names.index(column)
+            if sample.is_window and any(type(v) is str for v in data.values[index]):
+                data.values[index] = _normalize_times(data.values[index], sample)
+                data.kinds[index] = infer_kind(column, data.values[index])
+        self._check_rows(data)
+
+    def _check_rows(self, data: Columns) -> None:
+        if not data.rows:
+            return
+        indexes = [data.names.index(column) for column in self.columns]
+        combos = set(zip(*(data.values[i] for i in indexes), strict=True))
+        for combo in combos:
+            if not any(_matches(combo, alternative) for alternative in self.alternatives):
+                row = next(
+                    r
+                    for r in range(data.rows)
+                    if tuple(data.values[i][r] for i in indexes) == combo
+                )
+                found = ", ".join(
+                    f"{column}={value!s}" for column, value in zip(self.columns, combo, strict=True)
+                )
+                raise ValueError(
+                    f"row {row + 1} ({found}) is outside the partition being stored "
+                    f"({self.describe()}); a store replaces exactly its partition's rows, so every "
+                    "row must belong to it (or leave the partition column out to have it filled in)"
+                )
+
+
+def _kind_of_fill(value: Any) -> Kind | None:
+    return infer_kind("partition", [value])
+
+
+def _as_time(value: Any, window: DimensionValue) -> Any:
+    """A row's time value comparable with the window's bounds."""
+    if isinstance(value, str):
+        try:
+            value = (
+                dt.datetime.fromisoformat(value)
+                if len(value) > 10
+                else dt.date.fromisoformat(value)
+            )
+        except ValueError:
+            raise ValueError(
+                f"partition column {window.column!r} holds {value!r}, which is not an ISO date "
+                "or timestamp"
+            ) from None
+    return value
+
+
+def _normalize_times(values: list[Any], window: DimensionValue) -> list[Any]:
+    parsed = {v: _as_time(v, window) for v in set(values) if type(v) is str}
+    return [parsed[v] if type(v) is str else v for v in values]
+
+
+def _in_window(value: Any, window: DimensionValue) -> bool:
+    start, end = window.start, window.end
+    if start is None or end is None:
+        return False
+    if isinstance(start, dt.datetime):
+        tz = start.tzinfo
+        if not isinstance(value, dt.datetime):
+            value = dt.datetime.combine(value, dt.time(), tz)
+        elif value.tzinfo is None:
+            value = value.replace(tzinfo=tz)
+        return bool(start <= value < end)
+    if isinstance(value, dt.datetime):
+        value = value.date() if value.tzinfo is None else value.astimezone(dt.UTC).date()
+    return bool(start <= value < end)
+
+
+def _matches(combo: tuple[Any, ...], alternative: Sequence[DimensionValue]) -> bool:
+    for value, dimension in zip(combo, alternative, strict=True):
+        if value is None:
+            return False
+        if dimension.is_window:
+            if not isinstance(value, (dt.date, dt.datetime)) or not _in_window(value, dimension):
+                return False
+        elif value != dimension.key and str(value) != str(dimension.key):
+            return False
+    return True
+
+
+def _window_value(
+    column: str, definition: dg.TimeWindowPartitionsDefinition, window: dg.TimeWindow
+) -> DimensionValue:
+    whole_days = "%H" not in definition.fmt and window.start.time() == dt.time()
+    if whole_days:
+        return DimensionValue(column, start=window.start.date(), end=window.end.date())
+    return DimensionValue(column, start=window.start, end=window.end)
+
+
+def _check_column(value: Any, field_name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(
+            f"must be a column name (a non-empty string), got {value!r}", field=field_name
+        )
+    return value
+
+
+def select_partitions(
+    context: dg.InputContext | dg.OutputContext, partition_expr: Any
+) -> PartitionSelection | None:
+    """The partitions ``context`` covers as rows, or ``None`` for an unpartitioned asset."""
+    if not context.has_asset_partitions:
+        return None
+    asset = context.asset_key.to_user_string()
+    if partition_expr is None:
+        raise ConfigurationError(
+            f"asset {asset} is partitioned: set its metadata partition_expr to the column that "
+            'holds the partition (e.g. metadata={"partition_expr": "day"})',
+            field="partition_expr",
+        )
+    definition = context.asset_partitions_def
+    if isinstance(definition, dg.TimeWindowPartitionsDefinition):
+        column = _check_column(partition_expr, "partition_expr")
+        window = context.asset_partitions_time_window
+        single = len(context.asset_partition_keys) == 1
+        return PartitionSelection([[_window_value(column, definition, window)]], single, [column])
+    keys = list(context.asset_partition_keys)
+    if isinstance(definition, dg.MultiPartitionsDefinition):
+        return _multi(asset, definition, keys, partition_expr)
+    column = _check_column(partition_expr, "partition_expr")
+    alternatives = [[DimensionValue(column, key=key)] for key in keys]
+    return PartitionSelection(alternatives, len(keys) == 1, [column])
+
+
+def _multi(
+    asset: str, definition: dg.MultiPartitionsDefinition, keys: list[str], partition_expr: Any
+) -> PartitionSelection:
+    dimensions = [d.name for d in definition.partitions_defs]
+    if not isinstance(partition_expr, Mapping) or set(partition_expr) != set(dimensions):
+        raise ConfigurationError(
+            f"asset {asset} is multi-partitioned: partition_expr must map each dimension "
+            f"({', '.join(dimensions)}) to its column, e.g. "
+            f"{dict(zip(dimensions, dimensions, strict=True))}; got {partition_expr!r}",
+            field="partition_expr",
+        )
+    columns = [_check_column(partition_expr[d], f"partition_expr.{d}") for d in dimensions]
+    alternatives: list[list[DimensionValue]] = []
+    for key in keys:
+        multi = (
+            key
+            if isinstance(key, dg.MultiPartitionKey)
+            else definition.get_partition_key_from_str(key)
+        )
+        values: list[DimensionValue] = []
+        for dimension, column in zip(dimensions, columns, strict=True):
+            part = multi.keys_by_dimension[dimension]
+            sub = definition.get_partitions_def_for_dimension(dimension)
+            if isinstance(sub, dg.TimeWindowPartitionsDefinition):
+                window = sub.time_window_for_partition_key(part)
+                values.append(_window_value(column, sub, window))
+            else:
+                values.append(DimensionValue(column, key=part))
+        alternatives.append(values)
+    return PartitionSelection(alternatives, len(keys) == 1, columns)
