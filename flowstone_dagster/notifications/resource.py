@@ -1,0 +1,249 @@
+"""``NotificationsResource``: Slack and email notifications for assets, ops and sensors.
+
+::
+
+    import dagster as dg
+    from dagster_slack import SlackResource
+    from flowstone_dagster.notifications import (
+        EmailConfig, NotificationsResource, SlackWebhookConfig,
+    )
+
+    notifications = NotificationsResource(
+        slack_webhook=SlackWebhookConfig(url=dg.EnvVar("SLACK_WEBHOOK_URL")),
+        # or the Web API: slack=SlackResource(token=dg.EnvVar("SLACK_BOT_TOKEN")),
+        #                 slack_channel="#data-alerts",
+        email=EmailConfig(
+            host="smtp.example.com",
+            username="alerts",
+            password=dg.EnvVar("SMTP_PASSWORD"),
+            sender="Flowstone <alerts@example.com>",
+            recipients=["oncall@example.com"],
+        ),
+    )
+
+    @dg.asset
+    def scores(notifications: NotificationsResource) -> list[float]:
+        ...
+        notifications.notify("materialization_succeeded", {"asset": "scores"})
+
+The resource is a thin layer over :class:`~flowstone_dagster.notifications.Notifier` and its
+channels; it validates its configuration at set-up, naming the wrong field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import dagster as dg
+from dagster_slack import SlackResource
+from pydantic import Field, PrivateAttr
+
+from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.notifications.notifier import Channel, Notifier, NotifyResult
+from flowstone_dagster.notifications.slack import (
+    DEFAULT_SLACK_TIMEOUT,
+    SlackApiChannel,
+    SlackWebhookChannel,
+)
+from flowstone_dagster.notifications.smtp import DEFAULT_SMTP_TIMEOUT, EmailChannel, SmtpSettings
+from flowstone_dagster.resilience import ResilienceResource
+
+__all__ = ["EmailConfig", "NotificationsResource", "SlackWebhookConfig"]
+
+
+class SlackWebhookConfig(dg.Config):
+    """A Slack incoming webhook (one channel, chosen when the webhook was created)."""
+
+    url: str = Field(
+        repr=False,
+        description="The webhook URL, https://hooks.slack.com/services/...: a secret, pass "
+        "dg.EnvVar('SLACK_WEBHOOK_URL').",
+    )
+    timeout: float = Field(
+        default=DEFAULT_SLACK_TIMEOUT, description="Seconds to connect, and to read the answer."
+    )
+    ca_bundle: str | None = Field(
+        default=None, description="PEM file of CA certificates to trust (a private CA)."
+    )
+
+
+class EmailConfig(dg.Config):
+    """An SMTP server, the sender and the default recipients."""
+
+    host: str = Field(description="SMTP server host name.")
+    port: int | None = Field(
+        default=None,
+        description="SMTP port; default by security: 587 (starttls), 465 (ssl), 25 (none).",
+    )
+    security: Literal["starttls", "ssl", "none"] = Field(
+        default="starttls",
+        description="'starttls': the server must offer STARTTLS (no silent plain-text "
+        "fallback); 'ssl': implicit TLS; 'none': plain text (a local relay).",
+    )
+    username: str | None = Field(default=None, description="AUTH user; no AUTH when null.")
+    password: str | None = Field(
+        default=None, repr=False, description="AUTH password: pass dg.EnvVar('SMTP_PASSWORD')."
+    )
+    sender: str = Field(description="The From address: alerts@example.com or Name <a@b.c>.")
+    recipients: list[str] = Field(
+        default_factory=list,
+        description="Default To addresses; a payload's 'recipients' replaces them for a call.",
+    )
+    subject_prefix: str = Field(default="", description="Put before every subject: '[data] '.")
+    timeout: float = Field(
+        default=DEFAULT_SMTP_TIMEOUT, description="Seconds to connect and per server reply."
+    )
+    ca_bundle: str | None = Field(
+        default=None, description="PEM file of CA certificates to trust (a private CA)."
+    )
+    verify_tls: bool = Field(
+        default=True, description="Verify the server's certificate. Off only for tests."
+    )
+    allow_insecure_auth: bool = Field(
+        default=False,
+        description="Allow AUTH with security 'none' (the password travels unencrypted).",
+    )
+    local_hostname: str | None = Field(
+        default=None, description="Name sent in EHLO; default: this machine's FQDN."
+    )
+
+
+class NotificationsResource(dg.ConfigurableResource):
+    """Sends notifications to Slack and email; see :meth:`notify` for the failure idiom.
+
+    Channels: ``slack`` (an incoming webhook *or* the Web API through dagster-slack's
+    ``SlackResource``) and ``email`` (SMTP). ``notify(..., channels=None)`` uses
+    ``default_channels``, or every configured channel.
+    """
+
+    slack_webhook: SlackWebhookConfig | None = Field(
+        default=None, description="Slack through an incoming webhook (channel 'slack')."
+    )
+    slack: SlackResource | None = Field(
+        default=None,
+        repr=False,
+        description="Slack through the Web API's chat.postMessage (channel 'slack'): "
+        "dagster-slack's SlackResource(token=dg.EnvVar('SLACK_BOT_TOKEN')). Needs "
+        "slack_channel.",
+    )
+    slack_channel: str | None = Field(
+        default=None, description="Channel ID (C0123456789) or #name for the Web API."
+    )
+    slack_api_url: str = Field(
+        default="https://slack.com/api/",
+        description="Base URL of the Slack Web API (GovSlack: https://slack-gov.com/api/).",
+    )
+    slack_timeout: float = Field(
+        default=DEFAULT_SLACK_TIMEOUT, description="Seconds per Web API request."
+    )
+    email: EmailConfig | None = Field(default=None, description="Email over SMTP.")
+    default_channels: list[str] | None = Field(
+        default=None,
+        description="Channels notify() uses when none are given; null: every configured one.",
+    )
+    resilience: ResilienceResource | None = Field(
+        default=None,
+        description="Retries (honouring Retry-After), circuit breaker and rate limit per "
+        "channel, under the services named by slack_service and email_service. Null: one "
+        "attempt per channel.",
+    )
+    slack_service: str = Field(
+        default="slack", description="Service name of Slack in errors, telemetry and policies."
+    )
+    email_service: str = Field(
+        default="smtp", description="Service name of SMTP in errors, telemetry and policies."
+    )
+
+    _notifier: Notifier | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Build the channels now, so that a wrong field fails the run at set-up."""
+        self._notifier = self.build_notifier()
+
+    def _channels(self) -> list[Channel]:
+        channels: list[Channel] = []
+        if self.slack_webhook is not None and self.slack is not None:
+            raise ConfigurationError(
+                "configure Slack either by webhook or by the Web API (slack), not both",
+                field="slack_webhook",
+            )
+        if self.slack_webhook is not None:
+            channels.append(
+                SlackWebhookChannel(
+                    self.slack_webhook.url,
+                    timeout=self.slack_webhook.timeout,
+                    ca_bundle=self.slack_webhook.ca_bundle,
+                    service=self.slack_service,
+                )
+            )
+        if self.slack is not None:
+            if not self.slack_channel:
+                raise ConfigurationError(
+                    "is required with the Slack Web API", field="slack_channel"
+                )
+            channels.append(
+                SlackApiChannel(
+                    self.slack.get_client(),
+                    self.slack_channel,
+                    base_url=self.slack_api_url,
+                    timeout=self.slack_timeout,
+                    service=self.slack_service,
+                )
+            )
+        if self.email is not None:
+            config = self.email
+            settings = SmtpSettings(
+                host=config.host,
+                port=config.port,
+                security=config.security,
+                username=config.username,
+                password=config.password,
+                timeout=config.timeout,
+                ca_bundle=config.ca_bundle,
+                verify_tls=config.verify_tls,
+                allow_insecure_auth=config.allow_insecure_auth,
+                local_hostname=config.local_hostname,
+            )
+            channels.append(
+                EmailChannel(
+                    settings,
+                    sender=config.sender,
+                    recipients=config.recipients,
+                    subject_prefix=config.subject_prefix,
+                    service=self.email_service,
+                )
+            )
+        return channels
+
+    def build_notifier(self) -> Notifier:
+        """A :class:`Notifier` with this configuration's channels (raises on a bad field)."""
+        return Notifier(
+            self._channels(), default_channels=self.default_channels, resilience=self.resilience
+        )
+
+    @property
+    def notifier(self) -> Notifier:
+        """The notifier, built at set-up (or on first use outside Dagster)."""
+        if self._notifier is None:
+            self._notifier = self.build_notifier()
+        return self._notifier
+
+    def configured_channels(self) -> list[str]:
+        """The names of the configured channels (``["slack", "email"]``)."""
+        return list(self.notifier.channels)
+
+    def notify(
+        self,
+        event: str,
+        payload: Mapping[str, Any] | None = None,
+        channels: Sequence[str] | None = None,
+    ) -> NotifyResult:
+        """Send ``event`` to ``channels`` (default: ``default_channels``, or all configured).
+
+        Every channel is attempted even when another fails. Returns a ``NotifyResult`` when
+        all delivered; raises ``PartialFailure(failures, succeeded)`` when some failed and
+        ``AllChannelsFailed`` (a ``PartialFailure`` with nothing succeeded) when all failed;
+        ``ConfigurationError`` for an unknown channel or a payload missing a required key.
+        """
+        return self.notifier.notify(event, payload, channels)
