@@ -30,6 +30,14 @@ from flowstone_dagster.errors import (
 )
 from flowstone_dagster.http import HttpSession, create_session
 from flowstone_dagster.io_managers import RestClient, RestIOManager
+from flowstone_dagster.notifications import (
+    AllChannelsFailed,
+    EmailConfig,
+    NotificationsResource,
+    SlackWebhookConfig,
+    format_email_body,
+    format_slack_message,
+)
 from flowstone_dagster.resilience import (
     RECOMMENDED_RETRY_POLICY,
     CircuitBreaker,
@@ -39,15 +47,17 @@ from flowstone_dagster.resilience import (
     with_retry,
     with_timeout,
 )
+from flowstone_dagster.sensors import make_notification_sensor
 
 __all__ = [
-    "RECOMMENDED_RETRY_POLICY",
+    "AllChannelsFailed",
     "CallTimeout",
     "CircuitBreaker",
     "CircuitOpen",
     "ConfigurationError",
     "DbtFailed",
     "DecodeError",
+    "EmailConfig",
     "ExternalServiceError",
     "FlowstoneError",
     "Forbidden",
@@ -55,20 +65,26 @@ __all__ = [
     "HttpSession",
     "MaxAttemptsExceeded",
     "NotFound",
+    "NotificationsResource",
     "PartialFailure",
     "PythonWorkerError",
+    "RECOMMENDED_RETRY_POLICY",
     "RateLimited",
     "RateLimiter",
     "ResilienceResource",
     "ResponseTooLarge",
     "RestClient",
     "RestIOManager",
+    "SlackWebhookConfig",
     "TransportError",
     "Unauthorized",
     "WorkerCrashed",
     "__version__",
     "create_session",
+    "format_email_body",
+    "format_slack_message",
     "is_retryable",
+    "make_notification_sensor",
     "telemetry",
     "with_circuit_breaker",
     "with_retry",
