@@ -29,7 +29,7 @@ from flowstone_dagster.errors import (
     is_retryable,
 )
 from flowstone_dagster.http import HttpSession, create_session
-from flowstone_dagster.io_managers import RestClient, RestIOManager
+from flowstone_dagster.io_managers import ExternalDB, ExternalDBIOManager, RestClient, RestIOManager
 from flowstone_dagster.notifications import (
     AllChannelsFailed,
     EmailConfig,
@@ -58,6 +58,8 @@ __all__ = [
     "DbtFailed",
     "DecodeError",
     "EmailConfig",
+    "ExternalDB",
+    "ExternalDBIOManager",
     "ExternalServiceError",
     "FlowstoneError",
     "Forbidden",

@@ -84,10 +84,10 @@ from flowstone_dagster.io_managers.external_db_types import (
     accepts,
     gc_paused,
     payload_size,
+    rows_size,
     to_columns,
 )
-from flowstone_dagster.io_managers.formats import is_dataframe, require_pandas
-from flowstone_dagster.io_managers.rest import _wants_dataframe
+from flowstone_dagster.io_managers.formats import is_dataframe, require_pandas, wants_dataframe
 from flowstone_dagster.resilience import ResilienceResource, current_deadline, to_dagster_error
 
 __all__ = [
@@ -633,7 +633,7 @@ def _load_measures(result: tuple[list[str], list[tuple[Any, ...]]]) -> dict[str,
     if not rows:
         return {"rows": 0, "bytes": 0}
     with gc_paused():
-        return {"rows": len(rows), "bytes": payload_size(list(zip(*rows, strict=True)))}
+        return {"rows": len(rows), "bytes": rows_size(rows)}
 
 
 def _params_size(params: Sequence[Any]) -> int:
@@ -842,7 +842,7 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
         metadata = (upstream.definition_metadata if upstream is not None else None) or {}
         schema, table = self._table(context.asset_key, metadata)
         selection = select_partitions(context, metadata.get("partition_expr"))
-        as_dataframe = _wants_dataframe(context)
+        as_dataframe = wants_dataframe(context)
         # Dagster takes input metadata for one partition only; several are still logged.
         single = not context.has_asset_partitions or len(context.asset_partition_keys) == 1
         with telemetry.observe(context, attach_metadata=single):

@@ -35,6 +35,7 @@ __all__ = [
     "encode",
     "is_dataframe",
     "require_pandas",
+    "wants_dataframe",
 ]
 
 RestFormat = Literal["json", "ndjson", "csv", "text", "bytes"]
@@ -160,3 +161,16 @@ def decode(
             fmt=fmt,
         ) from None
     raise ConfigurationError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", field="format")
+
+
+def wants_dataframe(context: Any) -> bool:
+    """Whether a Dagster input is annotated as a pandas DataFrame (I/O managers load one)."""
+    import dagster as dg
+
+    try:
+        annotation = context.dagster_type.typing_type
+    except dg.DagsterInvariantViolationError:  # a context built without a type (tests, benches)
+        return False
+    return getattr(annotation, "__name__", "") == "DataFrame" and str(
+        getattr(annotation, "__module__", "")
+    ).startswith("pandas")

@@ -72,6 +72,7 @@ from flowstone_dagster.io_managers.formats import (
     decode,
     encode,
     require_pandas,
+    wants_dataframe,
 )
 from flowstone_dagster.resilience import ResilienceResource, to_dagster_error
 
@@ -456,17 +457,6 @@ def _partition_fields(definition: dg.PartitionsDefinition | None, key: str) -> d
     return fields
 
 
-def _wants_dataframe(context: dg.InputContext) -> bool:
-    """Whether the input is annotated as a pandas DataFrame."""
-    try:
-        annotation = context.dagster_type.typing_type
-    except dg.DagsterInvariantViolationError:  # a context built without a type (tests, benches)
-        return False
-    return getattr(annotation, "__name__", "") == "DataFrame" and str(
-        getattr(annotation, "__module__", "")
-    ).startswith("pandas")
-
-
 class RestIOManager(dg.ConfigurableIOManager):
     """Stores each asset output with an HTTP request and loads inputs with ``GET``.
 
@@ -734,7 +724,7 @@ class RestIOManager(dg.ConfigurableIOManager):
         metadata = (upstream.definition_metadata if upstream is not None else None) or {}
         client = self._client(context, metadata)
         asset = context.asset_key.to_user_string()
-        as_dataframe = _wants_dataframe(context)
+        as_dataframe = wants_dataframe(context)
         keys: list[str | None] = (
             list(context.asset_partition_keys) if context.has_asset_partitions else [None]
         )

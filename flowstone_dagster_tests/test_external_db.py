@@ -1,0 +1,376 @@
+"""ExternalDB against a real PostgreSQL cluster and a real SQLite file: the brief's tests, types,
+injection, size, atomicity, idempotency, schema checks, timeouts and telemetry."""
+
+import datetime as dt
+import decimal
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psycopg2
+import pytest
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.errors import CallTimeout, is_retryable
+from flowstone_dagster.io_managers.external_db import ExternalDB
+from flowstone_dagster.io_managers.external_db_errors import (
+    ConstraintViolation,
+    DatabaseError,
+    SchemaMismatch,
+)
+from flowstone_dagster_tests.support.postgres import PostgresCluster
+
+DAY = dt.date(2025, 1, 15)
+
+
+class Target:
+    """One database under test, with a raw connection for checks behind ExternalDB's back."""
+
+    def __init__(self, name: str, db: ExternalDB, raw: Callable[[], Any]) -> None:
+        self.name = name
+        self.db = db
+        self.raw = raw
+        self.mark = "%s" if name == "postgres" else "?"
+
+    def sql(self, statement: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        connection = self.raw()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(statement.replace("?", self.mark), params)
+            rows = cursor.fetchall() if cursor.description else []
+            connection.commit()
+            return rows
+        finally:
+            connection.close()
+
+    def count(self, table: str) -> int:
+        return int(self.sql(f'SELECT count(*) FROM "{table}"')[0][0])
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    if request.param == "postgres":
+        pg: PostgresCluster = request.getfixturevalue("pg_database")
+        db = ExternalDB.postgres(
+            host=pg.host, port=pg.port, database=pg.database, user=pg.user, password=pg.password
+        )
+        raw: Callable[[], Any] = lambda: psycopg2.connect(pg.dsn)  # noqa: E731
+    else:
+        path = tmp_path / "external.sqlite3"
+        db = ExternalDB.sqlite(path)
+        raw = lambda: sqlite3.connect(path)  # noqa: E731
+    with db:
+        yield Target(request.param, db, raw)
+
+
+# -- the brief's two tests -----------------------------------------------------------------------
+
+
+def test_loads_data_from_external_database(target: Target) -> None:
+    target.sql("CREATE TABLE users (name text, date date)")
+    target.sql(
+        "INSERT INTO users VALUES (?, ?), (?, ?)", ("Ann", "2025-01-15", "Old", "2025-01-14")
+    )
+    mark = target.mark
+
+    result = target.db.load(
+        lambda partition: (f"SELECT * FROM users WHERE date = {mark}", [partition.isoformat()]),
+        partition=DAY,
+    )
+
+    assert isinstance(result, list)
+    assert [row["name"] for row in result] == ["Ann"]
+
+
+def test_stores_data_to_external_database(target: Target) -> None:
+    target.sql("CREATE TABLE users (name text, date text)")
+    data = [{"name": "Alice"}, {"name": "Bob"}]
+
+    stored = target.db.store(
+        data,
+        f"INSERT INTO users (name, date) VALUES ({target.mark}, {target.mark})",
+        lambda row, partition: [row["name"], partition.isoformat()],
+        partition=DAY,
+    )
+
+    assert stored == 2
+    assert sorted(target.sql("SELECT name, date FROM users")) == [
+        ("Alice", "2025-01-15"),
+        ("Bob", "2025-01-15"),
+    ]
+
+
+def test_custom_store_is_one_transaction_and_delete_query_makes_it_idempotent(
+    target: Target,
+) -> None:
+    target.sql("CREATE TABLE users (name text PRIMARY KEY, date text)")
+    mark = target.mark
+    insert = f"INSERT INTO users (name, date) VALUES ({mark}, {mark})"
+
+    def delete(day: dt.date) -> tuple[str, list[str]]:
+        return f"DELETE FROM users WHERE date = {mark}", [day.isoformat()]
+
+    def params(row: dict, day: dt.date) -> list[str]:
+        return [row["name"], day.isoformat()]
+
+    for _ in range(2):  # a re-run replaces, never duplicates
+        target.db.store(
+            [{"name": "a"}, {"name": "b"}], insert, params, partition=DAY, delete_query=delete
+        )
+    assert target.count("users") == 2
+    with pytest.raises(ConstraintViolation):  # "c" twice: the whole batch is rolled back
+        target.db.store(
+            [{"name": "c"}, {"name": "c"}], insert, params, partition=DAY, delete_query=delete
+        )
+    assert sorted(target.sql("SELECT name FROM users")) == [("a",), ("b",)]
+
+
+# -- types ---------------------------------------------------------------------------------------
+
+ROUND_TRIP: list[tuple[str, Any]] = [
+    ("small_int", -7),
+    ("big_int", 2**62 + 1),
+    ("float", 0.1),
+    ("huge_float", -1.5e300),
+    ("numeric", decimal.Decimal("12345678901234567890.123456789012")),
+    ("text", "tab\there\nnewline \\backslash 'quote' \"dq\" \u00e9\u4e2d\U0001f600"),
+    ("empty_text", ""),
+    ("bool", True),
+    ("date", dt.date(2025, 1, 15)),
+    ("timestamp", dt.datetime(2025, 1, 15, 13, 1, 2, 345678)),
+    ("timestamptz", dt.datetime(2025, 1, 15, 13, 0, tzinfo=dt.timezone(dt.timedelta(hours=5)))),
+    ("time", dt.time(23, 59, 58, 1)),
+    ("json", {"a": [1, 2.5, None, {"b": "c\td"}], "u": "\u00e9"}),
+    ("bytes", b"\x00\\\x01\xff\t\n"),
+    ("uuid", uuid.UUID("12345678-1234-5678-1234-567812345678")),
+]
+
+
+def test_round_trip_of_common_types_and_null(target: Target) -> None:
+    row = dict(ROUND_TRIP)
+    nulls = dict.fromkeys(row)
+    result = target.db.store_table("kinds", [row, nulls])
+    assert result.created
+    loaded = target.db.load_table("kinds")
+    assert loaded[1] == nulls
+    for name, value in ROUND_TRIP:
+        assert loaded[0][name] == value, name
+        assert type(loaded[0][name]) is type(value), name
+    # numeric stays exact, not a float
+    assert str(loaded[0]["numeric"]) == "12345678901234567890.123456789012"
+    # the same through a DataFrame
+    frame = target.db.load_table("kinds", as_dataframe=True)
+    assert list(frame.columns) == [name for name, _ in ROUND_TRIP]
+    assert frame["big_int"][0] == 2**62 + 1
+
+
+def test_dataframe_store_maps_dtypes_and_missing_values(target: Target) -> None:
+    frame = pd.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "score": [0.5, float("nan"), 2.0],
+            "when": pd.to_datetime(["2025-01-15 10:00", None, "2025-01-16 00:00"]),
+            "label": ["a", None, "c"],
+        }
+    )
+    target.db.store_table("frame", frame)
+    rows = target.db.load_table("frame")
+    assert rows[1] == {"id": 2, "score": None, "when": None, "label": None}
+    assert rows[0] == {"id": 1, "score": 0.5, "when": dt.datetime(2025, 1, 15, 10), "label": "a"}
+
+
+# -- injection -----------------------------------------------------------------------------------
+
+EVIL = "x'); DROP TABLE victims; --"
+
+
+def test_sql_injection_through_values_tables_columns_and_partition_keys(target: Target) -> None:
+    target.sql("CREATE TABLE victims (id integer)")
+    evil_table = 'users"; DROP TABLE victims; --'
+    evil_column = 'name" text); DROP TABLE victims; --'
+    rows = [{evil_column: EVIL, "region": EVIL}]
+
+    target.db.store_table(evil_table, rows, partition={"region": EVIL})
+    target.db.store_table(evil_table, [{evil_column: "ok"}], partition={"region": "eu"})
+
+    assert target.db.load_table(evil_table, partition={"region": EVIL}) == rows
+    assert len(target.db.load_table(evil_table)) == 2
+    assert target.sql("SELECT count(*) FROM victims") == [(0,)]  # still there
+    with pytest.raises(DatabaseError):  # a partition column that is SQL is just a bad name
+        target.db.load_table(evil_table, partition={"region = region OR 1=1 --": "eu"})
+    assert target.sql("SELECT count(*) FROM victims") == [(0,)]
+
+
+# -- size, atomicity, idempotency ----------------------------------------------------------------
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    start = dt.date(2024, 1, 1)
+    return [
+        {
+            "id": i,
+            "name": f"name-{i}\t{i % 7}",
+            "score": i / 3,
+            "day": start + dt.timedelta(i % 365),
+        }
+        for i in range(n)
+    ]
+
+
+def test_100_000_rows_round_trip(target: Target) -> None:
+    rows = _rows(100_000)
+    result = target.db.store_table("big", rows)
+    assert result.rows == 100_000
+    assert result.bytes > 100_000 * 8
+    assert target.db.load_table("big") == rows
+
+
+def test_a_constraint_violation_at_row_50001_leaves_the_table_unchanged(target: Target) -> None:
+    target.sql(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, name text, score double precision, day date)"
+    )
+    before = _rows(10)
+    target.db.store_table("accounts", before)
+    rows = _rows(100_000)
+    rows[50_000] = {**rows[50_000], "id": 3}  # duplicates row 4's key
+
+    with pytest.raises(ConstraintViolation) as raised:
+        target.db.store_table("accounts", rows)
+
+    assert not is_retryable(raised.value)
+    if target.name == "postgres":
+        assert raised.value.row == 50_001
+        assert raised.value.constraint == "accounts_pkey"
+        assert "name-" not in str(raised.value)  # the row's data is not echoed
+    assert target.db.load_table("accounts") == before
+
+
+def test_rerunning_a_partition_leaves_one_copy(target: Target) -> None:
+    for day in (DAY, DAY + dt.timedelta(1), DAY):
+        target.db.store_table("daily", [{"v": 1}, {"v": 2}], partition={"day": day})
+    assert target.count("daily") == 4
+    assert target.db.load_table("daily", partition={"day": DAY}) == [
+        {"v": 1, "day": DAY},
+        {"v": 2, "day": DAY},
+    ]
+
+
+def test_unpartitioned_replace_and_append(target: Target) -> None:
+    target.db.store_table("log", [{"n": 1}])
+    target.db.store_table("log", [{"n": 2}])
+    assert target.db.load_table("log") == [{"n": 2}]
+    target.db.store_table("log", [{"n": 3}], mode="append")
+    assert target.db.load_table("log") == [{"n": 2}, {"n": 3}]
+
+
+# -- bad input loses nothing ---------------------------------------------------------------------
+
+
+def test_schema_mismatch_is_clear_and_writes_nothing(target: Target) -> None:
+    target.db.store_table("typed", [{"id": 1, "name": "a"}])
+    with pytest.raises(SchemaMismatch) as raised:
+        target.db.store_table("typed", [{"id": "one", "name": "b"}])
+    assert raised.value.column == "id"
+    assert "holds text values" in str(raised.value)
+    with pytest.raises(SchemaMismatch, match="has no column 'extra'"):
+        target.db.store_table("typed", [{"id": 2, "name": "b", "extra": 1}])
+    assert target.db.load_table("typed") == [{"id": 1, "name": "a"}]
+
+
+@pytest.mark.parametrize(
+    ("rows", "error", "message"),
+    [
+        ([{"a": 1}, {"a": "x"}], TypeError, "column 'a' mixes integer values (row 1) and text"),
+        ([{"a": object()}], TypeError, "column 'a', row 1: object values cannot be stored"),
+        ([{"a": 1}, ["not", "a", "dict"]], TypeError, "row 2 is a list"),
+        ({"a": 1}, TypeError, "not dict"),
+        ([{"a": 1, "day": DAY + dt.timedelta(1)}], ValueError, "row 1 (day=2025-01-16) is outside"),
+    ],
+)
+def test_bad_rows_are_refused_before_anything_is_written(
+    target: Target, rows: Any, error: type[Exception], message: str
+) -> None:
+    target.db.store_table("kept", [{"a": 7}], partition={"day": DAY})
+    with pytest.raises(error) as raised:
+        target.db.store_table("kept", rows, partition={"day": DAY})
+    assert message in str(raised.value)
+    assert target.db.load_table("kept") == [{"a": 7, "day": DAY}]
+
+
+def test_missing_table_names_the_sqlstate(target: Target) -> None:
+    with pytest.raises(DatabaseError) as raised:
+        target.db.load_table("never_written")
+    assert raised.value.sqlstate == "42P01"
+    assert not is_retryable(raised.value)
+
+
+# -- timeouts ------------------------------------------------------------------------------------
+
+
+def test_statement_timeout_becomes_call_timeout(target: Target, tmp_path: Path) -> None:
+    slow = (
+        "SELECT pg_sleep(30)"
+        if target.name == "postgres"
+        else "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+        "SELECT count(*) FROM n"
+    )
+    target.db.statement_timeout = 0.3
+    with pytest.raises(CallTimeout) as raised:
+        target.db.load(slow)
+    assert raised.value.timeout == pytest.approx(0.3)
+    assert is_retryable(raised.value)
+    target.db.statement_timeout = 30
+    assert target.db.load("SELECT 1 AS one") == [{"one": 1}]  # the connection still works
+
+
+@pytest.mark.postgres
+def test_a_store_blocked_past_its_timeout_leaves_the_table_unchanged(
+    pg_database: PostgresCluster,
+) -> None:
+    db = ExternalDB.postgres(
+        host=pg_database.host,
+        port=pg_database.port,
+        database=pg_database.database,
+        user=pg_database.user,
+        password=pg_database.password,
+        statement_timeout=0.5,
+    )
+    db.store_table("locked", [{"n": 1}])
+    blocker = psycopg2.connect(pg_database.dsn)
+    try:
+        blocker.cursor().execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(CallTimeout):
+            db.store_table("locked", [{"n": 2}])
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert db.load_table("locked") == [{"n": 1}]
+    db.close()
+
+
+# -- telemetry -----------------------------------------------------------------------------------
+
+
+def test_load_and_store_emit_one_event_each_with_measures(target: Target) -> None:
+    events: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(events.append)
+    try:
+        target.db.store_table("measured", [{"name": "abc"}, {"name": "de"}])
+        target.db.load_table("measured")
+    finally:
+        remove()
+    store, load = (e for e in events if e.name.startswith("flowstone.db."))
+    table = "public.measured" if target.name == "postgres" else "measured"
+    assert store.name == "flowstone.db.store"
+    assert load.name == "flowstone.db.load"
+    for event in (store, load):
+        assert event.ok
+        assert event.attempts == 1
+        assert event.measures["adapter"] == target.name
+        assert event.measures["table"] == table
+        assert event.measures["rows"] == 2
+    assert load.measures["bytes"] == 5  # "abc" + "de"
+    assert store.measures["bytes"] >= 5
