@@ -2,6 +2,7 @@
 loopback, the partial-failure idiom, telemetry, and the resource inside Dagster."""
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -540,3 +541,33 @@ def test_server_sees_valid_json_even_for_unicode(httpserver: HTTPServer) -> None
         "materialization_failed", {"asset": "données_été", "error": "échec 💥"}
     )
     assert "données_été" in posted(httpserver)["text"]
+
+
+def test_the_log_channel_writes_to_the_step_log(dagster_instance: dg.DagsterInstance) -> None:
+    notifications = NotificationsResource(log=True)
+    assert notifications.configured_channels() == ["log"]
+
+    @dg.asset
+    def approved(notifications: NotificationsResource) -> int:
+        result = notifications.notify(
+            "materialization_failed",
+            {"asset": "orders", "partition": "2025-01-15", "error": "disk full"},
+        )
+        assert result.delivered == ("log",)
+        return 1
+
+    result = dg.materialize(
+        [approved], resources={"notifications": notifications}, instance=dagster_instance
+    )
+    assert result.success
+    logged = [
+        (entry.level, entry.user_message)
+        for entry in dagster_instance.all_logs(result.run_id)
+        if "Materialization Failed" in entry.user_message
+    ]
+    assert len(logged) == 1
+    level, message = logged[0]
+    assert level == logging.WARNING
+    assert "orders" in message
+    assert "2025-01-15" in message
+    assert "disk full" in message

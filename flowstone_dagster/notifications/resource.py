@@ -40,6 +40,7 @@ from dagster_slack import SlackResource
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.notifications.log import LogChannel
 from flowstone_dagster.notifications.notifier import Channel, Notifier, NotifyResult
 from flowstone_dagster.notifications.slack import (
     DEFAULT_SLACK_TIMEOUT,
@@ -113,8 +114,8 @@ class NotificationsResource(dg.ConfigurableResource):
     """Sends notifications to Slack and email; see :meth:`notify` for the failure idiom.
 
     Channels: ``slack`` (an incoming webhook *or* the Web API through dagster-slack's
-    ``SlackResource``) and ``email`` (SMTP). ``notify(..., channels=None)`` uses
-    ``default_channels``, or every configured channel.
+    ``SlackResource``), ``email`` (SMTP) and ``log`` (the step's log).
+    ``notify(..., channels=None)`` uses ``default_channels``, or every configured channel.
     """
 
     slack_webhook: SlackWebhookConfig | None = Field(
@@ -138,6 +139,11 @@ class NotificationsResource(dg.ConfigurableResource):
         default=DEFAULT_SLACK_TIMEOUT, description="Seconds per Web API request."
     )
     email: EmailConfig | None = Field(default=None, description="Email over SMTP.")
+    log: bool = Field(
+        default=False,
+        description="Channel 'log': write each notification to the step's log (Python logging "
+        "outside a run). The console channel when Slack and email are not configured.",
+    )
     default_channels: list[str] | None = Field(
         default=None,
         description="Channels notify() uses when none are given; null: every configured one.",
@@ -214,6 +220,8 @@ class NotificationsResource(dg.ConfigurableResource):
                     service=self.email_service,
                 )
             )
+        if self.log:
+            channels.append(LogChannel())
         return channels
 
     def build_notifier(self) -> Notifier:
