@@ -47,6 +47,7 @@ from flowstone_dagster.resilience import (
     with_retry,
     with_timeout,
 )
+from flowstone_dagster.resources import PythonWorkerResource, WorkerDataError, WorkerPoolBusy
 from flowstone_dagster.sensors import make_notification_sensor
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "NotificationsResource",
     "PartialFailure",
     "PythonWorkerError",
+    "PythonWorkerResource",
     "RECOMMENDED_RETRY_POLICY",
     "RateLimited",
     "RateLimiter",
@@ -81,6 +83,8 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "WorkerCrashed",
+    "WorkerDataError",
+    "WorkerPoolBusy",
     "__version__",
     "create_session",
     "format_email_body",
