@@ -47,7 +47,15 @@ from flowstone_dagster.resilience import (
     with_retry,
     with_timeout,
 )
-from flowstone_dagster.resources import PythonWorkerResource, WorkerDataError, WorkerPoolBusy
+from flowstone_dagster.resources import (
+    DbtResource,
+    DbtResult,
+    PythonWorkerResource,
+    WorkerDataError,
+    WorkerPoolBusy,
+    parse_dbt_output,
+    stream_dbt,
+)
 from flowstone_dagster.sensors import make_notification_sensor
 
 __all__ = [
@@ -57,6 +65,8 @@ __all__ = [
     "CircuitOpen",
     "ConfigurationError",
     "DbtFailed",
+    "DbtResource",
+    "DbtResult",
     "DecodeError",
     "EmailConfig",
     "ExternalDB",
@@ -91,6 +101,8 @@ __all__ = [
     "format_slack_message",
     "is_retryable",
     "make_notification_sensor",
+    "parse_dbt_output",
+    "stream_dbt",
     "telemetry",
     "with_circuit_breaker",
     "with_retry",

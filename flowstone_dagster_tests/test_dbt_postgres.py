@@ -1,0 +1,231 @@
+"""``DbtResource`` with dbt-postgres against the tests' throwaway PostgreSQL cluster.
+
+A warehouse that refuses connections is real here: dbt connects to a loopback port where
+nothing listens until the retry starts a TCP forwarder to PostgreSQL there.
+"""
+
+import contextlib
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg2
+import pytest
+from dagster_dbt import dbt_assets
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.errors import MaxAttemptsExceeded, is_retryable
+from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
+from flowstone_dagster.resources.dbt import DbtResource
+from flowstone_dagster.resources.dbt_errors import DbtWarehouseUnreachable
+from flowstone_dagster_tests.support.net import free_port
+from flowstone_dagster_tests.support.postgres import PostgresCluster
+
+pytestmark = [pytest.mark.dbt, pytest.mark.postgres]
+
+FIXTURE_PROJECT = Path(__file__).parent / "dbt_project"
+
+
+class Forwarder:
+    """A TCP forwarder from a loopback port to PostgreSQL, started on demand."""
+
+    def __init__(self, port: int, upstream: tuple[str, int]) -> None:
+        self.port = port
+        self.upstream = upstream
+        self.listener: socket.socket | None = None
+        self.connections = 0
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        listener.settimeout(0.2)
+        self.listener = listener
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            server = socket.create_connection(self.upstream)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.listener is not None:
+            self.listener.close()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    destination = tmp_path / "project"
+    shutil.copytree(FIXTURE_PROJECT, destination, ignore=shutil.ignore_patterns("target", "logs"))
+    return destination
+
+
+@pytest.fixture
+def warehouse_port(
+    pg_database: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Forwarder]:
+    """The profile's `postgres` target pointed at a port where nothing listens yet."""
+    forwarder = Forwarder(free_port(), (pg_database.host, pg_database.port))
+    for name, value in {
+        "FLOWSTONE_DBT_PG_HOST": "127.0.0.1",
+        "FLOWSTONE_DBT_PG_PORT": str(forwarder.port),
+        "FLOWSTONE_DBT_PG_USER": pg_database.user,
+        "FLOWSTONE_DBT_PG_PASSWORD": pg_database.password,
+        "FLOWSTONE_DBT_PG_DATABASE": pg_database.database,
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield forwarder
+    forwarder.stop()
+
+
+def test_refused_connection_is_retried_through_resilience(
+    project: Path, warehouse_port: Forwarder, pg_database: PostgresCluster
+) -> None:
+    events: list[telemetry.TelemetryEvent] = []
+
+    def on_event(event: telemetry.TelemetryEvent) -> None:
+        events.append(event)
+        # The warehouse comes back while the retry waits.
+        if event.name == "flowstone.retry" and warehouse_port.listener is None:
+            warehouse_port.start()
+
+    dbt = DbtResource(
+        project_dir=str(project),
+        target="postgres",
+        resilience=ResilienceResource(
+            store_url="memory://dbt-postgres",
+            policies={"dbt": ServicePolicy(retry=RetryConfig(max_attempts=3, base_delay=0.1))},
+        ),
+    )
+    remove = telemetry.add_listener(on_event)
+    try:
+        result = dbt.build()
+    finally:
+        remove()
+
+    assert result.success
+    assert result.attempts == 2
+    assert warehouse_port.connections > 0
+    by_name = {node.name: node for node in result.nodes}
+    assert by_name["raw_orders"].rows_affected == 5
+    assert by_name["customer_revenue"].rows_affected == 3  # PostgreSQL reports SELECT 3
+    [retry] = [e for e in events if e.name == "flowstone.retry"]
+    assert retry.error_type == "DbtWarehouseUnreachable"
+    [command] = [e for e in events if e.name == "flowstone.dbt.command"]
+    assert (command.outcome, command.attempts) == ("ok", 2)
+    assert pg_database.password not in result.output
+
+    with psycopg2.connect(pg_database.dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("select name, revenue from flowstone.customer_revenue order by name")
+        assert [(name, float(revenue)) for name, revenue in cursor.fetchall()] == [
+            ("Ada", 24.75),
+            ("Grace", 55.1),
+            ("Linus", 0.0),
+        ]
+
+
+def test_refused_connection_without_resilience_is_one_retryable_error(
+    project: Path, warehouse_port: Forwarder, pg_database: PostgresCluster
+) -> None:
+    dbt = DbtResource(project_dir=str(project), target="postgres")
+    with pytest.raises(DbtWarehouseUnreachable) as raised:
+        dbt.run()
+
+    error = raised.value
+    assert is_retryable(error)
+    assert error.exit_code == 2
+    assert "could not reach the warehouse" in str(error)
+    assert "Connection refused" in str(error)
+    assert pg_database.password not in str(error)
+    assert pg_database.password not in error.output
+    assert warehouse_port.connections == 0
+
+
+def test_warehouse_that_stays_down_exhausts_the_attempts(
+    project: Path, warehouse_port: Forwarder
+) -> None:
+    dbt = DbtResource(
+        project_dir=str(project),
+        target="postgres",
+        resilience=ResilienceResource(
+            store_url="memory://dbt-postgres-down",
+            policies={"dbt": ServicePolicy(retry=RetryConfig(max_attempts=2, base_delay=0.05))},
+        ),
+    )
+    with pytest.raises(MaxAttemptsExceeded) as raised:
+        dbt.run_model("stg_orders")
+    assert raised.value.attempts == 2
+    assert isinstance(raised.value.last_error, DbtWarehouseUnreachable)
+
+
+@pytest.mark.dagster
+def test_dbt_assets_retry_a_refused_connection_before_any_node(
+    project: Path, warehouse_port: Forwarder, dagster_instance: dg.DagsterInstance
+) -> None:
+    # `dbt parse` does not connect: the manifest comes while the warehouse is still down.
+    manifest = DbtResource(project_dir=str(project), target="postgres").invoke("parse")
+
+    @dbt_assets(manifest=manifest.target_path / "manifest.json", select="raw_orders stg_orders")
+    def orders(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["build"], context=context)
+
+    def on_event(event: telemetry.TelemetryEvent) -> None:
+        if event.name == "flowstone.retry" and warehouse_port.listener is None:
+            warehouse_port.start()
+
+    remove = telemetry.add_listener(on_event)
+    try:
+        result = dg.materialize(
+            [orders],
+            resources={
+                "dbt": DbtResource(
+                    project_dir=str(project),
+                    target="postgres",
+                    resilience=ResilienceResource(
+                        store_url="memory://dbt-postgres-assets",
+                        policies={
+                            "dbt": ServicePolicy(retry=RetryConfig(max_attempts=3, base_delay=0.1))
+                        },
+                    ),
+                )
+            },
+            instance=dagster_instance,
+        )
+    finally:
+        remove()
+
+    assert result.success
+    materialized = {
+        event.asset_key.path[-1]: event.materialization.metadata
+        for event in result.get_asset_materialization_events()
+        if event.asset_key is not None
+    }
+    assert set(materialized) == {"raw_orders", "stg_orders"}
+    assert materialized["stg_orders"]["flowstone/dbt.command/attempts"].value == 2
+    assert materialized["raw_orders"]["flowstone/dbt.node/message"].value == "INSERT 5"
+    assert warehouse_port.connections > 0
