@@ -16,6 +16,15 @@ from flowstone_dagster.resources.dbt_errors import (
     DbtWarehouseUnreachable,
 )
 from flowstone_dagster.resources.dbt_output import DbtOutputSummary, parse_dbt_output
+from flowstone_dagster.resources.llm import (
+    InvalidJSON,
+    LLMClient,
+    LLMResource,
+    LLMResponse,
+    LLMStream,
+    StreamInterrupted,
+    Usage,
+)
 from flowstone_dagster.resources.notifications import NotificationsResource
 from flowstone_dagster.resources.python_worker import PythonWorkerResource
 from flowstone_dagster.resources.python_worker_errors import WorkerDataError, WorkerPoolBusy
@@ -34,8 +43,15 @@ __all__ = [
     "DbtResult",
     "DbtSettings",
     "DbtWarehouseUnreachable",
+    "InvalidJSON",
+    "LLMClient",
+    "LLMResource",
+    "LLMResponse",
+    "LLMStream",
     "NotificationsResource",
     "PythonWorkerResource",
+    "StreamInterrupted",
+    "Usage",
     "WorkerDataError",
     "WorkerPool",
     "WorkerPoolBusy",

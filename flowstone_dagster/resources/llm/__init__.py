@@ -1,0 +1,36 @@
+"""Language models for Dagster assets: Anthropic, OpenAI and local OpenAI-compatible servers.
+
+::
+
+    from flowstone_dagster.resources.llm import LLMResource
+
+    llm = LLMResource(provider="anthropic", model="claude-sonnet-5-5",
+                      api_key=dg.EnvVar("ANTHROPIC_API_KEY"), rpm_limit=50)
+
+- :mod:`.resource`: :class:`LLMResource`, the Dagster resource;
+- :mod:`.client`: :class:`LLMClient` (retries, limits, breaker, telemetry) and
+  :class:`LLMStream`;
+- :mod:`.providers`: one adapter per provider over the official SDKs;
+- :mod:`.messages`: prompts, :class:`LLMResponse`, :class:`Usage`, token estimates,
+  :class:`InvalidJSON`;
+- :mod:`.failures`: SDK errors to the error taxonomy, rate-limit headers,
+  :class:`StreamInterrupted`.
+
+The guide is ``docs/llm.md``.
+"""
+
+from flowstone_dagster.resources.llm.client import LLMClient, LLMStream
+from flowstone_dagster.resources.llm.failures import StreamInterrupted, rate_limit_wait
+from flowstone_dagster.resources.llm.messages import InvalidJSON, LLMResponse, Usage
+from flowstone_dagster.resources.llm.resource import LLMResource
+
+__all__ = [
+    "InvalidJSON",
+    "LLMClient",
+    "LLMResource",
+    "LLMResponse",
+    "LLMStream",
+    "StreamInterrupted",
+    "Usage",
+    "rate_limit_wait",
+]

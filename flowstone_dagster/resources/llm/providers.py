@@ -1,0 +1,290 @@
+"""One adapter per provider: a provider-neutral :class:`LLMRequest` in, SDK call, reply out.
+
+The adapters make exactly one HTTP request per call, through the official SDK with its own
+retries off (``max_retries=0``); retrying, rate limiting and circuit breaking are the job of
+:class:`~flowstone_dagster.resources.llm.client.LLMClient`. SDK exceptions leave the adapters
+unchanged (the client maps them with :func:`~.failures.to_taxonomy`).
+
+=====================  ============================  =========================================
+provider               endpoint                      request
+=====================  ============================  =========================================
+``anthropic``          ``POST {base}/v1/messages``   ``system`` as the top-level field,
+                                                     ``max_tokens``, ``stop_sequences``
+``openai``             ``POST {base}/chat/           ``system`` as the first message,
+                       completions``                 ``max_completion_tokens``, ``stop``,
+                                                     ``response_format`` for JSON
+``openai_compatible``  the same, at ``base_url``     ``max_tokens`` (what Ollama, vLLM and
+                       (Ollama, vLLM, llama.cpp)     llama.cpp's server read)
+=====================  ============================  =========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import anthropic
+import httpx2
+import openai
+
+from flowstone_dagster.resources.llm.messages import LLMResponse, Message, Usage
+
+__all__ = [
+    "DEFAULT_BASE_URLS",
+    "JSON_INSTRUCTION",
+    "AnthropicAdapter",
+    "LLMRequest",
+    "OpenAIAdapter",
+    "ProviderAdapter",
+    "ProviderName",
+    "RequestHook",
+    "StreamState",
+    "make_adapter",
+]
+
+ProviderName = Literal["anthropic", "openai", "openai_compatible"]
+
+#: Called in the calling thread just before each request goes on the wire (after the SDK has
+#: built it): where the client takes its rate-limit admission, so that what the provider
+#: counts is as close as possible to what the limiter admitted.
+RequestHook = Callable[[httpx2.Request], None]
+
+DEFAULT_BASE_URLS: dict[str, str] = {
+    "anthropic": "https://api.anthropic.com",
+    "openai": "https://api.openai.com/v1",
+}
+
+#: Added to the system prompt when ``json=True`` (OpenAI's JSON mode also requires the word
+#: "JSON" to appear in the messages).
+JSON_INSTRUCTION = (
+    "Reply with one valid JSON value and nothing else: no prose, no Markdown code fences."
+)
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """Everything one call sends, already validated."""
+
+    model: str
+    messages: list[Message]
+    system: str | None
+    max_tokens: int
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    json: bool = False
+    timeout: float = 120.0
+
+    def system_prompt(self) -> str | None:
+        if not self.json:
+            return self.system
+        return f"{self.system}\n\n{JSON_INSTRUCTION}" if self.system else JSON_INSTRUCTION
+
+
+@dataclass
+class StreamState:
+    """What a stream has said so far besides its text; ``complete`` once its final event came."""
+
+    model: str = ""
+    stop_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    complete: bool = False
+    events: list[Any] = field(default_factory=list)
+    close: Callable[[], None] = lambda: None
+
+
+class ProviderAdapter(Protocol):
+    """What :class:`~.client.LLMClient` needs from a provider."""
+
+    name: str
+
+    def create(self, request: LLMRequest) -> LLMResponse:
+        """Send one request and return the reply."""
+        ...
+
+    def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
+        """Send one streaming request; yield text deltas, recording the rest in ``state``."""
+        ...
+
+    def close(self) -> None:
+        """Close the SDK client's connections."""
+        ...
+
+
+class AnthropicAdapter:
+    """The Messages API through the ``anthropic`` SDK."""
+
+    name = "anthropic"
+
+    def __init__(
+        self, *, api_key: str, base_url: str, timeout: float, on_request: RequestHook
+    ) -> None:
+        self.client = anthropic.Anthropic(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,
+            http_client=anthropic.DefaultHttpxClient(event_hooks={"request": [on_request]}),
+        )
+
+    def _params(self, request: LLMRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": request.messages,
+        }
+        system = request.system_prompt()
+        if system:
+            params["system"] = system
+        if request.stop:
+            params["stop_sequences"] = list(request.stop)
+        return params
+
+    def create(self, request: LLMRequest) -> LLMResponse:
+        message = self.client.messages.create(**self._params(request), timeout=request.timeout)
+        text = "".join(block.text for block in message.content if block.type == "text")
+        return LLMResponse(
+            text=text,
+            model=message.model,
+            stop_reason=message.stop_reason,
+            usage=Usage(message.usage.input_tokens, message.usage.output_tokens),
+            raw=message,
+            provider=self.name,
+        )
+
+    def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
+        events = self.client.messages.create(
+            **self._params(request), stream=True, timeout=request.timeout
+        )
+        state.close = events.close
+        with events:
+            for event in events:
+                state.events.append(event)
+                if event.type == "message_start":
+                    state.model = event.message.model
+                    state.input_tokens = event.message.usage.input_tokens
+                    state.output_tokens = event.message.usage.output_tokens
+                elif event.type == "content_block_delta":
+                    if event.delta.type == "text_delta":
+                        yield event.delta.text
+                elif event.type == "message_delta":
+                    state.stop_reason = event.delta.stop_reason
+                    state.output_tokens = event.usage.output_tokens  # cumulative
+                    if event.usage.input_tokens is not None:
+                        state.input_tokens = event.usage.input_tokens
+                elif event.type == "message_stop":
+                    state.complete = True
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class OpenAIAdapter:
+    """Chat Completions through the ``openai`` SDK (OpenAI, or a compatible local server)."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str,
+        timeout: float,
+        compatible: bool,
+        on_request: RequestHook,
+    ) -> None:
+        self.name = "openai_compatible" if compatible else "openai"
+        self.compatible = compatible
+        # Never let the SDK fall back to $OPENAI_API_KEY: a local server must not receive a
+        # real OpenAI key. Without a key, no Authorization header is sent at all.
+        # (The SDK insists on a key: a placeholder stands in, and each request omits its header.)
+        self.headers: dict[str, Any] = {} if api_key else {"Authorization": openai.Omit()}
+        self.client = openai.OpenAI(
+            api_key=api_key or "no-key-configured",
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(event_hooks={"request": [on_request]}),
+        )
+
+    def _params(self, request: LLMRequest) -> dict[str, Any]:
+        messages: list[Message] = []
+        system = request.system_prompt()
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.extend(request.messages)
+        params: dict[str, Any] = {"model": request.model, "messages": messages}
+        if self.headers:
+            params["extra_headers"] = self.headers
+        # OpenAI deprecated max_tokens (its reasoning models reject it); local servers read it.
+        params["max_tokens" if self.compatible else "max_completion_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.stop:
+            params["stop"] = list(request.stop)
+        if request.json:
+            params["response_format"] = {"type": "json_object"}
+        return params
+
+    def create(self, request: LLMRequest) -> LLMResponse:
+        completion = self.client.chat.completions.create(
+            **self._params(request), timeout=request.timeout
+        )
+        choice = completion.choices[0] if completion.choices else None
+        usage = completion.usage
+        return LLMResponse(
+            text=(choice.message.content or "") if choice is not None else "",
+            model=completion.model,
+            stop_reason=choice.finish_reason if choice is not None else None,
+            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else Usage(),
+            raw=completion,
+            provider=self.name,
+        )
+
+    def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
+        chunks = self.client.chat.completions.create(
+            **self._params(request),
+            stream=True,
+            stream_options={"include_usage": True},
+            timeout=request.timeout,
+        )
+        state.close = chunks.close
+        with chunks:
+            for chunk in chunks:
+                state.events.append(chunk)
+                if chunk.model:
+                    state.model = chunk.model
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        yield choice.delta.content
+                    if choice.finish_reason is not None:
+                        state.stop_reason = choice.finish_reason
+                        state.complete = True
+                if chunk.usage is not None:
+                    state.input_tokens = chunk.usage.prompt_tokens
+                    state.output_tokens = chunk.usage.completion_tokens
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_adapter(
+    provider: str,
+    *,
+    api_key: str | None,
+    base_url: str,
+    timeout: float,
+    on_request: RequestHook = lambda request: None,
+) -> ProviderAdapter:
+    """The adapter for ``provider`` (``anthropic``, ``openai`` or ``openai_compatible``)."""
+    if provider == "anthropic":
+        assert api_key, "checked by the caller"
+        return AnthropicAdapter(
+            api_key=api_key, base_url=base_url, timeout=timeout, on_request=on_request
+        )
+    return OpenAIAdapter(
+        api_key=api_key,
+        base_url=base_url,
+        timeout=timeout,
+        compatible=provider == "openai_compatible",
+        on_request=on_request,
+    )

@@ -1,0 +1,324 @@
+"""``LLMResource``: a language model for Dagster assets, reliable under rate limits.
+
+::
+
+    import dagster as dg
+    from flowstone_dagster import telemetry
+    from flowstone_dagster.resources.llm import LLMResource
+
+    @dg.asset(retry_policy=RECOMMENDED_RETRY_POLICY)
+    def ticket_labels(context: dg.AssetExecutionContext, llm: LLMResource) -> list[str]:
+        with telemetry.observe(context):  # flowstone/llm.call/input_tokens, ... on the output
+            return [llm.call(f"Label this ticket: {t}", max_tokens=5) for t in TICKETS]
+
+    defs = dg.Definitions(
+        assets=[ticket_labels],
+        resources={
+            "llm": LLMResource(
+                provider="anthropic",
+                model="claude-sonnet-5-5",
+                api_key=dg.EnvVar("ANTHROPIC_API_KEY"),
+                rpm_limit=50,
+                tpm_limit=40_000,
+            ),
+            "local_llm": LLMResource(
+                provider="openai_compatible",
+                model="llama3.2",
+                base_url="http://localhost:11434/v1",
+            ),
+        },
+    )
+
+The resource is a thin, configurable front of :class:`~.client.LLMClient` (which does the
+work and documents it). Configuration errors (no key, no ``base_url`` for a local server, a
+negative limit) fail at resource set-up, before any request, naming the field.
+
+Inside a run (``dagster_errors``, the default), what escapes a call becomes Dagster control
+flow (:func:`~flowstone_dagster.resilience.to_dagster_error`): an open circuit or a long
+rate-limit wait becomes ``RetryRequested``, a failure that retrying cannot fix
+``Failure(allow_retries=False)``. Called outside a run, the resource raises the taxonomy's
+errors unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.resilience import CircuitBreakerConfig, default_store_url, to_dagster_error
+from flowstone_dagster.resources.llm.client import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_RATE_LIMIT_MARGIN,
+    DEFAULT_RPM_WINDOW,
+    DEFAULT_TIMEOUT,
+    LLMClient,
+    LLMStream,
+)
+from flowstone_dagster.resources.llm.messages import LLMResponse, Prompt
+
+__all__ = ["API_KEY_ENV", "LLMResource"]
+
+T = TypeVar("T")
+
+#: The environment variable read when ``api_key`` is not set.
+API_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+
+
+class LLMResource(dg.ConfigurableResource):
+    """Calls an Anthropic, OpenAI or OpenAI-compatible (Ollama, vLLM, llama.cpp) model.
+
+    ``call(prompt)`` returns the text (with ``json=True`` the parsed JSON), ``chat(messages)``
+    an :class:`~.messages.LLMResponse`, ``stream(prompt)`` an :class:`~.client.LLMStream` of
+    text deltas. See ``docs/llm.md``.
+    """
+
+    provider: Literal["anthropic", "openai", "openai_compatible"] = Field(
+        description="anthropic (Messages API), openai (Chat Completions) or openai_compatible "
+        "(a local server speaking the Chat Completions API: Ollama, vLLM, llama.cpp)."
+    )
+    model: str = Field(description="Default model of every call, e.g. claude-sonnet-5-5.")
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="API key; pass dg.EnvVar('...'). Null: $ANTHROPIC_API_KEY or "
+        "$OPENAI_API_KEY for those providers (a missing key fails at set-up); "
+        "openai_compatible sends no key unless one is given.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="Endpoint. Default https://api.anthropic.com or https://api.openai.com/v1; "
+        "required for openai_compatible (e.g. http://localhost:11434/v1).",
+    )
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, description="Default cap on a reply's tokens."
+    )
+    temperature: float | None = Field(
+        default=None, description="Default sampling temperature; null: the provider's."
+    )
+    timeout: float = Field(
+        default=DEFAULT_TIMEOUT,
+        description="Seconds one request may take (a stream: the longest silence between "
+        "chunks). A call's `timeout=` overrides it.",
+    )
+    max_retries: int = Field(
+        default=3,
+        description="Retries after the first request, for 429, 5xx, 529, timeouts and "
+        "connection errors (the SDKs' own retries are off).",
+    )
+    retry_base_delay: float = Field(
+        default=1.0, description="Wait before the first retry in seconds; doubles each time."
+    )
+    retry_max_delay: float = Field(
+        default=60.0,
+        description="Longest wait between attempts. A provider asking (retry-after, reset "
+        "headers) to wait longer ends the retries: a step retry in Dagster.",
+    )
+    retry_deadline: float | None = Field(
+        default=600.0, description="Total seconds a call may spend on attempts and waits."
+    )
+    rpm_limit: float | None = Field(
+        default=None,
+        description="Requests per minute for every process sharing the store; callers wait "
+        "for their turn instead of earning 429s. Null: no limit.",
+    )
+    rpm_window: float = Field(
+        default=DEFAULT_RPM_WINDOW,
+        description="Seconds over which rpm_limit is enforced: rpm_limit * rpm_window / 60 "
+        "requests per window (at least one), so that requests go out evenly spread; providers "
+        "enforce per-minute limits over short windows too.",
+    )
+    tpm_limit: float | None = Field(
+        default=None,
+        description="Tokens (input + output) per minute for every process sharing the store; "
+        "estimated from the prompt before sending, corrected from usage after. Null: no limit.",
+    )
+    rate_limit_max_wait: float = Field(
+        default=60.0,
+        description="Longest wait for rpm/tpm capacity in seconds, then RateLimited.",
+    )
+    rate_limit_margin: float = Field(
+        default=DEFAULT_RATE_LIMIT_MARGIN,
+        description="How much longer our rate windows are than the provider's, as a fraction "
+        "(0.03 = 3 %): absorbs the varying delay between our admission and the provider's "
+        "count, at the price of running that much below the limit.",
+    )
+    circuit_breaker: CircuitBreakerConfig | None = Field(
+        default_factory=CircuitBreakerConfig,
+        description="The provider's circuit breaker (consecutive failures, open seconds); "
+        "null disables it.",
+    )
+    store_url: str | None = Field(
+        default=None,
+        description="Where the limits and the breaker are shared: sqlite:///<path>, "
+        "postgresql://..., memory://<name>. Null: $FLOWSTONE_RESILIENCE_STORE, else SQLite in "
+        "$DAGSTER_HOME/flowstone/ (as ResilienceResource).",
+    )
+    service: str | None = Field(
+        default=None,
+        description="Name of the breaker, the limits, errors and telemetry. Resources with the "
+        "same service share limits. Null: llm:<provider> (llm:openai_compatible@<host>).",
+    )
+    dagster_errors: bool = Field(
+        default=True,
+        description="Inside a run, turn failures into RetryRequested (open circuit, long rate "
+        "limit) or Failure(allow_retries=False) (errors retrying cannot fix).",
+    )
+
+    _client: LLMClient | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _in_run: bool = PrivateAttr(default=False)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Build the client now, so that a missing key or bad field fails before any request."""
+        self._in_run = True
+        self.client()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def resolved_api_key(self) -> str | None:
+        """``api_key``, else the provider's environment variable (none for local servers)."""
+        if self.api_key:
+            return self.api_key
+        variable = API_KEY_ENV.get(self.provider)
+        key = os.environ.get(variable) if variable else None
+        if variable and not key:
+            raise ConfigurationError(
+                f"no API key: set api_key=dg.EnvVar('{variable}') or export {variable}",
+                field="api_key",
+            )
+        return key
+
+    def client(self) -> LLMClient:
+        """The :class:`~.client.LLMClient` this resource configures (built once)."""
+        with self._lock:
+            if self._client is None:
+                breaker = self.circuit_breaker
+                self._client = LLMClient(
+                    self.provider,
+                    model=self.model,
+                    api_key=self.resolved_api_key(),
+                    base_url=self.base_url,
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                    timeout=self.timeout,
+                    max_retries=self.max_retries,
+                    retry_base_delay=self.retry_base_delay,
+                    retry_max_delay=self.retry_max_delay,
+                    retry_deadline=self.retry_deadline,
+                    rpm_limit=self.rpm_limit,
+                    rpm_window=self.rpm_window,
+                    tpm_limit=self.tpm_limit,
+                    rate_limit_max_wait=self.rate_limit_max_wait,
+                    rate_limit_margin=self.rate_limit_margin,
+                    breaker_threshold=breaker.threshold if breaker is not None else None,
+                    breaker_timeout=breaker.timeout if breaker is not None else 30.0,
+                    store=self.store_url or default_store_url(),
+                    service=self.service,
+                )
+            return self._client
+
+    def _dagster(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except Exception as exc:
+            if not (self._in_run and self.dagster_errors):
+                raise
+            mapped = to_dagster_error(exc, service=self.client().service)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def call(
+        self,
+        prompt: Prompt,
+        *,
+        system: str | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | list[str] | None = None,
+        json: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """The reply's text (``json=True``: the parsed JSON); see :meth:`LLMClient.call`."""
+        response = self.chat(
+            prompt,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            json=json,
+            timeout=timeout,
+        )
+        return response.json() if json else response.text
+
+    def chat(
+        self,
+        messages: Prompt,
+        *,
+        system: str | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | list[str] | None = None,
+        json: bool = False,
+        timeout: float | None = None,
+    ) -> LLMResponse:
+        """The whole reply as an :class:`LLMResponse`; see :meth:`LLMClient.chat`."""
+        client = self.client()
+        return self._dagster(
+            lambda: client.chat(
+                messages,
+                system=system,
+                model=model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stop=stop,
+                json=json,
+                timeout=timeout,
+            )
+        )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        system: str | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+    ) -> LLMStream:
+        """Text deltas as they arrive; usage at the end. See :meth:`LLMClient.stream`."""
+        return self.client().stream(
+            prompt,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            timeout=timeout,
+        )
+
+    def stream_text(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+        """Like :meth:`stream`, with failures mapped to Dagster control flow inside a run."""
+        stream = self.stream(prompt, **kwargs)
+        iterator = iter(stream)
+        while True:
+            try:
+                delta = self._dagster(lambda: next(iterator))
+            except StopIteration:
+                return
+            yield delta

@@ -1,0 +1,764 @@
+"""Anthropic- and OpenAI-shaped API servers on loopback, for tests and benches.
+
+Each server is a real HTTP server (pytest-httpserver, threaded, HTTP/1.1) that speaks the
+provider's documented wire format and checks every request field by field, the way the real
+API does, answering a bad request with the provider's own error body and status:
+
+- ``AnthropicServer``: ``POST /v1/messages`` (Messages API): ``anthropic-version``, the key as
+  ``x-api-key`` or ``Authorization: Bearer`` (what the ``anthropic`` 2.x SDK sends),
+  ``model``, required ``max_tokens``, ``messages`` with ``user``/``assistant`` roles only,
+  ``system`` as the top-level field, ``stop_sequences``, ``stream``, and no unknown field (the
+  API of anthropic 2.14 has no ``temperature``). Replies: a ``message`` object, or the SSE
+  events ``message_start``, ``content_block_start``, ``ping``, ``content_block_delta``,
+  ``content_block_stop``, ``message_delta``, ``message_stop`` (and ``error``).
+- ``OpenAIServer``: ``POST /v1/chat/completions``: ``Authorization: Bearer``, ``model``,
+  ``messages`` (``system``/``developer``/``user``/``assistant``/``tool``), ``max_tokens`` or
+  ``max_completion_tokens``, ``temperature`` in [0, 2], ``stop`` (at most 4),
+  ``stream_options`` only with ``stream``, ``response_format`` (``json_object`` needs the word
+  "json" in the messages), no unknown field. Replies: a ``chat.completion``, or
+  ``chat.completion.chunk`` events ending with a usage chunk and ``data: [DONE]``.
+
+Replies are scripted in order (:meth:`LLMServer.reply`, :meth:`~LLMServer.fail`,
+:meth:`~LLMServer.stall`); once the script is used up the server answers ``default_text``.
+A scripted reply is served as JSON or as a stream, as the request asks, optionally a few bytes
+at a time (``chunk_size``), cut off (``drop_after``: the connection closes mid-stream), ending
+without its final event (``end_early``) or with an in-stream ``error`` event.
+``rpm_limit`` makes the server enforce a requests-per-minute limit over ``rpm_window``-second
+windows, as providers do, answering 429 with ``retry-after`` and rate-limit headers.
+
+::
+
+    with llm_server("anthropic", api_key="sk-test") as server:
+        server.reply("Test response")
+        ...  # point a client at server.base_url
+        assert server.requests[0].body["messages"] == [{"role": "user", "content": "Hi"}]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+#: anthropic-version values the Messages API accepts here: the documented one, and the one
+#: the installed anthropic 2.14 SDK sends (measured).
+ANTHROPIC_VERSIONS = frozenset({"2023-06-01", "2026-10-21"})
+
+
+class DropConnection(Exception):
+    """Raised inside a streamed body to close the connection mid-response."""
+
+
+@dataclass
+class Scripted:
+    """One scripted answer."""
+
+    status: int = 200
+    text: str = ""
+    stop_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    model: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    deltas: list[str] | None = None
+    chunk_size: int | None = None
+    drop_after: int | None = None
+    end_early: bool = False
+    stream_error: tuple[int, str, str] | None = None  # after N deltas: (N, type, message)
+    stall: threading.Event | None = None
+    raw_body: str | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    at: float
+
+
+def _token_count(text: str) -> int:
+    return max(len(text) // 4, 1)
+
+
+class LLMServer:
+    """The common machinery; see :class:`AnthropicServer` and :class:`OpenAIServer`."""
+
+    path = ""
+    default_model = "model"
+
+    def __init__(
+        self,
+        server: HTTPServer,
+        *,
+        api_key: str | None = "sk-test-key",
+        default_text: str = "ok",
+        rpm_limit: float | None = None,
+        rpm_window: float = 1.0,
+    ) -> None:
+        self.server = server
+        self.api_key = api_key
+        self.default_text = default_text
+        self.requests: list[Recorded] = []
+        self.rejected: list[Recorded] = []  # answered 429 by the server's own rate limit
+        self.script: deque[Scripted] = deque()
+        self.lock = threading.Lock()
+        self.rpm_limit = rpm_limit
+        self.rpm_window = rpm_window
+        self._admitted: deque[float] = deque()
+        self._ids = itertools.count(1)
+        server.expect_request(self.path, method="POST").respond_with_handler(self.handle)
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    # -- scripting ----------------------------------------------------------------------------
+
+    def reply(self, text: str, **options: Any) -> None:
+        """Answer the next request with ``text`` (JSON or a stream, as it asks)."""
+        self.script.append(Scripted(text=text, **options))
+
+    def fail(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        raw_body: str | None = None,
+    ) -> None:
+        """Answer the next request with the provider's error body."""
+        self.script.append(
+            Scripted(
+                status=status,
+                error_type=error_type,
+                error_message=message,
+                headers=dict(headers or {}),
+                raw_body=raw_body,
+            )
+        )
+
+    def stall(self, until: threading.Event, text: str = "too late") -> None:
+        """Hold the next request until ``until`` is set (or 30 s pass), then answer ``text``."""
+        self.script.append(Scripted(text=text, stall=until))
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def handle(self, request: Request) -> Response:
+        raw = request.get_data(as_text=True)
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        recorded = Recorded(
+            request.method, request.path, dict(request.headers.items()), body, time.time()
+        )
+        limited = self._over_limit(recorded)
+        if limited is not None:
+            return limited
+        with self.lock:
+            self.requests.append(recorded)
+        problem = self.validate(request, body)
+        if problem is not None:
+            return problem
+        with self.lock:
+            scripted = self.script.popleft() if self.script else Scripted(text=self.default_text)
+        if scripted.stall is not None:
+            scripted.stall.wait(30)
+        if scripted.status >= 400:
+            return self.error(
+                scripted.status,
+                scripted.error_type or "api_error",
+                scripted.error_message or "error",
+                headers=scripted.headers,
+                raw_body=scripted.raw_body,
+            )
+        if isinstance(body, dict) and body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream_response(scripted, body, include_usage)
+        return self.success(scripted, body)
+
+    def _over_limit(self, recorded: Recorded) -> Response | None:
+        if self.rpm_limit is None:
+            return None
+        budget = self.rpm_limit * self.rpm_window / 60.0
+        with self.lock:
+            now = time.monotonic()
+            while self._admitted and self._admitted[0] <= now - self.rpm_window:
+                self._admitted.popleft()
+            if len(self._admitted) + 1 <= budget:
+                self._admitted.append(now)
+                return None
+            self.rejected.append(recorded)
+            wait = self._admitted[0] + self.rpm_window - now
+        return self.error(
+            429,
+            "rate_limit_error",
+            f"Number of requests has exceeded your per-minute rate limit ({self.rpm_limit:g})",
+            headers={"retry-after": str(max(int(wait + 0.999), 1))},
+        )
+
+    def _stream_response(
+        self, scripted: Scripted, body: dict[str, Any], include_usage: bool
+    ) -> Response:
+        events = list(self.stream_events(scripted, body, include_usage))
+
+        def generate() -> Iterator[bytes]:
+            sent_deltas = 0
+            for event in events:
+                is_delta = isinstance(event, TextDelta)
+                if (
+                    is_delta
+                    and scripted.drop_after is not None
+                    and sent_deltas >= scripted.drop_after
+                ):
+                    raise DropConnection("connection dropped by the test server")
+                data = event.encode()
+                step = scripted.chunk_size or len(data)
+                for start in range(0, len(data), step):
+                    yield data[start : start + step]
+                sent_deltas += is_delta
+
+        return Response(
+            generate(),
+            status=200,
+            headers={"cache-control": "no-cache", **self.limit_headers()},
+            mimetype="text/event-stream",
+            direct_passthrough=True,
+        )
+
+    def deltas_of(self, scripted: Scripted) -> list[str]:
+        if scripted.deltas is not None:
+            return scripted.deltas
+        words = scripted.text.split(" ")
+        return [word + (" " if i < len(words) - 1 else "") for i, word in enumerate(words)]
+
+    def usage_of(self, scripted: Scripted, body: Any) -> tuple[int, int]:
+        prompt = json.dumps(body.get("messages", "")) if isinstance(body, dict) else ""
+        return (
+            scripted.input_tokens if scripted.input_tokens is not None else _token_count(prompt),
+            scripted.output_tokens
+            if scripted.output_tokens is not None
+            else _token_count(scripted.text),
+        )
+
+    # -- provider specifics ------------------------------------------------------------------
+
+    def validate(self, request: Request, body: Any) -> Response | None:
+        raise NotImplementedError
+
+    def error(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        raw_body: str | None = None,
+    ) -> Response:
+        raise NotImplementedError
+
+    def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
+        raise NotImplementedError
+
+    def stream_events(
+        self, scripted: Scripted, body: dict[str, Any], include_usage: bool
+    ) -> Iterable[str]:
+        raise NotImplementedError
+
+    def limit_headers(self) -> dict[str, str]:
+        return {}
+
+
+class TextDelta(str):
+    """An SSE event that carries text (what ``drop_after`` counts)."""
+
+
+def _sse(event: str | None, data: Any) -> str:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
+class AnthropicServer(LLMServer):
+    """The Anthropic Messages API (``POST /v1/messages``)."""
+
+    path = "/v1/messages"
+    default_model = "claude-sonnet-5-5"
+    #: The Messages API's fields, as the installed SDK (anthropic 2.14) documents them: it has
+    #: no temperature, top_p or top_k any more.
+    FIELDS = frozenset(
+        {
+            "model",
+            "max_tokens",
+            "messages",
+            "system",
+            "stop_sequences",
+            "stream",
+            "metadata",
+            "tools",
+            "tool_choice",
+            "thinking",
+            "service_tier",
+            "output_config",
+            "cache_control",
+            "container",
+            "inference_geo",
+            "speed",
+            "diagnostics",
+            "user_profile_id",
+            "workspace_id",
+        }
+    )
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url_for("/").rstrip("/")
+
+    def error(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        raw_body: str | None = None,
+    ) -> Response:
+        body = raw_body or json.dumps(
+            {
+                "type": "error",
+                "error": {"type": error_type, "message": message},
+                "request_id": f"req_{next(self._ids):08d}",
+            }
+        )
+        return Response(
+            body,
+            status=status,
+            headers={"request-id": f"req_{next(self._ids):08d}", **(headers or {})},
+            content_type="application/json",
+        )
+
+    def _invalid(self, message: str) -> Response:
+        return self.error(400, "invalid_request_error", message)
+
+    def validate(self, request: Request, body: Any) -> Response | None:
+        if self.api_key is not None:
+            given = request.headers.get("x-api-key")
+            bearer = request.headers.get("authorization", "")
+            if given != self.api_key and bearer != f"Bearer {self.api_key}":
+                return self.error(401, "authentication_error", "invalid x-api-key")
+        version = request.headers.get("anthropic-version")
+        if version is None:
+            return self._invalid("anthropic-version: header is required")
+        if version not in ANTHROPIC_VERSIONS:
+            return self._invalid(f"anthropic-version: invalid version {version!r}")
+        if request.mimetype != "application/json":
+            return self._invalid("Content-Type must be application/json")
+        if not isinstance(body, dict):
+            return self._invalid("request body must be a JSON object")
+        for name in sorted(set(body) - self.FIELDS):
+            return self._invalid(f"{name}: Extra inputs are not permitted")
+        for name in ("model", "max_tokens", "messages"):
+            if name not in body:
+                return self._invalid(f"{name}: Field required")
+        if not isinstance(body["model"], str) or not body["model"]:
+            return self._invalid("model: Input should be a valid string")
+        max_tokens = body["max_tokens"]
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            return self._invalid("max_tokens: Input should be greater than or equal to 1")
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            return self._invalid("messages: at least one message is required")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or set(message) - {"role", "content"}:
+                return self._invalid(f"messages.{index}: Extra inputs are not permitted")
+            if message.get("role") not in ("user", "assistant"):
+                return self._invalid(
+                    f"messages.{index}.role: Input should be 'user' or 'assistant'"
+                )
+            if not isinstance(message.get("content"), (str, list)):
+                return self._invalid(f"messages.{index}.content: Field required")
+        if "system" in body:
+            system = body["system"]
+            blocks_ok = isinstance(system, list) and all(
+                isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+                for b in system
+            )
+            if not isinstance(system, str) and not blocks_ok:
+                return self._invalid("system: Input should be a valid string or text blocks")
+        if "stop_sequences" in body:
+            stops = body["stop_sequences"]
+            if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+                return self._invalid("stop_sequences: Input should be a valid list of strings")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            return self._invalid("stream: Input should be a valid boolean")
+        return None
+
+    def limit_headers(self) -> dict[str, str]:
+        if self.rpm_limit is None:
+            return {}
+        reset = datetime.fromtimestamp(time.time() + self.rpm_window, UTC)
+        return {
+            "anthropic-ratelimit-requests-limit": f"{self.rpm_limit:g}",
+            "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+        }
+
+    def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
+        input_tokens, output_tokens = self.usage_of(scripted, body)
+        message = {
+            "id": f"msg_{next(self._ids):08d}",
+            "type": "message",
+            "role": "assistant",
+            "model": scripted.model or body["model"],
+            "content": [{"type": "text", "text": scripted.text}],
+            "stop_reason": scripted.stop_reason or "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }
+        return Response(
+            json.dumps(message),
+            status=200,
+            headers={"request-id": f"req_{next(self._ids):08d}", **self.limit_headers()},
+            content_type="application/json",
+        )
+
+    def stream_events(
+        self, scripted: Scripted, body: dict[str, Any], include_usage: bool
+    ) -> Iterable[str]:
+        input_tokens, output_tokens = self.usage_of(scripted, body)
+        yield _sse(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": f"msg_{next(self._ids):08d}",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": scripted.model or body["model"],
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                },
+            },
+        )
+        yield _sse(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        )
+        yield _sse("ping", {"type": "ping"})
+        for number, delta in enumerate(self.deltas_of(scripted)):
+            if scripted.stream_error is not None and number == scripted.stream_error[0]:
+                _, kind, message = scripted.stream_error
+                yield _sse("error", {"type": "error", "error": {"type": kind, "message": message}})
+                return
+            yield TextDelta(
+                _sse(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": delta},
+                    },
+                )
+            )
+        if scripted.end_early:
+            return
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": scripted.stop_reason or "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            },
+        )
+        yield _sse("message_stop", {"type": "message_stop"})
+
+
+class OpenAIServer(LLMServer):
+    """The OpenAI Chat Completions API (``POST /v1/chat/completions``)."""
+
+    path = "/v1/chat/completions"
+    default_model = "gpt-4o-mini"
+    FIELDS = frozenset(
+        {
+            "model",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "stream",
+            "stream_options",
+            "response_format",
+            "seed",
+            "tools",
+            "tool_choice",
+            "user",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+        }
+    )
+    ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url_for("/v1")
+
+    def error(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        raw_body: str | None = None,
+    ) -> Response:
+        code = {429: "rate_limit_exceeded", 401: "invalid_api_key"}.get(status)
+        body = raw_body or json.dumps(
+            {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+        )
+        return Response(
+            body,
+            status=status,
+            headers={"x-request-id": f"req_{next(self._ids):08d}", **(headers or {})},
+            content_type="application/json",
+        )
+
+    def _invalid(self, message: str, param: str | None = None) -> Response:
+        return Response(
+            json.dumps(
+                {
+                    "error": {
+                        "message": message,
+                        "type": "invalid_request_error",
+                        "param": param,
+                        "code": None,
+                    }
+                }
+            ),
+            status=400,
+            content_type="application/json",
+        )
+
+    def validate(self, request: Request, body: Any) -> Response | None:
+        bearer = request.headers.get("authorization")
+        if self.api_key is not None and bearer != f"Bearer {self.api_key}":
+            return self.error(
+                401,
+                "invalid_request_error",
+                "Incorrect API key provided. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+            )
+        if request.mimetype != "application/json":
+            return self._invalid("Content-Type must be application/json")
+        if not isinstance(body, dict):
+            return self._invalid("We could not parse the JSON body of your request.")
+        for name in sorted(set(body) - self.FIELDS):
+            return self._invalid(f"Unrecognized request argument supplied: {name}")
+        for name in ("model", "messages"):
+            if name not in body:
+                return self._invalid(f"Missing required parameter: '{name}'.", name)
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            return self._invalid("'messages' must be a non-empty array.", "messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in self.ROLES:
+                return self._invalid(
+                    f"Invalid value for 'messages[{index}].role'.", f"messages[{index}].role"
+                )
+            if not isinstance(message.get("content"), (str, list)):
+                return self._invalid(
+                    f"Missing required parameter: 'messages[{index}].content'.",
+                    f"messages[{index}].content",
+                )
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in body:
+                value = body[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    return self._invalid(f"Invalid '{name}': integer below minimum value.", name)
+        if "temperature" in body:
+            temperature = body["temperature"]
+            if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+                return self._invalid(
+                    "Invalid 'temperature': must be between 0 and 2.", "temperature"
+                )
+        if "stop" in body:
+            stop = body["stop"]
+            stops = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stops, list) or len(stops) > 4:
+                return self._invalid("Invalid 'stop': at most 4 sequences.", "stop")
+        if "stream_options" in body and not body.get("stream"):
+            return self._invalid(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options",
+            )
+        if "response_format" in body:
+            kind = (body["response_format"] or {}).get("type")
+            if kind not in ("text", "json_object", "json_schema"):
+                return self._invalid("Invalid 'response_format.type'.", "response_format.type")
+            if kind == "json_object" and "json" not in json.dumps(messages).lower():
+                return self._invalid(
+                    "'messages' must contain the word 'json' in some form, to use "
+                    "'response_format' of type 'json_object'.",
+                    "messages",
+                )
+        return None
+
+    def limit_headers(self) -> dict[str, str]:
+        if self.rpm_limit is None:
+            return {}
+        return {
+            "x-ratelimit-limit-requests": f"{self.rpm_limit:g}",
+            "x-ratelimit-reset-requests": f"{self.rpm_window:g}s",
+        }
+
+    def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
+        input_tokens, output_tokens = self.usage_of(scripted, body)
+        completion = {
+            "id": f"chatcmpl-{next(self._ids):08d}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": scripted.model or body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": scripted.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": scripted.stop_reason or "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": input_tokens,
+                "completion_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            },
+        }
+        return Response(
+            json.dumps(completion),
+            status=200,
+            headers={"x-request-id": f"req_{next(self._ids):08d}", **self.limit_headers()},
+            content_type="application/json",
+        )
+
+    def stream_events(
+        self, scripted: Scripted, body: dict[str, Any], include_usage: bool
+    ) -> Iterable[str]:
+        input_tokens, output_tokens = self.usage_of(scripted, body)
+        base = {
+            "id": f"chatcmpl-{next(self._ids):08d}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": scripted.model or body["model"],
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            extra = {"usage": None} if include_usage else {}
+            return _sse(None, {**base, "choices": [choice], **extra})
+
+        yield chunk({"role": "assistant", "content": ""})
+        for number, delta in enumerate(self.deltas_of(scripted)):
+            if scripted.stream_error is not None and number == scripted.stream_error[0]:
+                _, kind, message = scripted.stream_error
+                yield _sse(None, {"error": {"message": message, "type": kind, "code": None}})
+                return
+            yield TextDelta(chunk({"content": delta}))
+        if scripted.end_early:
+            return
+        yield chunk({}, scripted.stop_reason or "stop")
+        if include_usage:
+            usage = {
+                "prompt_tokens": input_tokens,
+                "completion_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            }
+            yield _sse(None, {**base, "choices": [], "usage": usage})
+        yield _sse(None, "[DONE]")
+
+
+SERVERS: dict[str, type[LLMServer]] = {"anthropic": AnthropicServer, "openai": OpenAIServer}
+
+
+@contextmanager
+def llm_server(kind: str, **options: Any) -> Iterator[Any]:
+    """A threaded HTTP/1.1 server speaking ``kind``'s API (``anthropic`` or ``openai``)."""
+    server = HTTPServer(host="127.0.0.1", threaded=True)
+    server.no_handler_status_code = 404
+    server.start()
+    try:
+        yield SERVERS[kind](server, **options)
+    finally:
+        server.clear()
+        if server.is_running():
+            server.stop()
+
+
+# -- a server in its own process (benches, and tests with several client processes) ----------
+
+
+def _serve(kind: str, options: dict[str, Any], conn: Any) -> None:
+    with llm_server(kind, **options) as server:
+        conn.send(server.base_url)
+        conn.recv()  # any message: report and stop
+        conn.send(
+            {
+                "requests": len(server.requests),
+                "rejected": len(server.rejected),
+                "times": [r.at for r in server.requests],
+                "rejected_times": [r.at for r in server.rejected],
+            }
+        )
+
+
+@contextmanager
+def llm_server_process(kind: str, **options: Any) -> Iterator[tuple[str, Any]]:
+    """``kind``'s server in a separate process (no shared GIL with the measured client).
+
+    Yields ``(base_url, report)``; ``report()`` stops the server and returns
+    ``{"requests", "rejected", "times"}`` (arrival times of the served requests).
+    """
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_serve, args=(kind, options, child), daemon=True)
+    process.start()
+    base_url = parent.recv()
+    result: dict[str, Any] = {}
+
+    def report() -> dict[str, Any]:
+        if not result:
+            parent.send("stop")
+            result.update(parent.recv())
+        return result
+
+    try:
+        yield base_url, report
+    finally:
+        report()
+        process.join(10)

@@ -1,0 +1,160 @@
+"""LLMResource inside Dagster: token metadata, set-up failures and step retries."""
+
+import uuid
+from collections.abc import Iterator
+
+import dagster as dg
+import pytest
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.resources.llm import LLMResource
+from flowstone_dagster_tests.support.llm_servers import AnthropicServer, llm_server
+
+pytestmark = pytest.mark.dagster
+
+KEY = "sk-ant-dagster-5ecr3t-000111"
+
+
+@pytest.fixture
+def anthropic_api() -> Iterator[AnthropicServer]:
+    with llm_server("anthropic", api_key=KEY) as server:
+        yield server
+
+
+def claude(server: AnthropicServer, **options: object) -> LLMResource:
+    return LLMResource(
+        provider="anthropic",
+        model="claude-sonnet-5-5",
+        api_key=KEY,
+        base_url=server.base_url,
+        store_url=f"memory://llm-{uuid.uuid4().hex[:8]}",
+        retry_base_delay=0.05,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+@dg.asset
+def summaries(context: dg.AssetExecutionContext, llm: LLMResource) -> list[str]:
+    with telemetry.observe(context):
+        return [llm.call(f"Summarise ticket {n}", max_tokens=20) for n in (1, 2)]
+
+
+def test_an_asset_gets_token_metadata_on_its_materialization(
+    anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    anthropic_api.fail(529, "overloaded_error", "Overloaded")
+    anthropic_api.reply("First summary", input_tokens=40, output_tokens=6)
+    anthropic_api.reply("Second summary", input_tokens=42, output_tokens=7)
+    result = dg.materialize(
+        [summaries], resources={"llm": claude(anthropic_api)}, instance=dagster_instance
+    )
+    assert result.success
+    assert result.output_for_node("summaries") == ["First summary", "Second summary"]
+    [materialization] = result.asset_materializations_for_node("summaries")
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    assert metadata["flowstone/llm.call/calls"] == 2
+    assert metadata["flowstone/llm.call/attempts"] == 3  # the 529 was retried
+    assert metadata["flowstone/llm.call/input_tokens"] == 82
+    assert metadata["flowstone/llm.call/output_tokens"] == 13
+    assert metadata["flowstone/llm.call/errors"] == 0
+    assert len(anthropic_api.requests) == 3
+
+
+def test_a_missing_key_fails_the_run_at_setup_before_any_request(
+    anthropic_api: AnthropicServer,
+    dagster_instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    resource = LLMResource(
+        provider="anthropic", model="claude-sonnet-5-5", base_url=anthropic_api.base_url
+    )
+    result = dg.materialize(
+        [summaries],
+        resources={"llm": resource},
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_failure]
+    assert "api_key: no API key" in str(failure.event_specific_data)
+    assert anthropic_api.requests == []
+
+
+@dg.asset(retry_policy=dg.RetryPolicy(max_retries=2))
+def labelled(llm: LLMResource) -> str:
+    return llm.call("Label this")
+
+
+def test_an_error_retrying_cannot_fix_fails_the_step_without_step_retries(
+    anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    anthropic_api.fail(400, "invalid_request_error", "messages: content is too long")
+    result = dg.materialize(
+        [labelled],
+        resources={"llm": claude(anthropic_api)},
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert len(anthropic_api.requests) == 1  # neither the call nor the step was retried
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert "content is too long" in str(failure.event_specific_data)
+
+
+def test_an_open_circuit_asks_dagster_to_retry_the_step_later(
+    anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    from flowstone_dagster.resilience import CircuitBreakerConfig
+
+    llm = claude(
+        anthropic_api, max_retries=0, circuit_breaker=CircuitBreakerConfig(threshold=2, timeout=1)
+    )
+    breaker = llm.client().breaker
+    assert breaker is not None
+    for _ in range(breaker.threshold):  # open it as earlier failing steps would have
+        anthropic_api.fail(503, "api_error", "down")
+        with pytest.raises(Exception, match="503"):
+            llm.call("x")
+
+    @dg.asset
+    def guarded(llm: LLMResource) -> str:
+        return llm.call("Label this")
+
+    anthropic_api.reply("after the pause")
+    result = dg.materialize([guarded], resources={"llm": llm}, instance=dagster_instance)
+    # The first step attempt met the open circuit (no request) and asked for a retry in 1 s;
+    # the retry's call was the probe that closed it.
+    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == 1
+    assert result.output_for_node("guarded") == "after the pause"
+    assert len(anthropic_api.requests) == breaker.threshold + 1
+
+
+def test_several_providers_in_one_definitions(
+    anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    with llm_server("openai", api_key=None) as local:
+        anthropic_api.reply("from claude")
+        local.reply("from llama")
+
+        @dg.asset
+        def both(claude: LLMResource, local_llm: LLMResource) -> list[str]:
+            return [claude.call("a"), local_llm.call("b")]
+
+        defs = dg.Definitions(
+            assets=[both],
+            resources={
+                "claude": claude(anthropic_api),
+                "local_llm": LLMResource(
+                    provider="openai_compatible",
+                    model="llama3.2",
+                    base_url=local.base_url,
+                    store_url="memory://llm-local",
+                ),
+            },
+        )
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=dagster_instance
+        )
+    assert result.output_for_node("both") == ["from claude", "from llama"]
