@@ -155,6 +155,7 @@ class LLMResource(dg.ConfigurableResource):
     )
     store_url: str | None = Field(
         default=None,
+        repr=False,  # a postgresql:// URL carries its password
         description="Where the limits and the breaker are shared: sqlite:///<path>, "
         "postgresql://..., memory://<name>. Null: $FLOWSTONE_RESILIENCE_STORE, else SQLite in "
         "$DAGSTER_HOME/flowstone/ (as ResilienceResource).",
