@@ -60,6 +60,10 @@ SECRET_MEASURES = frozenset(
 )
 
 
+#: Numeric measures that are labels, not quantities: never summed into metadata.
+NON_ADDITIVE_MEASURES = frozenset({"pid", "status", "exit_code", "signal", "port"})
+
+
 @dataclass(frozen=True)
 class TelemetryEvent:
     """One external call, as listeners see it."""
@@ -215,7 +219,8 @@ class StepTelemetry:
 
     :meth:`metadata` returns, per event name (without the ``flowstone.`` prefix),
     ``flowstone/<name>/calls``, ``/errors``, ``/attempts``, ``/duration_ms`` and the sum of each
-    numeric measure (``flowstone/llm.call/input_tokens``, ``flowstone/db.store/rows``, ...).
+    numeric measure (``flowstone/llm.call/input_tokens``, ``flowstone/db.store/rows``, ...),
+    except labels such as ``pid`` and ``status`` (:data:`NON_ADDITIVE_MEASURES`).
     """
 
     def __init__(self, context: Any | None = None, *, log_all: bool = False) -> None:
@@ -234,6 +239,8 @@ class StepTelemetry:
             totals.attempts += event.attempts
             totals.duration_s += event.duration_s
             for key, value in event.measures.items():
+                if key in NON_ADDITIVE_MEASURES:
+                    continue
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals.sums[key] = totals.sums.get(key, 0) + value
         log = getattr(self.context, "log", None)

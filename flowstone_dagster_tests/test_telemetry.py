@@ -91,7 +91,7 @@ def test_step_telemetry_sums_events_per_name() -> None:
     with telemetry.observe() as step:
         telemetry.emit("flowstone.llm.call", duration_s=0.5, input_tokens=10, model="m")
         telemetry.emit("flowstone.llm.call", duration_s=0.25, attempts=2, input_tokens=5)
-        telemetry.emit("flowstone.db.store", error=OSError("disk"), rows=3)
+        telemetry.emit("flowstone.db.store", error=OSError("disk"), rows=3, pid=4242, status=500)
         worker = threading.Thread(target=telemetry.emit, args=("flowstone.db.store",))
         worker.start()
         worker.join()
