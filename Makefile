@@ -4,7 +4,6 @@
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_HOME := $(CURDIR)/.dagster_home
-DEMO_JOB := demo_job
 
 setup:
 	@bin/setup
@@ -19,11 +18,11 @@ check: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## make demo: the example project's main job, with a project-local DAGSTER_HOME.
+## make demo: the example project's main job for two days (dagster job execute), then a report.
 demo: setup
 	@mkdir -p $(DEMO_HOME)
 	@cp -n example_project/dagster.yaml $(DEMO_HOME)/dagster.yaml 2>/dev/null || true
-	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/dagster job execute -m example_project -j $(DEMO_JOB)
+	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/python -m example_project.demo 2025-01-14 2025-01-15
 
 ## make ui: the Dagster UI on http://127.0.0.1:3000 with the example project loaded.
 ui: setup

@@ -1,57 +1,248 @@
-"""The example code location: what `make demo` runs and `make ui` shows.
+"""The example code location: a daily pipeline that touches the outside world through every
+flowstone-dagster integration, and survives it.
 
-It grows with each integration; for now it shows the shared core: readings fetched through
-flowstone-dagster's HTTP session (timeouts, taxonomy errors, no hidden retries) with every call
-recorded as telemetry and attached to the materialization as ``flowstone/...`` metadata.
+For each day (a daily partition):
+
+1. **dbt** builds a small DuckDB warehouse from seeds (``dim_customers``, ``dim_products``),
+   through ``DbtResource`` inside ``@dbt_assets``;
+2. **REST**: ``raw_orders`` is read from a source API through ``RestIOManager``, with retries
+   through ``ResilienceResource`` (the demo's own API fails the first request of each day
+   once, so the run's log shows a retried call);
+3. ``order_features`` joins the orders with the warehouse dimensions, ``order_audit`` checks
+   them, both stored in **SQLite** through ``ExternalDBIOManager`` (PostgreSQL when
+   ``FLOWSTONE_DEMO_PG_URL`` is set); re-running a day replaces its rows;
+4. **Python workers**: ``scored_orders`` fits and applies a scikit-learn model in an isolated
+   worker process (``PythonWorkerResource``);
+5. **LLM**: ``daily_summary`` asks the configured model for a one-paragraph summary, or records
+   that it skipped and which variable to set;
+6. **Notifications**: the summary goes to Slack / email when configured, else to the step's
+   log; the notification sensor reports failed runs the same way.
+
+No network and no accounts are needed: see :mod:`example_project.settings` for the variables
+that point the demo at real systems.
 """
 
-import os
-from statistics import mean
+import statistics
+from typing import Any
 
 import dagster as dg
+import duckdb
+from dagster_dbt import DbtProject, dbt_assets
 
-from example_project.source_api import start_source_api
-from flowstone_dagster import create_session, telemetry
+from example_project import settings
+from flowstone_dagster import (
+    DbtResource,
+    ExternalDBIOManager,
+    LLMResource,
+    NotificationsResource,
+    PythonWorkerResource,
+    RestIOManager,
+    make_notification_sensor,
+    telemetry,
+)
 
-DAYS = ["2025-01-14", "2025-01-15"]
+daily = dg.DailyPartitionsDefinition(start_date="2025-01-13", end_date="2025-01-17")
+
+# -- dbt: the warehouse ---------------------------------------------------------------------
+
+dbt_project = DbtProject(project_dir=settings.DBT_DIR, profiles_dir=settings.DBT_DIR)
+settings.prepare_dbt_manifest(dbt_project)
 
 
-def _source_url(context: dg.AssetExecutionContext) -> str:
-    url = os.environ.get("FLOWSTONE_DEMO_API_URL")
-    if url:
-        return url.rstrip("/")
-    url = start_source_api()
-    context.log.info(f"FLOWSTONE_DEMO_API_URL is not set: serving the bundled sample data at {url}")
-    return url
+@dbt_assets(manifest=dbt_project.manifest_path, partitions_def=daily)
+def warehouse(context: dg.AssetExecutionContext, dbt: DbtResource) -> Any:
+    """Seeds and dimension models, rebuilt (idempotently) with each day's run."""
+    yield from dbt.stream(["build"], context=context)
+
+
+# -- REST: the source system ----------------------------------------------------------------
+
+raw_orders = dg.AssetSpec(
+    "raw_orders",
+    partitions_def=daily,
+    description="Each day's orders in the source API: GET {source}/raw_orders/<day>.",
+    group_name="source",
+).with_io_manager_key("source_api")
+
+
+# -- features, audit, scores: stored in the external database -------------------------------
+
+
+def _dimensions() -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    with duckdb.connect(str(settings.warehouse_path()), read_only=True) as warehouse_db:
+        customers = warehouse_db.execute(
+            "select customer_id, tenure_days, country from dim_customers"
+        ).fetchall()
+        products = warehouse_db.execute(
+            "select product_id, category, unit_price from dim_products"
+        ).fetchall()
+    return (
+        {row[0]: {"tenure_days": row[1], "country": row[2]} for row in customers},
+        {row[0]: {"category": row[1], "unit_price": float(row[2])} for row in products},
+    )
 
 
 @dg.asset(
-    description="Each day's sensor readings, fetched from the source API.",
-    metadata={"source": "GET /readings/<day>"},
+    partitions_def=daily,
+    io_manager_key="warehouse_db",
+    deps=[dg.AssetKey("dim_customers"), dg.AssetKey("dim_products")],
+    metadata={"partition_expr": "order_date"},
+    description="Orders joined with customer tenure and product category.",
 )
-def sensor_readings(context: dg.AssetExecutionContext) -> dict[str, list[dict]]:
-    base = _source_url(context)
-    session = create_session(timeout=(2.0, 10.0), service="source-api")
-    readings: dict[str, list[dict]] = {}
+def order_features(
+    context: dg.AssetExecutionContext, raw_orders: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    if settings.serving_bundled_data():
+        context.log.info(
+            "FLOWSTONE_DEMO_API_URL is not set: raw_orders came from the demo's own source API "
+            "on loopback, serving the bundled sample data"
+        )
+    customers, products = _dimensions()
+    rows = [
+        {
+            "order_date": context.partition_key,
+            "order_id": order["order_id"],
+            "customer_id": order["customer_id"],
+            "product_id": order["product_id"],
+            "quantity": order["quantity"],
+            "amount": order["amount"],
+            "tenure_days": customers[order["customer_id"]]["tenure_days"],
+            "is_hardware": products[order["product_id"]]["category"] == "hardware",
+            "returned": order["returned"],
+        }
+        for order in raw_orders
+    ]
+    context.add_output_metadata({"rows": len(rows)})
+    return rows
+
+
+@dg.asset(
+    partitions_def=daily,
+    io_manager_key="warehouse_db",
+    metadata={"partition_expr": "order_date"},
+    description="A per-product check of the day's orders from the source API.",
+)
+def order_audit(
+    context: dg.AssetExecutionContext, raw_orders: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    by_product: dict[int, list[dict[str, Any]]] = {}
+    for order in raw_orders:
+        by_product.setdefault(order["product_id"], []).append(order)
+    rows = [
+        {
+            "order_date": context.partition_key,
+            "product_id": product,
+            "orders": len(orders),
+            "revenue": round(sum(o["amount"] for o in orders), 2),
+            "suspicious": any(o["amount"] <= 0 or o["quantity"] <= 0 for o in orders),
+        }
+        for product, orders in sorted(by_product.items())
+    ]
+    context.add_output_metadata({"rows": len(rows)})
+    return rows
+
+
+@dg.asset(
+    partitions_def=daily,
+    io_manager_key="warehouse_db",
+    metadata={"partition_expr": "order_date"},
+    description="Each order's return risk from a model fitted in an isolated Python worker.",
+)
+def scored_orders(
+    context: dg.AssetExecutionContext,
+    order_features: list[dict[str, Any]],
+    workers: PythonWorkerResource,
+) -> list[dict[str, Any]]:
     with telemetry.observe(context):
-        for day in DAYS:
-            readings[day] = session.get(f"{base}/readings/{day}").json()["readings"]
-    context.add_output_metadata({"rows": sum(len(rows) for rows in readings.values())})
-    return readings
+        rows = workers.call("scoring", "train_and_score", args=(order_features,))
+    context.add_output_metadata(
+        {
+            "rows": len(rows),
+            "mean_return_risk": round(statistics.fmean(r["return_risk"] for r in rows), 4),
+            "model_accuracy": rows[0]["model_accuracy"] if rows else 0.0,
+        }
+    )
+    return rows
 
 
-@dg.asset(description="Mean temperature per day.")
-def daily_temperature(
-    context: dg.AssetExecutionContext, sensor_readings: dict[str, list[dict]]
-) -> dict[str, float]:
-    summary = {
-        day: round(mean(row["temperature_c"] for row in rows), 2)
-        for day, rows in sensor_readings.items()
-    }
-    context.add_output_metadata({"days": len(summary), "summary": summary})
+# -- LLM summary and notification -----------------------------------------------------------
+
+
+def _summary_prompt(day: str, rows: list[dict[str, Any]]) -> str:
+    risky = sorted(rows, key=lambda r: r["return_risk"], reverse=True)[:3]
+    lines = [f"order {r['order_id']}: risk {r['return_risk']:.2f}" for r in risky]
+    return (
+        f"On {day} we scored {len(rows)} orders for return risk; the mean risk was "
+        f"{statistics.fmean(r['return_risk'] for r in rows):.2f}. Riskiest: {'; '.join(lines)}. "
+        "Write a two-sentence summary for the operations team."
+    )
+
+
+@dg.asset(
+    partitions_def=daily,
+    description="A short summary of the day's scores by the configured LLM, sent as a "
+    "notification.",
+)
+def daily_summary(
+    context: dg.AssetExecutionContext,
+    scored_orders: list[dict[str, Any]],
+    llm: dg.ResourceParam[LLMResource | None],
+    notifications: NotificationsResource,
+) -> str:
+    day = context.partition_key
+    metadata: dict[str, Any] = {"rows": len(scored_orders)}
+    with telemetry.observe(context):
+        if llm is None:
+            summary = (
+                f"{len(scored_orders)} orders scored on {day}; mean return risk "
+                f"{statistics.fmean(r['return_risk'] for r in scored_orders):.2f}."
+            )
+            metadata["skipped"] = f"LLM summary skipped: {settings.LLM_HINT}"
+            context.log.info(metadata["skipped"])
+        else:
+            summary = llm.call(_summary_prompt(day, scored_orders), max_tokens=200)
+        result = notifications.notify(
+            "materialization_succeeded",
+            {"asset": "daily_summary", "partition": day, "message": summary},
+        )
+    metadata["notified"] = ", ".join(result.delivered)
+    context.add_output_metadata(metadata)
     return summary
 
 
-demo_job = dg.define_asset_job("demo_job", selection=[sensor_readings, daily_temperature])
+# -- jobs, schedule, sensor, resources -------------------------------------------------------
 
-defs = dg.Definitions(assets=[sensor_readings, daily_temperature], jobs=[demo_job])
+daily_pipeline = dg.define_asset_job(
+    "daily_pipeline",
+    selection=dg.AssetSelection.assets(
+        warehouse, order_features, order_audit, scored_orders, daily_summary
+    ),
+    description="The main job: one day through dbt, REST, the external DB, a Python worker, "
+    "an LLM and notifications.",
+)
+
+defs = dg.Definitions(
+    assets=[warehouse, raw_orders, order_features, order_audit, scored_orders, daily_summary],
+    jobs=[daily_pipeline],
+    schedules=[dg.build_schedule_from_partitioned_job(daily_pipeline, hour_of_day=6)],
+    sensors=[make_notification_sensor(webserver_base_url=settings.WEBSERVER_URL)],
+    resources={
+        "dbt": DbtResource(
+            project_dir=str(settings.DBT_DIR),
+            profiles_dir=str(settings.DBT_DIR),
+            dbt_executable=settings.dbt_executable(),
+            resilience=settings.resilience(),
+        ),
+        "source_api": RestIOManager(
+            base_url=settings.source_api_url(),
+            service="source-api",
+            resilience=settings.resilience(),
+        ),
+        "warehouse_db": ExternalDBIOManager(
+            **settings.external_db_config(), resilience=settings.resilience()
+        ),
+        "workers": PythonWorkerResource(paths=[str(settings.ML_DIR)], pool_size=1, timeout=120),
+        "llm": settings.llm_resource(),
+        "notifications": settings.notifications_resource(),
+    },
+)

@@ -1,20 +1,27 @@
-"""A small read-only JSON API on loopback that serves the bundled sample data.
+"""The demo's source system: a small JSON API on loopback serving the bundled orders.
 
-The demo has no network and no accounts, so it serves its own source system: ``GET
-/readings/<day>`` answers with that day's readings, 404 for unknown days. Set
-``FLOWSTONE_DEMO_API_URL`` to point the demo at a real API of the same shape instead.
+The demo has no network and no accounts, so it serves its own source API: ``GET
+/raw_orders/<day>`` answers with that day's orders (``data/orders.json``), 404 for an unknown
+day. To show the resilience layer at work, the first request for each day fails once with
+``503 Service Unavailable`` and ``Retry-After: 0.2``; the REST I/O manager's retry policy
+recovers from it. ``FLOWSTONE_DEMO_INJECT_FAILURES=0`` turns that off, ``outage`` makes every
+request fail.
+
+Set ``FLOWSTONE_DEMO_API_URL`` to point the demo at a real API of the same shape instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
-DATA_FILE = Path(__file__).parent / "data" / "readings.json"
+DATA_FILE = Path(__file__).parent / "data" / "orders.json"
+DAYS: tuple[str, ...] = tuple(json.loads(DATA_FILE.read_text()))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -23,21 +30,34 @@ class _Handler(BaseHTTPRequestHandler):
     # client's delayed ACK hold each keep-alive response back by ~40 ms.
     wbufsize = -1
     disable_nagle_algorithm = True
-    readings: ClassVar[dict[str, list[dict[str, object]]]] = {}
+    orders: ClassVar[dict[str, list[dict[str, object]]]] = {}
+    failure_mode: ClassVar[str] = "1"
+    failed_once: ClassVar[set[str]] = set()
+    lock: ClassVar[threading.Lock] = threading.Lock()
 
     def do_GET(self) -> None:
-        prefix = "/readings/"
+        prefix = "/raw_orders/"
         day = self.path[len(prefix) :] if self.path.startswith(prefix) else None
-        if day in self.readings:
-            self._send(200, {"day": day, "readings": self.readings[day]})
+        if day not in self.orders:
+            self._send(404, {"error": f"no orders for {self.path}"})
+            return
+        with self.lock:
+            fail = self.failure_mode == "outage" or (
+                self.failure_mode != "0" and day not in self.failed_once
+            )
+            self.failed_once.add(day)
+        if fail:
+            self._send(503, {"error": "injected transient failure"}, {"Retry-After": "0.2"})
         else:
-            self._send(404, {"error": f"no readings for {self.path}"})
+            self._send(200, self.orders[day])
 
-    def _send(self, status: int, payload: object) -> None:
+    def _send(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -48,7 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
 @cache
 def start_source_api() -> str:
     """Start the API once per process on a free loopback port; returns its base URL."""
-    _Handler.readings = json.loads(DATA_FILE.read_text())
+    _Handler.orders = json.loads(DATA_FILE.read_text())
+    _Handler.failure_mode = os.environ.get("FLOWSTONE_DEMO_INJECT_FAILURES", "1")
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="demo-source-api", daemon=True).start()

@@ -1,59 +1,153 @@
-"""The example project loads, validates and runs its job."""
+"""The example project: its main job end to end, in process and through the CLI."""
 
+import importlib
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import dagster as dg
 import pytest
 
-from example_project import defs
-
 ROOT = Path(__file__).resolve().parents[1]
+DAYS = ("2025-01-14", "2025-01-15")
+ORDERS_ON = {"2025-01-14": 47, "2025-01-15": 39}  # rows of example_project/data/orders.json
+
+DEMO_VARIABLES = (
+    "FLOWSTONE_DEMO_API_URL",
+    "FLOWSTONE_DEMO_PG_URL",
+    "FLOWSTONE_DEMO_WAREHOUSE",
+    "FLOWSTONE_RESILIENCE_STORE",
+    "FLOWSTONE_LLM_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "OPENAI_API_KEY",
+    "SLACK_WEBHOOK_URL",
+    "SMTP_HOST",
+)
+
+
+def demo_environment(home: Path) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if k not in DEMO_VARIABLES}
+    return {**environment, "DAGSTER_HOME": str(home)}
+
+
+@pytest.fixture
+def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``example_project.definitions`` loaded with a fresh DAGSTER_HOME, no outside systems,
+    and a fresh bundled source API (whose first request per day fails once)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    for name in DEMO_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("FLOWSTONE_DEMO_WAREHOUSE", str(home / "warehouse.duckdb"))
+    from example_project import definitions, settings, source_api
+
+    importlib.reload(source_api)
+    importlib.reload(settings)
+    return importlib.reload(definitions)
+
+
+def stored_rows(home: Path, table: str, day: str) -> int:
+    with sqlite3.connect(home / "warehouse.sqlite3") as connection:
+        (count,) = connection.execute(
+            f'SELECT count(*) FROM "{table}" WHERE order_date = ?', (day,)
+        ).fetchone()
+    return int(count)
 
 
 @pytest.mark.dagster
-def test_demo_job_materializes_with_flowstone_metadata(
-    dagster_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("FLOWSTONE_DEMO_API_URL", raising=False)
-    result = defs.resolve_job_def("demo_job").execute_in_process(instance=dagster_instance)
-    assert result.success
-    readings = result.asset_materializations_for_node("sensor_readings")[0].metadata
-    assert readings["rows"].value == 7
-    assert readings["flowstone/http.request/calls"].value == 2
-    assert readings["flowstone/http.request/errors"].value == 0
-    assert result.output_for_node("daily_temperature") == {"2025-01-14": 49.03, "2025-01-15": 38.85}
+@pytest.mark.dbt
+@pytest.mark.workers
+def test_the_main_job_for_two_days_then_a_rerun(demo: ModuleType, tmp_path: Path) -> None:
+    home = tmp_path / "dagster_home"
+    job = demo.defs.resolve_job_def("daily_pipeline")
+    logs: list[str] = []
+    with dg.DagsterInstance.ephemeral() as instance:
+        for day in (*DAYS, DAYS[1]):  # the second run of a day replaces its rows
+            result = job.execute_in_process(partition_key=day, instance=instance)
+            assert result.success
+            logs += [entry.user_message for entry in instance.all_logs(result.run_id)]
+        features = result.asset_materializations_for_node("order_features")[0].metadata
+        scored = result.asset_materializations_for_node("scored_orders")[0].metadata
+        summary = result.asset_materializations_for_node("daily_summary")[0].metadata
+    assert features["rows"].value == ORDERS_ON[DAYS[1]]
+    assert features["flowstone/db.store/rows"].value == ORDERS_ON[DAYS[1]]
+    assert scored["flowstone/worker.call/calls"].value == 1
+    assert 0 < scored["mean_return_risk"].value < 1
+    assert summary["skipped"].value.startswith("LLM summary skipped: set ANTHROPIC_API_KEY")
+    assert summary["notified"].value == "log"
+    # The injected 503 was retried and recovered, visibly.
+    assert any(m.startswith("flowstone.rest.load outcome=ok") and "attempts=2" in m for m in logs)
+    assert any("Materialization Succeeded" in m for m in logs)
+    for day in DAYS:
+        assert stored_rows(home, "order_features", day) == ORDERS_ON[day]
+        assert stored_rows(home, "scored_orders", day) == ORDERS_ON[day]
 
 
 @pytest.mark.dagster
-def test_demo_job_fails_clearly_when_the_source_api_is_unreachable(
-    dagster_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+def test_an_unreachable_source_api_fails_clearly(
+    demo: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FLOWSTONE_DEMO_API_URL", "http://127.0.0.1:9/")
-    result = defs.resolve_job_def("demo_job").execute_in_process(
-        instance=dagster_instance, raise_on_error=False
-    )
+    monkeypatch.setenv("FLOWSTONE_DEMO_API_URL", "http://127.0.0.1:9")
+    definitions = importlib.reload(demo)
+    job = definitions.defs.resolve_job_def("daily_pipeline")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            partition_key=DAYS[0],
+            instance=instance,
+            raise_on_error=False,
+            op_selection=["order_audit"],
+        )
     assert not result.success
-    failure = result.failure_data_for_node("sensor_readings")
-    assert failure is not None
-    assert failure.error is not None
-    cause = failure.error.cause
-    assert cause is not None
-    assert cause.cls_name == "TransportError"
-    assert "GET http://127.0.0.1:9/readings/2025-01-14" in cause.message
-    assert "refused" in cause.message.lower()
+    messages = []
+    error = result.failure_data_for_node("order_audit").error  # type: ignore[union-attr]
+    while error is not None:
+        messages.append(error.message)
+        error = error.cause
+    text = "\n".join(messages)
+    assert "GET http://127.0.0.1:9/raw_orders/2025-01-14" in text
+    assert "TransportError" in text
 
 
 @pytest.mark.dagster
-def test_definitions_validate_from_the_cli() -> None:
+@pytest.mark.dbt
+@pytest.mark.workers
+def test_make_demo_command_runs_dagster_job_execute_and_reports(tmp_path: Path) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((ROOT / "example_project" / "dagster.yaml").read_text())
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate"],
+        [sys.executable, "-m", "example_project.demo", DAYS[1]],
         cwd=ROOT,
+        env=demo_environment(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f"== partition {DAYS[1]}" in out
+    assert "SUCCESS" in out
+    assert "flowstone/db.store/rows" in out
+    assert "attempts=2" in out  # the retried source API call, from the run's log
+    assert "all steps succeeded" in out
+    assert (home / f"demo-{DAYS[1]}.log").exists()
+
+
+@pytest.mark.dagster
+def test_definitions_validate_from_the_cli(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("dagster")), "definitions", "validate"],
+        cwd=ROOT,
+        env=demo_environment(tmp_path),
         capture_output=True,
         text=True,
         check=False,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "All code locations passed validation" in result.stderr + result.stdout

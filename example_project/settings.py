@@ -1,0 +1,182 @@
+"""Where the example project's resources point, from the environment.
+
+With nothing set, everything runs on this machine: the bundled source API on loopback, DuckDB
+and SQLite files under ``$DAGSTER_HOME`` (or this folder), notifications to the step's log, and
+no LLM call. Each variable points one integration at a real system:
+
+======================================  =====================================================
+``FLOWSTONE_DEMO_API_URL``              a source API serving ``GET /raw_orders/<day>``
+``FLOWSTONE_DEMO_PG_URL``               ``postgresql://user:password@host:port/db`` for the
+                                        external database (instead of SQLite)
+``FLOWSTONE_RESILIENCE_STORE``          the shared breaker/limiter store (scale-out: the same
+                                        PostgreSQL as Dagster's storage)
+``ANTHROPIC_API_KEY`` /                 the LLM summary through Anthropic / OpenAI, or a local
+``OPENAI_API_KEY`` /                    OpenAI-compatible server (Ollama, vLLM, llama.cpp);
+``FLOWSTONE_LLM_BASE_URL``              ``FLOWSTONE_LLM_MODEL`` picks the model
+``SLACK_WEBHOOK_URL``                   Slack notifications through an incoming webhook
+``SMTP_HOST``, ``SMTP_PORT``,           email notifications (``SMTP_SECURITY``: starttls,
+``SMTP_USER``, ``SMTP_PASSWORD``,       ssl or none)
+``SMTP_FROM``, ``SMTP_TO``
+``FLOWSTONE_DEMO_INJECT_FAILURES``      ``1`` (default): the bundled API fails each day's first
+                                        request once; ``0``: never; ``outage``: always
+======================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import dagster as dg
+from dagster_dbt import DbtProject
+
+from example_project.source_api import start_source_api
+from flowstone_dagster import LLMResource, NotificationsResource, ResilienceResource
+from flowstone_dagster.notifications import EmailConfig, SlackWebhookConfig
+from flowstone_dagster.resilience import CircuitBreakerConfig, RetryConfig, ServicePolicy
+
+HERE = Path(__file__).resolve().parent
+DBT_DIR = HERE / "dbt_project"
+ML_DIR = HERE / "ml"
+WEBSERVER_URL = os.environ.get("FLOWSTONE_DEMO_WEBSERVER_URL", "http://127.0.0.1:3000")
+LLM_HINT = (
+    "set ANTHROPIC_API_KEY or OPENAI_API_KEY, or FLOWSTONE_LLM_BASE_URL for a local "
+    "OpenAI-compatible server"
+)
+
+
+def data_dir() -> Path:
+    """Where the demo keeps its databases: ``$DAGSTER_HOME``, else this folder."""
+    home = os.environ.get("DAGSTER_HOME")
+    path = Path(home) if home else HERE
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def warehouse_path() -> Path:
+    """The DuckDB file dbt builds; also exported as ``FLOWSTONE_DEMO_WAREHOUSE`` for dbt's
+    profile (``profiles.yml`` reads it), so dbt and the assets use the same file."""
+    path = Path(os.environ.get("FLOWSTONE_DEMO_WAREHOUSE") or data_dir() / "warehouse.duckdb")
+    os.environ["FLOWSTONE_DEMO_WAREHOUSE"] = str(path)
+    return path
+
+
+def dbt_executable() -> str:
+    """``dbt`` on PATH, else the one installed beside this Python (``.venv/bin/dbt``)."""
+    return shutil.which("dbt") or str(Path(sys.executable).with_name("dbt"))
+
+
+def prepare_dbt_manifest(project: DbtProject) -> None:
+    """Parse the dbt project once, so that ``@dbt_assets`` has a manifest outside
+    ``dagster dev`` too (``dagster job execute``, tests)."""
+    warehouse_path()
+    if project.manifest_path.exists():
+        return
+    subprocess.run(
+        [
+            dbt_executable(),
+            "parse",
+            "--quiet",
+            "--project-dir",
+            str(project.project_dir),
+            "--profiles-dir",
+            str(project.profiles_dir),
+        ],
+        check=True,
+        cwd=project.project_dir,
+    )
+
+
+def source_api_url() -> str:
+    """``FLOWSTONE_DEMO_API_URL``, else the bundled source API (started in this process)."""
+    return os.environ.get("FLOWSTONE_DEMO_API_URL") or start_source_api()
+
+
+def serving_bundled_data() -> bool:
+    return not os.environ.get("FLOWSTONE_DEMO_API_URL")
+
+
+def resilience() -> ResilienceResource:
+    """Retries and a circuit breaker for the source API and the warehouse, shared by every
+    step process through the store (``FLOWSTONE_RESILIENCE_STORE``, default SQLite in
+    ``$DAGSTER_HOME``)."""
+    return ResilienceResource(
+        store_url=os.environ.get("FLOWSTONE_RESILIENCE_STORE")
+        or f"sqlite:///{data_dir() / 'resilience.sqlite3'}",
+        policies={
+            "source-api": ServicePolicy(
+                retry=RetryConfig(max_attempts=3, base_delay=0.1, max_delay=2.0, deadline=30),
+                circuit_breaker=CircuitBreakerConfig(threshold=3, timeout=30),
+            ),
+            "dbt": ServicePolicy(retry=RetryConfig(max_attempts=2, base_delay=1.0)),
+        },
+        retry_requested_after=5.0,
+    )
+
+
+def external_db_config() -> dict[str, object]:
+    """``ExternalDBIOManager`` settings: PostgreSQL from ``FLOWSTONE_DEMO_PG_URL``, else SQLite."""
+    url = os.environ.get("FLOWSTONE_DEMO_PG_URL")
+    if not url:
+        return {"adapter": "sqlite", "path": str(data_dir() / "warehouse.sqlite3")}
+    parts = urlsplit(url)
+    return {
+        "adapter": "postgres",
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "database": parts.path.lstrip("/") or "postgres",
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+    }
+
+
+def llm_resource() -> LLMResource | dg.ResourceDefinition:
+    """The configured LLM, or a ``None`` resource: the summary then says it skipped."""
+    model = os.environ.get("FLOWSTONE_LLM_MODEL")
+    if os.environ.get("FLOWSTONE_LLM_BASE_URL"):
+        return LLMResource(
+            provider="openai_compatible",
+            base_url=os.environ["FLOWSTONE_LLM_BASE_URL"],
+            model=model or "llama3.2",
+            store_url=f"sqlite:///{data_dir() / 'resilience.sqlite3'}",
+        )
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        return LLMResource(
+            provider="anthropic",
+            model=model or "claude-sonnet-4-5",
+            api_key=dg.EnvVar("ANTHROPIC_API_KEY"),
+            rpm_limit=50,
+        )
+    if os.environ.get("OPENAI_API_KEY"):
+        return LLMResource(
+            provider="openai",
+            model=model or "gpt-4o-mini",
+            api_key=dg.EnvVar("OPENAI_API_KEY"),
+            rpm_limit=500,
+        )
+    return dg.ResourceDefinition.none_resource(description=f"No LLM: {LLM_HINT}.")
+
+
+def notifications_resource() -> NotificationsResource:
+    """Slack and email when configured; always the step's log."""
+    slack = (
+        SlackWebhookConfig(url=dg.EnvVar("SLACK_WEBHOOK_URL"))
+        if os.environ.get("SLACK_WEBHOOK_URL")
+        else None
+    )
+    email = None
+    if os.environ.get("SMTP_HOST"):
+        email = EmailConfig(
+            host=os.environ["SMTP_HOST"],
+            port=int(os.environ["SMTP_PORT"]) if os.environ.get("SMTP_PORT") else None,
+            security=os.environ.get("SMTP_SECURITY", "starttls"),  # type: ignore[arg-type]
+            username=os.environ.get("SMTP_USER"),
+            password=dg.EnvVar("SMTP_PASSWORD") if os.environ.get("SMTP_PASSWORD") else None,
+            sender=os.environ.get("SMTP_FROM", "flowstone-demo@localhost"),
+            recipients=[a.strip() for a in os.environ.get("SMTP_TO", "").split(",") if a.strip()],
+        )
+    return NotificationsResource(slack_webhook=slack, email=email, log=True)
