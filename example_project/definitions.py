@@ -49,7 +49,12 @@ dbt_project = DbtProject(project_dir=settings.DBT_DIR, profiles_dir=settings.DBT
 settings.prepare_dbt_manifest(dbt_project)
 
 
-@dbt_assets(manifest=dbt_project.manifest_path, partitions_def=daily)
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    partitions_def=daily,
+    # One run per day, like the rest of the job (dagster-dbt's default is one run for all).
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
+)
 def warehouse(context: dg.AssetExecutionContext, dbt: DbtResource) -> Any:
     """Seeds and dimension models, rebuilt (idempotently) with each day's run."""
     yield from dbt.stream(["build"], context=context)
