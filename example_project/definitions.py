@@ -42,6 +42,8 @@ from flowstone_dagster import (
 )
 
 daily = dg.DailyPartitionsDefinition(start_date="2025-01-13", end_date="2025-01-17")
+#: One run per day for every asset (dagster-dbt's own default would be one run for all days).
+one_day_per_run = dg.BackfillPolicy.multi_run(1)
 
 # -- dbt: the warehouse ---------------------------------------------------------------------
 
@@ -52,8 +54,7 @@ settings.prepare_dbt_manifest(dbt_project)
 @dbt_assets(
     manifest=dbt_project.manifest_path,
     partitions_def=daily,
-    # One run per day, like the rest of the job (dagster-dbt's default is one run for all).
-    backfill_policy=dg.BackfillPolicy.multi_run(1),
+    backfill_policy=one_day_per_run,
 )
 def warehouse(context: dg.AssetExecutionContext, dbt: DbtResource) -> Any:
     """Seeds and dimension models, rebuilt (idempotently) with each day's run."""
@@ -89,6 +90,7 @@ def _dimensions() -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]
 
 @dg.asset(
     partitions_def=daily,
+    backfill_policy=one_day_per_run,
     io_manager_key="warehouse_db",
     deps=[dg.AssetKey("dim_customers"), dg.AssetKey("dim_products")],
     metadata={"partition_expr": "order_date"},
@@ -123,6 +125,7 @@ def order_features(
 
 @dg.asset(
     partitions_def=daily,
+    backfill_policy=one_day_per_run,
     io_manager_key="warehouse_db",
     metadata={"partition_expr": "order_date"},
     description="A per-product check of the day's orders from the source API.",
@@ -149,6 +152,7 @@ def order_audit(
 
 @dg.asset(
     partitions_def=daily,
+    backfill_policy=one_day_per_run,
     io_manager_key="warehouse_db",
     metadata={"partition_expr": "order_date"},
     description="Each order's return risk from a model fitted in an isolated Python worker.",
@@ -185,6 +189,7 @@ def _summary_prompt(day: str, rows: list[dict[str, Any]]) -> str:
 
 @dg.asset(
     partitions_def=daily,
+    backfill_policy=one_day_per_run,
     description="A short summary of the day's scores by the configured LLM, sent as a "
     "notification.",
 )
