@@ -19,6 +19,7 @@ no LLM call. Each variable points one integration at a real system:
 ``SMTP_FROM``, ``SMTP_TO``
 ``FLOWSTONE_DEMO_INJECT_FAILURES``      ``1`` (default): the bundled API fails each day's first
                                         request once; ``0``: never; ``outage``: always
+``FLOWSTONE_DEMO_BREAKER_TIMEOUT``      seconds the source API's circuit stays open (30)
 ======================================  =====================================================
 """
 
@@ -110,7 +111,10 @@ def resilience() -> ResilienceResource:
         policies={
             "source-api": ServicePolicy(
                 retry=RetryConfig(max_attempts=3, base_delay=0.1, max_delay=2.0, deadline=30),
-                circuit_breaker=CircuitBreakerConfig(threshold=3, timeout=30),
+                circuit_breaker=CircuitBreakerConfig(
+                    threshold=3,
+                    timeout=float(os.environ.get("FLOWSTONE_DEMO_BREAKER_TIMEOUT", "30")),
+                ),
             ),
             "dbt": ServicePolicy(retry=RetryConfig(max_attempts=2, base_delay=1.0)),
         },

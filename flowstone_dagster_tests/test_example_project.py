@@ -11,6 +11,8 @@ from types import ModuleType
 import dagster as dg
 import pytest
 
+from flowstone_dagster_tests.support.postgres import PostgresCluster
+
 ROOT = Path(__file__).resolve().parents[1]
 DAYS = ("2025-01-14", "2025-01-15")
 ORDERS_ON = {"2025-01-14": 47, "2025-01-15": 39}  # rows of example_project/data/orders.json
@@ -151,3 +153,81 @@ def test_definitions_validate_from_the_cli(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "All code locations passed validation" in result.stderr + result.stdout
+
+
+@pytest.mark.dagster
+@pytest.mark.dbt
+@pytest.mark.postgres
+@pytest.mark.multiprocess
+def test_scale_out_configuration_shares_the_circuit_breaker_across_step_processes(
+    tmp_path: Path, pg_database: PostgresCluster
+) -> None:
+    """PostgreSQL instance storage and resilience store, the multiprocess executor, and a
+    source API that is down: the step that fails first opens the shared breaker, and the
+    later step (another process) is refused by it and asks Dagster to retry later."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    scale_out = ROOT / "example_project" / "scale_out"
+    (home / "dagster.yaml").write_text((scale_out / "dagster.yaml").read_text())
+    config = tmp_path / "run_config.yaml"
+    config.write_text("execution:\n  config:\n    multiprocess:\n      max_concurrent: 1\n")
+    environment = {
+        **demo_environment(home),
+        "FLOWSTONE_DAGSTER_PG_URL": pg_database.url,
+        "FLOWSTONE_RESILIENCE_STORE": pg_database.url,
+        "FLOWSTONE_DEMO_INJECT_FAILURES": "outage",
+        "FLOWSTONE_DEMO_BREAKER_TIMEOUT": "1",
+        "FLOWSTONE_DEMO_WAREHOUSE": str(home / "warehouse.duckdb"),
+    }
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("dagster")),
+            "job",
+            "execute",
+            "-m",
+            "example_project",
+            "-j",
+            "daily_pipeline",
+            "-c",
+            str(config),
+            "--tags",
+            '{"dagster/partition": "2025-01-15"}',
+        ],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode != 0  # the source API is down for good
+
+    os.environ["FLOWSTONE_DAGSTER_PG_URL"] = pg_database.url
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            (run,) = instance.get_runs()
+            steps = {s.step_key: s for s in instance.get_run_step_stats(run.run_id)}
+            logs = instance.all_logs(run.run_id)
+    finally:
+        del os.environ["FLOWSTONE_DAGSTER_PG_URL"]
+    assert steps["warehouse"].status is not None
+    assert steps["warehouse"].status.value == "SUCCESS"
+    by_step: dict[str, list[str]] = {}
+    for entry in logs:
+        by_step.setdefault(entry.step_key or "", []).append(entry.user_message)
+    first, later = sorted(("order_audit", "order_features"), key=lambda k: steps[k].start_time)
+    # The first step called the API (3 attempts, 503 each), which opened the shared breaker...
+    assert any(
+        m.startswith("flowstone.retry.exhausted") and "attempts=3" in m for m in by_step[first]
+    )
+    assert not any("flowstone.circuit.rejected" in m for m in by_step[first])
+    # ...which refused the later step, in another process, without its calls reaching the API.
+    assert any("flowstone.circuit.rejected" in m for m in by_step[later])
+    retried = [
+        entry
+        for entry in logs
+        if entry.step_key == later
+        and entry.dagster_event is not None
+        and entry.dagster_event.event_type_value == "STEP_UP_FOR_RETRY"
+    ]
+    assert retried
