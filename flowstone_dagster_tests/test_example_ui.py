@@ -62,9 +62,7 @@ def test_materialize_a_partition_from_the_ui(tmp_path: Path) -> None:
                 partitions.fill(DAY)
                 partitions.press("Enter")
                 dialog.get_by_role("button", name="Launch 1 run").click()
-                expect(page.get_by_text(re.compile("Launched run"))).to_be_visible(
-                    timeout=60_000
-                )
+                expect(page.get_by_text(re.compile("Launched run"))).to_be_visible(timeout=60_000)
 
                 # Wait for the run's success on the runs page (the daemon launches it).
                 page.goto(f"{url}/runs", wait_until="networkidle")
