@@ -6,6 +6,8 @@
 - ``postgres``: a PostgreSQL cluster for the whole session (``initdb`` as the ``postgres`` user,
   a free port on 127.0.0.1, password auth); ``pg_database`` a fresh database in it per test.
 - ``smtp_server``: an aiosmtpd server that keeps what it receives.
+- ``events``: the telemetry events emitted during the test; ``store_url``: a resilience store
+  URL of each kind (memory, SQLite, PostgreSQL).
 - ``dagster_instance``: an ephemeral Dagster instance; ``dagster_home_instance`` a persistent one
   in a temporary ``DAGSTER_HOME`` (needed by the multiprocess executor).
 """
@@ -24,8 +26,29 @@ import trustme
 from psycopg2 import sql
 from pytest_httpserver import HTTPServer
 
+from flowstone_dagster import telemetry
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 from flowstone_dagster_tests.support.smtp import SmtpSink
+
+
+@pytest.fixture
+def events() -> Iterator[list[telemetry.TelemetryEvent]]:
+    """Every telemetry event emitted in this process while the test runs."""
+    seen: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(seen.append)
+    yield seen
+    remove()
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A resilience store URL of each kind (the test runs once per kind)."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'resilience.sqlite3'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.url
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -33,14 +32,6 @@ from flowstone_dagster.http import (
 from flowstone_dagster_tests.support.net import free_port
 
 SECRET = "sk-live-0123456789abcdef"
-
-
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
 
 
 def test_get_json_with_default_headers(httpserver: HTTPServer) -> None:

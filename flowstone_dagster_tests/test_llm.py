@@ -49,14 +49,6 @@ def openai_api() -> Iterator[OpenAIServer]:
         yield server
 
 
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
-
-
 def store() -> str:
     return f"memory://llm-{uuid.uuid4().hex[:8]}"
 

@@ -4,7 +4,6 @@ loopback, the partial-failure idiom, telemetry, and the resource inside Dagster.
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -61,14 +60,6 @@ def parsed_blocks(message: dict[str, Any]) -> list[Block]:
 def posted(server: HTTPServer, index: int = -1) -> dict[str, Any]:
     request, _ = server.log[index]
     return json.loads(request.get_data())
-
-
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
 
 
 def fast_resilience(**policy: Any) -> ResilienceResource:

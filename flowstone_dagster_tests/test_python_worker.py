@@ -34,14 +34,6 @@ def pool() -> Iterator[WorkerPool]:
         yield pool
 
 
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
-
-
 # -- the brief's tests ---------------------------------------------------------------------------
 
 

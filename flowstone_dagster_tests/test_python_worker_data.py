@@ -33,14 +33,6 @@ def pool() -> Iterator[WorkerPool]:
         yield pool
 
 
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
-
-
 def _types(value: Any) -> Any:
     """The value's shape with every type spelled out, to compare more than ==."""
     if isinstance(value, dict):

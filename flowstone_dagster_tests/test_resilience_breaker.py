@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +41,9 @@ from flowstone_dagster.resilience import (
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store URL of each kind; each test also uses its own breaker names."""
-    if request.param == "memory":
-        return f"memory://{uuid.uuid4().hex}"
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'resilience.sqlite3'}"
-    cluster: PostgresCluster = request.getfixturevalue("postgres")
-    return cluster.url
-
-
 @pytest.fixture
 def name() -> str:
     return f"service-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
 
 
 def service_down() -> None:

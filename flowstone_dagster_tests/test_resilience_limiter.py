@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,27 +24,9 @@ from flowstone_dagster.resilience import RateLimiter, RateLimitExceeded, StateSt
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return f"memory://{uuid.uuid4().hex}"
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'resilience.sqlite3'}"
-    cluster: PostgresCluster = request.getfixturevalue("postgres")
-    return cluster.url
-
-
 @pytest.fixture
 def name() -> str:
     return f"limit-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
 
 
 def test_reject_mode_raises_with_the_wait(store_url: str, name: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -35,14 +34,6 @@ class Counter:
         if self.errors:
             raise self.errors.pop(0)
         return "success"
-
-
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
 
 
 # -- the brief's tests ---------------------------------------------------------------------------

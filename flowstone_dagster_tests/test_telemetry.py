@@ -2,20 +2,11 @@
 
 import logging
 import threading
-from collections.abc import Iterator
 
 import dagster as dg
 import pytest
 
 from flowstone_dagster import telemetry
-
-
-@pytest.fixture
-def events() -> Iterator[list[telemetry.TelemetryEvent]]:
-    seen: list[telemetry.TelemetryEvent] = []
-    remove = telemetry.add_listener(seen.append)
-    yield seen
-    remove()
 
 
 def test_emit_reaches_a_registered_callback(events: list[telemetry.TelemetryEvent]) -> None:
