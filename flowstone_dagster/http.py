@@ -307,15 +307,18 @@ class HttpSession(requests.Session):
             declared = response.headers.get("Content-Length", "")
             if max_bytes is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise self._too_large(url, f"declares {int(declared)} bytes", max_bytes)
-            body = bytearray()
+            # Chunks joined once at the end: one copy of the body, not one per growth step.
+            chunks: list[bytes] = []
+            size = 0
             try:
                 for chunk in response.iter_content(_READ_CHUNK):
-                    body += chunk
-                    if max_bytes is not None and len(body) > max_bytes:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
                         raise self._too_large(url, f"sent more than {max_bytes} bytes", max_bytes)
             except requests.exceptions.RequestException as exc:
                 raise self.translate(exc, method or "GET", url) from None
-        return bytes(body)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _too_large(self, url: str, what: str, limit: int) -> ResponseTooLarge:
         return ResponseTooLarge(

@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import gc
 import json
 import operator
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flowstone_dagster.io_managers.formats import is_dataframe
+from flowstone_dagster.io_managers.formats import gc_paused, is_dataframe, json_default
 
 __all__ = [
     "POSTGRES_TYPES",
@@ -359,37 +357,8 @@ def _to_columns(data: Any) -> Columns:
 # -- encoding ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while the block builds many containers.
-
-    Building 100,000 row tuples or dicts triggers several full collections, each walking every
-    object the process holds: that more than doubled the time of a large load. None of these
-    containers can form a cycle, so nothing is lost by deferring collection to the end of the
-    block (the collector runs again as usual afterwards; it is left alone if it was off).
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, (decimal.Decimal, uuid.UUID)):
-        return str(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def _to_json(value: Any) -> str:
-    return json.dumps(value, default=_json_default, allow_nan=False, ensure_ascii=False)
+    return json.dumps(value, default=json_default, allow_nan=False, ensure_ascii=False)
 
 
 # COPY's text format: backslash escapes, tab between columns, newline between rows, \N = NULL.
