@@ -394,3 +394,17 @@ def test_a_store_failure_neither_hides_the_error_nor_loses_the_result(
         "OSError",
         "OSError",
     ]
+
+
+def test_the_resource_maps_errors_with_its_own_settings(store_url: str) -> None:
+    resource = ResilienceResource(
+        store_url=store_url, retry_requested_after=2.0, step_max_retries=4
+    )
+    retry = resource.dagster_error(RateLimited("slow down", retry_after=3.0))
+    assert isinstance(retry, dg.RetryRequested)
+    assert retry.max_retries == 4
+    with pytest.raises(dg.Failure), resource.dagster_retries(service="svc"):
+        raise NotFound("HTTP 404", status=404)
+    off = ResilienceResource(store_url=store_url, dagster_errors=False)
+    with pytest.raises(NotFound), off.dagster_retries(service="svc"):
+        raise NotFound("HTTP 404", status=404)

@@ -88,7 +88,7 @@ from flowstone_dagster.io_managers.external_db_types import (
     to_columns,
 )
 from flowstone_dagster.io_managers.formats import is_dataframe, require_pandas, wants_dataframe
-from flowstone_dagster.resilience import ResilienceResource, current_deadline, to_dagster_error
+from flowstone_dagster.resilience import ResilienceResource, current_deadline
 
 __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
@@ -784,20 +784,10 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
 
     def _dagster_errors(self, call: Callable[[], T]) -> T:
         """With ``resilience``, its Dagster interplay: an open circuit becomes RetryRequested."""
-        try:
+        if self.resilience is None:
             return call()
-        except Exception as exc:
-            if self.resilience is None or not self.resilience.dagster_errors:
-                raise
-            mapped = to_dagster_error(
-                exc,
-                retry_requested_after=self.resilience.retry_requested_after,
-                max_retries=self.resilience.step_max_retries,
-                service=self.service,
-            )
-            if mapped is exc:
-                raise
-            raise mapped from exc
+        with self.resilience.dagster_retries(service=self.service):
+            return call()
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None and context.dagster_type.typing_type is type(None):

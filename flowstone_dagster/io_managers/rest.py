@@ -74,7 +74,7 @@ from flowstone_dagster.io_managers.formats import (
     require_pandas,
     wants_dataframe,
 )
-from flowstone_dagster.resilience import ResilienceResource, to_dagster_error
+from flowstone_dagster.resilience import ResilienceResource
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -652,20 +652,10 @@ class RestIOManager(dg.ConfigurableIOManager):
 
     def _dagster_errors(self, call: Callable[[], T]) -> T:
         """With ``resilience``, its Dagster interplay: an open circuit becomes RetryRequested."""
-        try:
+        if self.resilience is None:
             return call()
-        except Exception as exc:
-            if self.resilience is None or not self.resilience.dagster_errors:
-                raise
-            mapped = to_dagster_error(
-                exc,
-                retry_requested_after=self.resilience.retry_requested_after,
-                max_retries=self.resilience.step_max_retries,
-                service=self.service,
-            )
-            if mapped is exc:
-                raise
-            raise mapped from exc
+        with self.resilience.dagster_retries(service=self.service):
+            return call()
 
     def _head(
         self, context: dg.OutputContext, client: RestClient, partition: str | None

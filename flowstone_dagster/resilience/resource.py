@@ -319,6 +319,35 @@ class ResilienceResource(dg.ConfigurableResource):
             store=self.store,
         )
 
+    def dagster_error(self, exc: BaseException, *, service: str | None = None) -> BaseException:
+        """:func:`to_dagster_error` with this resource's ``retry_requested_after`` and
+        ``step_max_retries`` (whatever ``dagster_errors`` says)."""
+        return to_dagster_error(
+            exc,
+            retry_requested_after=self.retry_requested_after,
+            max_retries=self.step_max_retries,
+            service=service,
+        )
+
+    @contextmanager
+    def dagster_retries(self, *, service: str | None = None) -> Iterator[None]:
+        """With ``dagster_errors`` on, turn errors escaping the block into Dagster control flow
+        (:meth:`dagster_error`); with it off, let them through unchanged. For integrations
+        whose own calls go through this resource::
+
+            with resilience.dagster_retries(service="orders-api"):
+                rows = client.load("2025-01-15")
+        """
+        if not self.dagster_errors:
+            yield
+            return
+        with dagster_retries(
+            retry_requested_after=self.retry_requested_after,
+            max_retries=self.step_max_retries,
+            service=service,
+        ):
+            yield
+
     def call(
         self,
         service: str,
@@ -409,12 +438,7 @@ class ResilienceResource(dg.ConfigurableResource):
                 service=service,
             )
             if to_dagster:
-                mapped = to_dagster_error(
-                    exc,
-                    retry_requested_after=self.retry_requested_after,
-                    max_retries=self.step_max_retries,
-                    service=service,
-                )
+                mapped = self.dagster_error(exc, service=service)
                 if mapped is not exc:
                     raise mapped from exc
             raise

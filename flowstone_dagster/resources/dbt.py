@@ -995,15 +995,11 @@ def _for_dagster(
     exc: Exception, resilience: ResilienceResource | None, service: str
 ) -> BaseException:
     """The Dagster error for ``exc`` (a ``Failure`` carrying the failed nodes, or a retry)."""
-    if resilience is not None:
-        mapped = to_dagster_error(
-            exc,
-            retry_requested_after=resilience.retry_requested_after,
-            max_retries=resilience.step_max_retries,
-            service=service,
-        )
-    else:
-        mapped = to_dagster_error(exc, service=service)
+    mapped = (
+        resilience.dagster_error(exc, service=service)
+        if resilience is not None
+        else to_dagster_error(exc, service=service)
+    )
     if isinstance(mapped, dg.Failure) and isinstance(exc, DbtFailed):
         failed = {
             f"dbt/failed/{node['unique_id']}": truncate(

@@ -40,7 +40,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.resilience import ResilienceResource, to_dagster_error
+from flowstone_dagster.resilience import ResilienceResource
 from flowstone_dagster.resources.python_worker_errors import WorkerDataError, WorkerPoolBusy
 from flowstone_dagster.resources.python_worker_pool import (
     DEFAULT_MAX_QUEUED,
@@ -223,12 +223,7 @@ class PythonWorkerResource(dg.ConfigurableResource):
     def _mapped(self, exc: Exception, dagster_errors: bool | None) -> BaseException:
         if not self._dagster_errors(dagster_errors) or self.resilience is None:
             return exc
-        return to_dagster_error(
-            exc,
-            retry_requested_after=self.resilience.retry_requested_after,
-            max_retries=self.resilience.step_max_retries,
-            service=self.service,
-        )
+        return self.resilience.dagster_error(exc, service=self.service)
 
     def call(
         self,
