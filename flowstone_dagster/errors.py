@@ -31,6 +31,7 @@ from functools import cache
 from typing import Any
 
 __all__ = [
+    "RETRYABLE_SQLSTATES",
     "RETRYABLE_STATUSES",
     "CallTimeout",
     "CircuitOpen",
@@ -47,6 +48,7 @@ __all__ = [
     "PythonWorkerError",
     "RateLimited",
     "ResponseTooLarge",
+    "StoreUnavailable",
     "TransportError",
     "Unauthorized",
     "WorkerCrashed",
@@ -61,6 +63,14 @@ __all__ = [
 #: HTTP statuses that mean "try again later": request timeout, too early, too many requests,
 #: server errors that are usually transient, and Anthropic's 529 "overloaded".
 RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504, 529})
+
+#: SQLSTATEs of transient database conditions that succeed when the transaction runs again:
+#: serialization failure, deadlock, lock not available (lock_timeout), too many connections,
+#: out of memory or disk on the server, and the server shutting down or restarting. Class 08
+#: (connection exceptions) is transient too.
+RETRYABLE_SQLSTATES: frozenset[str] = frozenset(
+    {"40001", "40P01", "55P03", "53000", "53100", "53200", "53300", "57P01", "57P02", "57P03"}
+)
 
 #: How much of a server's error body an exception keeps.
 MAX_BODY_EXCERPT = 500
@@ -244,6 +254,29 @@ class CircuitOpen(FlowstoneError):
         )
         self.name = name
         self.retry_in = max(retry_in, 0.0)
+
+
+class StoreUnavailable(FlowstoneError):
+    """The resilience store (where breakers and limiters keep shared state) failed or timed out.
+
+    It is an external dependency of its own, not the service being called: a store error is
+    never recorded as a failure of the service. Retryable: inside Dagster it becomes a step
+    retry (``RetryRequested``), or the policy's ``on_store_error="local"`` falls back to this
+    process's memory. ``store`` is the store's URL (password redacted), ``operation`` what was
+    being done (``"read breaker"``, ``"reserve"``, ...), ``reason`` the driver's message.
+    """
+
+    retryable = True
+
+    def __init__(
+        self, store: str, operation: str, reason: str, *, service: str | None = None
+    ) -> None:
+        super().__init__(
+            f"resilience store {store} unavailable ({operation}): {reason}", service=service
+        )
+        self.store = store
+        self.operation = operation
+        self.reason = reason
 
 
 class MaxAttemptsExceeded(FlowstoneError):
@@ -444,6 +477,24 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return isinstance(exc, (ssl.SSLError, requests.exceptions.SSLError))
 
 
+def _database_transient(exc: BaseException) -> bool | None:
+    """Whether a DB-API driver error is transient, or ``None`` when ``exc`` is not one.
+
+    psycopg2: connection exceptions (SQLSTATE class 08, or libpq failing with no SQLSTATE),
+    and :data:`RETRYABLE_SQLSTATES`. sqlite3: a locked or busy database.
+    """
+    module = type(exc).__module__ or ""
+    if module.startswith(("psycopg2", "psycopg")):
+        code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+        if code:
+            return code.startswith("08") or code in RETRYABLE_SQLSTATES
+        return type(exc).__name__ in ("OperationalError", "InterfaceError")
+    if module == "sqlite3":
+        text = str(exc).lower()
+        return type(exc).__name__ == "OperationalError" and ("locked" in text or "busy" in text)
+    return None
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether ``exc`` is a transient failure worth another attempt.
 
@@ -453,8 +504,12 @@ def is_retryable(exc: BaseException) -> bool:
       Anthropic/OpenAI SDKs') are retryable, except TLS certificate failures;
     - an HTTP status error (ours, or an SDK's ``APIStatusError``) is retryable when its status is
       in :data:`RETRYABLE_STATUSES` (408, 425, 429, 500, 502, 503, 504, 529);
-    - a flowstone error answers with its ``retryable`` attribute (rate limits and worker crashes
-      yes; not-found, auth, decoding, configuration, open circuits, exhausted retries no);
+    - a flowstone error answers with its ``retryable`` attribute (rate limits, worker crashes and
+      an unavailable resilience store yes; not-found, auth, decoding, configuration, open
+      circuits, exhausted retries no);
+    - a database driver's error (psycopg2, sqlite3) when it is a lost connection, a server
+      restart, a lock or serialization conflict (:data:`RETRYABLE_SQLSTATES`) or a busy SQLite
+      file;
     - anything else (bad input, programming errors) is not.
     """
     if isinstance(exc, FlowstoneError):
@@ -465,6 +520,9 @@ def is_retryable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _sdk_transient_types()):
         return True
+    database = _database_transient(exc)
+    if database is not None:
+        return database
     status = status_of(exc)
     if status is not None:
         return status in RETRYABLE_STATUSES

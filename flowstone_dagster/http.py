@@ -24,11 +24,10 @@ Every integration that speaks HTTP through ``requests`` gets its session from
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 import requests.auth
@@ -48,6 +47,15 @@ from flowstone_dagster.errors import (
     error_for_status,
     parse_retry_after,
 )
+from flowstone_dagster.redaction import (
+    _URL_IN_TEXT,
+    SECRET_HEADERS,
+    redact_headers,
+    redact_text,
+    redact_url,
+)
+
+Timeout = float | tuple[float, float]
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -67,94 +75,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Seconds to wait between bytes of the response.
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_USER_AGENT = f"flowstone-dagster/{__version__} python-requests/{requests.__version__}"
-
-REDACTED = "***"
-
-#: Query parameters whose values are secrets (compared case-insensitively).
-SECRET_QUERY_PARAMS = frozenset(
-    {
-        "access_token",
-        "api_key",
-        "api-key",
-        "apikey",
-        "auth",
-        "client_secret",
-        "code",
-        "key",
-        "password",
-        "secret",
-        "sig",
-        "signature",
-        "token",
-        "x-amz-signature",
-        "x-goog-signature",
-    }
-)
-
-#: Headers whose values are secrets (compared case-insensitively).
-SECRET_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "api-key",
-        "x-auth-token",
-    }
-)
-
-Timeout = float | tuple[float, float]
-
-
-def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Replace every occurrence of each secret in ``text`` with ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
-
-
-def redact_url(url: str, secrets: Iterable[str] = ()) -> str:
-    """``url`` without its password, secret-looking query values and the given ``secrets``.
-
-    >>> redact_url("https://user:pw@api.example.com/x?token=abc&day=1")
-    'https://user:***@api.example.com/x?token=***&day=1'
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return redact_text(url, secrets)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(name.lower() in SECRET_QUERY_PARAMS for name, _ in pairs):
-            query = urlencode(
-                [
-                    (name, REDACTED if name.lower() in SECRET_QUERY_PARAMS else value)
-                    for name, value in pairs
-                ],
-                safe="*",
-            )
-    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return redact_text(redacted, secrets)
-
-
-def redact_headers(headers: Mapping[str, str], secrets: Iterable[str] = ()) -> dict[str, str]:
-    """A copy of ``headers`` with secret values (``Authorization``, API keys, cookies) hidden."""
-    secrets = tuple(secrets)
-    return {
-        name: REDACTED if name.lower() in SECRET_HEADERS else redact_text(str(value), secrets)
-        for name, value in headers.items()
-    }
-
-
-_URL_IN_TEXT = re.compile(r"(?:https?)://[^\s'\")]+")
 
 
 def _reason(exc: requests.RequestException, secrets: Iterable[str]) -> str:

@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
+    StoreUnavailable,
     CircuitOpen,
     ConfigurationError,
     HTTPError,
@@ -117,7 +118,8 @@ def test_one_probe_at_a_time_and_a_failed_probe_reopens(store_url: str, name: st
     assert breaker.status().state == "half_open"
     with pytest.raises(CircuitOpen) as caught:  # ... so everyone else is refused
         breaker.call(success)
-    assert caught.value.retry_in == pytest.approx(10)
+    # The true wait: until the probe's lease ends (a dead prober holds it that long).
+    assert caught.value.retry_in == pytest.approx(60)
     breaker.exit(probe, ConnectionError("still down"))
     status = breaker.status()
     assert (status.state, status.retry_in) == ("open", pytest.approx(10))
@@ -163,7 +165,10 @@ def test_classification() -> None:
     assert classify(ConnectionError()) == "failure"
     assert classify(Exception("service_down")) == "failure"
     assert classify(HTTPError("503", status=503)) == "failure"
-    assert classify(RateLimited("429", status=429)) == "failure"
+    # A 429 means the service is up and asks to slow down: the limiter and Retry-After handle
+    # it; it neither opens nor closes the circuit.
+    assert classify(RateLimited("429", status=429)) == "ignore"
+    assert classify(StoreUnavailable("sqlite:///x", "reserve", "database is locked")) == "ignore"
     assert classify(NotFound("404", status=404)) == "success"
     assert classify(Unauthorized("401", status=401)) == "success"
     assert classify(HTTPError("422", status=422)) == "success"

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
+import pydantic
 import pytest
 
 from flowstone_dagster import telemetry
@@ -221,15 +222,32 @@ def test_bad_policies_fail_at_resource_setup(store_url: str) -> None:
     def uses(resilience: ResilienceResource) -> None:
         pass
 
-    bad = ResilienceResource(
-        store_url=store_url,
-        policies={"api": ServicePolicy(retry=RetryConfig(max_attempts=0))},
-    )
+    # Constraints are declared on the config classes: a bad value fails where it is written,
+    # naming the field, in Python ...
+    with pytest.raises(pydantic.ValidationError, match="max_attempts"):
+        ServicePolicy(retry=RetryConfig(max_attempts=0))
+    with pytest.raises(pydantic.ValidationError, match="must be at least base_delay"):
+        RetryConfig(base_delay=2, max_delay=1)
+    with pytest.raises(pydantic.ValidationError, match="needs `limit`"):
+        RateLimitConfig()
+    # ... and in run config, before the step runs.
     with pytest.raises(dg.DagsterResourceFunctionError) as caught:
-        dg.materialize([uses], resources={"resilience": bad})
-    cause = caught.value.__cause__
-    assert isinstance(cause, ConfigurationError)
-    assert cause.field == "policies.api.retry.max_attempts"
+        dg.materialize(
+            [uses],
+            resources={"resilience": ResilienceResource.configure_at_launch()},
+            run_config={
+                "resources": {
+                    "resilience": {
+                        "config": {
+                            "store_url": store_url,
+                            "policies": {"api": {"retry": {"max_attempts": 0}}},
+                        }
+                    }
+                }
+            },
+        )
+    assert isinstance(caught.value.__cause__, pydantic.ValidationError)
+    assert "max_attempts" in str(caught.value.__cause__)
 
 
 def test_every_config_field_is_described() -> None:
@@ -380,7 +398,7 @@ def test_a_store_failure_neither_hides_the_error_nor_loses_the_result(
     )
     # The StateStore protocol is the seam: the resource's breaker gets a store whose writes
     # fail, as a locked SQLite file or a failed-over PostgreSQL would.
-    object.__setattr__(resource, "breaker", lambda service: breaker)
+    object.__setattr__(resource, "breaker", lambda service, store=None: breaker)
     with pytest.raises(dg.Failure):  # one failure recorded: a success now needs a write
         resource.call("svc", Service(TransportError("refused")))
     assert breaker.status().failures == 1

@@ -28,6 +28,8 @@ def test_store_kinds_by_url(tmp_path: Path) -> None:
     sqlite = open_store(f"sqlite://{tmp_path / 'a' / 'state.sqlite3'}")
     assert isinstance(sqlite, SQLiteStore)
     assert sqlite.path == tmp_path / "a" / "state.sqlite3"
+    assert not sqlite.path.exists()  # opened on first use: a store down at set-up is no error
+    sqlite.read_breaker("x")
     assert sqlite.path.exists()
     # SQLAlchemy's four-slash spelling of an absolute path works too.
     four = open_store(f"sqlite:///{tmp_path / 'b.sqlite3'}")

@@ -18,13 +18,9 @@ Dagster's event log, which records the whole cause chain, cannot show it either.
 
 from __future__ import annotations
 
-from flowstone_dagster.errors import ExternalServiceError
+from flowstone_dagster.errors import RETRYABLE_SQLSTATES, ExternalServiceError
 
 __all__ = ["ConstraintViolation", "DatabaseError", "SchemaMismatch"]
-
-#: SQLSTATEs of transient conflicts that succeed when the transaction is run again:
-#: serialization failure, deadlock, too many connections, out of memory / disk on the server.
-RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "53000", "53100", "53200", "53300"})
 
 
 class DatabaseError(ExternalServiceError):

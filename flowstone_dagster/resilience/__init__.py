@@ -36,13 +36,17 @@ from flowstone_dagster.resilience.breaker import (
 )
 from flowstone_dagster.resilience.limiter import RateLimiter, RateLimitExceeded
 from flowstone_dagster.resilience.resource import (
+    ONCE,
     RECOMMENDED_RETRY_POLICY,
     CircuitBreakerConfig,
+    OnStoreError,
     RateLimitConfig,
+    RateWindow,
     ResilienceResource,
     RetryConfig,
     ServicePolicy,
     dagster_retries,
+    resolve,
     to_dagster_error,
 )
 from flowstone_dagster.resilience.retry import backoff_delays, with_retry
@@ -53,6 +57,7 @@ from flowstone_dagster.resilience.stores import (
     Reservation,
     SQLiteStore,
     StateStore,
+    check_store_url,
     close_stores,
     default_store_url,
     open_store,
@@ -65,6 +70,7 @@ from flowstone_dagster.resilience.timeouts import (
 )
 
 __all__ = [
+    "ONCE",
     "RECOMMENDED_RETRY_POLICY",
     "BreakerRecord",
     "BreakerStatus",
@@ -72,10 +78,12 @@ __all__ = [
     "CircuitBreakerConfig",
     "Deadline",
     "MemoryStore",
+    "OnStoreError",
     "PostgresStore",
     "RateLimitConfig",
     "RateLimitExceeded",
     "RateLimiter",
+    "RateWindow",
     "Reservation",
     "ResilienceResource",
     "RetryConfig",
@@ -83,6 +91,7 @@ __all__ = [
     "ServicePolicy",
     "StateStore",
     "backoff_delays",
+    "check_store_url",
     "classify",
     "close_stores",
     "current_deadline",
@@ -91,6 +100,7 @@ __all__ = [
     "default_store_url",
     "open_store",
     "reset",
+    "resolve",
     "state",
     "to_dagster_error",
     "with_circuit_breaker",

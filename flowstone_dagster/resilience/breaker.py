@@ -15,11 +15,13 @@ success in the closed state resets the count::
     # or in one line, as in the brief (the breaker's state lives in the store, not the object)
     rows = with_circuit_breaker("orders-api", lambda: fetch_orders("2025-01-15"))
 
-What counts (:func:`classify`): a failure is any ``Exception`` except the caller's own faults.
-``ConfigurationError``, ``CircuitOpen`` and a local limiter's ``RateLimitExceeded`` are
-*ignored* (the service was not really asked); an HTTP client error that is not retryable
-(400, 401, 403, 404, 422, ...) counts as a *success*, because the service answered. Anything
-else (timeouts, connection errors, 5xx, 429, plain exceptions) is a failure. ``KeyboardInterrupt``
+What counts (:func:`classify`, the one rule for every integration): a failure is any
+``Exception`` except these. ``ConfigurationError``, ``CircuitOpen``, ``StoreUnavailable`` (the
+resilience store failed, not the service) and every ``RateLimited`` (a local limiter's refusal,
+or a server's 429: the service is up and asks to slow down, which the limiter and the retry's
+``Retry-After`` handle) are *ignored*; an HTTP client error that is not retryable (400, 401,
+403, 404, 422, ...) counts as a *success*, because the service answered. Anything else
+(timeouts, connection errors, 5xx, 529, plain exceptions) is a failure. ``KeyboardInterrupt``
 and other ``BaseException`` are ignored. A probe that ends ignored gives its lease back, so the
 next caller probes at once.
 
@@ -41,8 +43,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import CircuitOpen, ConfigurationError, is_retryable, status_of
-from flowstone_dagster.resilience.limiter import RateLimitExceeded
+from flowstone_dagster.errors import (
+    CircuitOpen,
+    ConfigurationError,
+    RateLimited,
+    StoreUnavailable,
+    is_retryable,
+    status_of,
+)
 from flowstone_dagster.resilience.stores import (
     CLOSED,
     CLOSED_RECORD,
@@ -80,7 +88,9 @@ def classify(exc: BaseException) -> Outcome:
     """How a breaker records a call that raised ``exc`` (see the module docs)."""
     if not isinstance(exc, Exception):
         return "ignore"
-    if isinstance(exc, (ConfigurationError, CircuitOpen, RateLimitExceeded)):
+    if isinstance(exc, (ConfigurationError, CircuitOpen, StoreUnavailable, RateLimited)):
+        return "ignore"
+    if status_of(exc) == 429:  # an SDK's own rate-limit error
         return "ignore"
     status = status_of(exc)
     if status is not None and 400 <= status < 500 and not is_retryable(exc):
@@ -192,7 +202,8 @@ class CircuitBreaker:
                 )
                 return probing, (_Ticket(False, probe_id), 0.0, (OPEN, HALF_OPEN))
             if now < current.probe_until:  # half-open, another caller's probe is running
-                return current, (None, min(current.probe_until - now, timeout), None)
+                # The true wait: the lease's end (sooner if the probe succeeds).
+                return current, (None, current.probe_until - now, None)
             # The previous prober's lease expired (it crashed or hung): probe again.
             probing = replace(current, probe_id=probe_id, probe_until=now + lease)
             return probing, (_Ticket(False, probe_id), 0.0, None)
@@ -280,7 +291,7 @@ class CircuitBreaker:
         if record.state == OPEN:
             retry_in = max(record.opened_at + self.timeout - now, 0.0)
         elif record.state == HALF_OPEN:
-            retry_in = max(min(record.probe_until - now, self.timeout), 0.0)
+            retry_in = max(record.probe_until - now, 0.0)
         return BreakerStatus(self.name, record.state, record.failures, retry_in)
 
     def reset(self) -> None:

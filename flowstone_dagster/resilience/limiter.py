@@ -16,6 +16,8 @@ are pruned as they leave the window.
     with anthropic_rpm:                      # the same, as a context manager
         ...
 
+    both = RateLimiter("search", rates=[(50, 1.0), (1000, 60.0)])        # 50/s and 1000/min
+
     @RateLimiter("geocoder", limit=10, period=1.0, mode="reject")
     def geocode(address: str) -> dict: ...   # raises RateLimitExceeded when over budget
 
@@ -33,12 +35,12 @@ Telemetry: ``flowstone.ratelimit.wait`` when a caller waited (measures ``limiter
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NoReturn, ParamSpec, TypeVar
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError, RateLimited
-from flowstone_dagster.resilience.stores import Reservation, StateStore, open_store
+from flowstone_dagster.resilience.stores import Reservation, StateStore, open_store, window_key
 
 __all__ = ["Mode", "RateLimitExceeded", "RateLimiter"]
 
@@ -81,9 +83,10 @@ class RateLimiter:
     def __init__(
         self,
         name: str,
-        limit: float,
+        limit: float | None = None,
         period: float = 1.0,
         *,
+        rates: Sequence[tuple[float, float]] = (),
         mode: Mode = "wait",
         max_wait: float = DEFAULT_MAX_WAIT,
         store: StateStore | str | None = None,
@@ -92,17 +95,23 @@ class RateLimiter:
     ) -> None:
         if not name:
             raise ConfigurationError("a rate limiter needs a name", field="name")
-        if not limit > 0:
-            raise ConfigurationError(f"must be positive, got {limit}", field="limit")
-        if not period > 0:
-            raise ConfigurationError(f"must be positive, got {period}", field="period")
+        windows = [(float(limit), float(period))] if limit is not None else []
+        windows += [(float(w_limit), float(w_period)) for w_limit, w_period in rates]
+        if not windows:
+            raise ConfigurationError("a rate limiter needs a limit or rates", field="limit")
+        for w_limit, w_period in windows:
+            if not w_limit > 0:
+                raise ConfigurationError(f"must be positive, got {w_limit:g}", field="limit")
+            if not w_period > 0:
+                raise ConfigurationError(f"must be positive, got {w_period:g}", field="period")
         if mode not in ("wait", "reject"):
             raise ConfigurationError(f"must be 'wait' or 'reject', got {mode!r}", field="mode")
         if max_wait < 0:
             raise ConfigurationError(f"must not be negative, got {max_wait}", field="max_wait")
         self.name = name
-        self.limit = float(limit)
-        self.period = float(period)
+        #: Every (limit, period) window enforced; ``limit``/``period`` are the first one's.
+        self.windows: tuple[tuple[float, float], ...] = tuple(windows)
+        self.limit, self.period = self.windows[0]
         self.mode: Mode = mode
         self.max_wait = float(max_wait)
         self.store: StateStore = (
@@ -112,26 +121,28 @@ class RateLimiter:
         self.sleep = sleep
 
     def __repr__(self) -> str:
-        return (
-            f"RateLimiter({self.name!r}, limit={self.limit:g}, period={self.period:g}, "
-            f"mode={self.mode!r}, store={self.store!r})"
-        )
+        rates = ", ".join(f"{limit:g}/{period:g}s" for limit, period in self.windows)
+        return f"RateLimiter({self.name!r}, {rates}, mode={self.mode!r}, store={self.store!r})"
 
     def _check_cost(self, cost: float) -> None:
         if not cost > 0:
             raise ConfigurationError(f"must be positive, got {cost}", field="cost")
-        if cost > self.limit:
+        smallest = min(limit for limit, _ in self.windows)
+        if cost > smallest:
             raise ConfigurationError(
-                f"{cost:g} is more than the limit {self.limit:g} of {self.name!r}: "
+                f"{cost:g} is more than the limit {smallest:g} of {self.name!r}: "
                 "such a call could never be admitted",
                 field="cost",
             )
 
     def try_acquire(self, cost: float = 1) -> Reservation:
-        """One atomic attempt: admitted now, or the wait until ``cost`` would fit."""
+        """One atomic attempt: admitted now (in every window), or the wait until ``cost``
+        would fit in all of them."""
         self._check_cost(cost)
         now = None if self.clock is None else self.clock()
-        return self.store.reserve(self.name, cost, self.limit, self.period, now)
+        if len(self.windows) == 1:
+            return self.store.reserve(self.name, cost, self.limit, self.period, now)
+        return self.store.reserve_all(self.name, cost, self.windows, now)
 
     def acquire(self, cost: float = 1) -> float:
         """Take ``cost`` units, waiting in ``"wait"`` mode; returns the admission's store time.
@@ -174,13 +185,17 @@ class RateLimiter:
         raise error
 
     def usage(self) -> float:
-        """Units admitted in the last ``period`` seconds."""
+        """Units admitted in the last ``period`` seconds (the first window's)."""
         now = None if self.clock is None else self.clock()
-        return self.store.limiter_usage(self.name, self.period, now)
+        key = self.name if len(self.windows) == 1 else window_key(self.name, *self.windows[0])
+        return self.store.limiter_usage(key, self.period, now)
 
     def reset(self) -> None:
         """Forget every reservation (the full budget is available again)."""
         self.store.delete_limiter(self.name)
+        if len(self.windows) > 1:
+            for limit, period in self.windows:
+                self.store.delete_limiter(window_key(self.name, limit, period))
 
     def __enter__(self) -> RateLimiter:
         self.acquire()

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
@@ -54,26 +55,37 @@ from flowstone_dagster.errors import (
     ConfigurationError,
     FlowstoneError,
     MaxAttemptsExceeded,
+    StoreUnavailable,
     is_retryable,
     retry_after_of,
     status_of,
     truncate,
 )
+from flowstone_dagster.redaction import redact_exception_chain, redact_text
 from flowstone_dagster.resilience.breaker import CircuitBreaker
 from flowstone_dagster.resilience.limiter import RateLimiter
 from flowstone_dagster.resilience.retry import with_retry
-from flowstone_dagster.resilience.stores import StateStore, default_store_url, open_store
-from flowstone_dagster.resilience.timeouts import deadline_scope, with_timeout
+from flowstone_dagster.resilience.stores import (
+    StateStore,
+    check_store_url,
+    default_store_url,
+    open_store,
+)
+from flowstone_dagster.resilience.timeouts import Deadline, deadline_scope, with_timeout
 
 __all__ = [
     "DEFAULT_STEP_MAX_RETRIES",
+    "ONCE",
     "RECOMMENDED_RETRY_POLICY",
     "CircuitBreakerConfig",
+    "OnStoreError",
     "RateLimitConfig",
+    "RateWindow",
     "ResilienceResource",
     "RetryConfig",
     "ServicePolicy",
     "dagster_retries",
+    "resolve",
     "to_dagster_error",
 ]
 
@@ -98,53 +110,94 @@ RECOMMENDED_RETRY_POLICY = dg.RetryPolicy(
 #: A rate-limit wait at least this long (seconds) becomes a step retry, not a sleep.
 DEFAULT_RETRY_REQUESTED_AFTER = 5.0
 
+#: Seconds Dagster waits before retrying a step whose resilience store was unavailable.
+DEFAULT_STORE_RETRY_AFTER = 10.0
+
 
 class RetryConfig(dg.Config):
     """Call-level retries (each attempt passes the breaker and the limiter again)."""
 
     max_attempts: int = Field(
-        default=3, description="Attempts per call, the first included (1 = no retries)."
+        default=3, ge=1, description="Attempts per call, the first included (1 = no retries)."
     )
     base_delay: float = Field(
-        default=0.5, description="Wait before the 2nd attempt, in seconds; doubles each time."
+        default=0.5, ge=0, description="Wait before the 2nd attempt, in seconds; doubles each time."
     )
     max_delay: float = Field(
         default=10.0,
+        ge=0,
         description="Cap on one wait, in seconds. A server asking to wait longer (Retry-After) "
         "ends the call's retries, so that Dagster retries the step later instead.",
     )
     deadline: float | None = Field(
         default=60.0,
-        description="Total seconds a call may spend, waits included; no retry starts that would "
-        "end after it. Null: bounded by attempts only.",
+        gt=0,
+        description="Seconds after the call began by which any new attempt must have started: "
+        "no retry starts, and no wait (backoff, rate limit, store lock) lasts, past it. It never "
+        "cuts a running attempt short; that is the policy's `timeout`. Null: bounded by "
+        "attempts only.",
     )
     jitter: float = Field(
         default=1.0,
+        ge=0,
         description="Random extra wait, up to this fraction of each exponential delay "
         "(it only ever adds). 0 disables it.",
     )
+
+    @model_validator(mode="after")
+    def _max_delay_covers_base_delay(self) -> RetryConfig:
+        if self.max_delay < self.base_delay:
+            raise ValueError(
+                f"max_delay ({self.max_delay:g}) must be at least base_delay ({self.base_delay:g})"
+            )
+        return self
 
 
 class CircuitBreakerConfig(dg.Config):
     """A circuit breaker named after the service, shared by every process using the store."""
 
-    threshold: int = Field(default=5, description="Consecutive failures that open the circuit.")
+    threshold: int = Field(
+        default=5, ge=1, description="Consecutive failures that open the circuit."
+    )
     timeout: float = Field(
         default=30.0,
+        ge=0,
         description="Seconds the circuit stays open before one probe call is let through.",
     )
     probe_lease: float = Field(
         default=60.0,
+        gt=0,
         description="Seconds a probe may run before another caller may probe (covers a crashed "
         "prober); set it above the call's timeout plus the limiter's max_wait.",
     )
 
 
-class RateLimitConfig(dg.Config):
-    """A rate limiter named after the service, shared by every process using the store."""
+class RateWindow(dg.Config):
+    """One rate: at most ``limit`` units in any ``period`` seconds."""
 
-    limit: float = Field(description="Units (calls, or the call's `cost`) allowed per period.")
-    period: float = Field(default=1.0, description="Window length in seconds.")
+    limit: float = Field(gt=0, description="Units allowed per period.")
+    period: float = Field(default=1.0, gt=0, description="Window length in seconds.")
+
+
+class RateLimitConfig(dg.Config):
+    """A rate limiter named after the service, shared by every process using the store.
+
+    One rate (``limit`` per ``period``), several (``rates``, all enforced in one atomic
+    decision), or both::
+
+        RateLimitConfig(limit=50, period=1)                       # 50/s
+        RateLimitConfig(rates=[(50, 1), (1000, 60)])              # 50/s and 1000/min
+    """
+
+    limit: float | None = Field(
+        default=None, gt=0, description="Units (calls, or the call's `cost`) allowed per period."
+    )
+    period: float = Field(default=1.0, gt=0, description="Window length of `limit`, seconds.")
+    rates: list[RateWindow] = Field(
+        default_factory=list,
+        description="More windows, each {limit, period} (or a (limit, period) pair in Python); "
+        "a call is admitted only when every window has room.",
+    )
     mode: Literal["wait", "reject"] = Field(
         default="wait",
         description="'wait': block until the call may go (up to max_wait); "
@@ -152,9 +205,36 @@ class RateLimitConfig(dg.Config):
     )
     max_wait: float = Field(
         default=30.0,
+        ge=0,
         description="Longest wait in 'wait' mode, in seconds; beyond it the attempt raises "
         "RateLimited with the wait (retried, or a step retry in Dagster).",
     )
+
+    @field_validator("rates", mode="before")
+    @classmethod
+    def _pairs_as_windows(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [
+                {"limit": item[0], "period": item[1]} if isinstance(item, (tuple, list)) else item
+                for item in value
+            ]
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one_rate(self) -> RateLimitConfig:
+        if self.limit is None and not self.rates:
+            raise ValueError("a rate limit needs `limit` (with `period`) or `rates`")
+        return self
+
+    def windows(self) -> tuple[tuple[float, float], ...]:
+        """Every ``(limit, period)`` this configuration enforces."""
+        pairs = [(window.limit, window.period) for window in self.rates]
+        if self.limit is not None:
+            pairs.insert(0, (self.limit, self.period))
+        return tuple(pairs)
+
+
+OnStoreError = Literal["retry_step", "local"]
 
 
 class ServicePolicy(dg.Config):
@@ -172,6 +252,7 @@ class ServicePolicy(dg.Config):
     )
     timeout: float | None = Field(
         default=None,
+        gt=0,
         description="Per-attempt time limit in seconds, published to the called function as "
         "flowstone_dagster.resilience.current_deadline() so that it can pass it to its I/O. "
         "Null: no limit here (the integration's own I/O timeouts apply).",
@@ -182,36 +263,38 @@ class ServicePolicy(dg.Config):
         "`timeout` passes. The abandoned thread keeps running (Python cannot stop it); use "
         "only for code that takes no timeout.",
     )
+    on_store_error: OnStoreError = Field(
+        default="retry_step",
+        description="When the resilience store fails or times out: 'retry_step' (default) ends "
+        "the call with StoreUnavailable, a step retry in Dagster (RetryRequested), without "
+        "calling the service; 'local' goes on with this process's own breaker and limiter "
+        "state (a WARNING once per process, flowstone/store_degraded in the metadata).",
+    )
 
 
-def _validate_policy(service: str, policy: ServicePolicy) -> None:
-    where = f"policies.{service}"
-    retry = policy.retry
-    checks: list[tuple[bool, str, str]] = [
-        (retry.max_attempts >= 1, "retry.max_attempts", "must be at least 1"),
-        (retry.base_delay >= 0, "retry.base_delay", "must not be negative"),
-        (retry.max_delay >= retry.base_delay, "retry.max_delay", "must be >= base_delay"),
-        (retry.deadline is None or retry.deadline > 0, "retry.deadline", "must be positive"),
-        (retry.jitter >= 0, "retry.jitter", "must not be negative"),
-        (policy.timeout is None or policy.timeout > 0, "timeout", "must be positive"),
-    ]
-    if policy.circuit_breaker is not None:
-        breaker = policy.circuit_breaker
-        checks += [
-            (breaker.threshold >= 1, "circuit_breaker.threshold", "must be at least 1"),
-            (breaker.timeout >= 0, "circuit_breaker.timeout", "must not be negative"),
-            (breaker.probe_lease > 0, "circuit_breaker.probe_lease", "must be positive"),
-        ]
-    if policy.rate_limit is not None:
-        limit = policy.rate_limit
-        checks += [
-            (limit.limit > 0, "rate_limit.limit", "must be positive"),
-            (limit.period > 0, "rate_limit.period", "must be positive"),
-            (limit.max_wait >= 0, "rate_limit.max_wait", "must not be negative"),
-        ]
-    for ok, field, message in checks:
-        if not ok:
-            raise ConfigurationError(message, field=f"{where}.{field}", service=service)
+#: A policy that calls once: no retries, no breaker, no rate limit. What an integration uses
+#: when no ResilienceResource is configured.
+ONCE = ServicePolicy(retry=RetryConfig(max_attempts=1), circuit_breaker=None)
+
+#: The in-process store a policy with ``on_store_error="local"`` falls back to.
+LOCAL_FALLBACK_STORE_URL = "memory://flowstone-local-fallback"
+
+_degraded_warned: set[str] = set()
+_degraded_lock = threading.Lock()
+
+
+def _warn_degraded_once(store: str, error: StoreUnavailable, service: str) -> None:
+    with _degraded_lock:
+        first = store not in _degraded_warned
+        _degraded_warned.add(store)
+    if first:
+        logger.warning(
+            "resilience store %s is unavailable (%s); service %r goes on with this process's "
+            "own breaker and limiter state (on_store_error='local') until it is back",
+            error.store,
+            error.reason,
+            service,
+        )
 
 
 class ResilienceResource(dg.ConfigurableResource):
@@ -229,7 +312,8 @@ class ResilienceResource(dg.ConfigurableResource):
         description="Where breaker and limiter state is shared: sqlite:///<absolute path> (one "
         "machine), postgresql://user:password@host:port/db (many machines; use EnvVar for the "
         "password) or memory:// (in-process executor, tests). Null: "
-        "$FLOWSTONE_RESILIENCE_STORE, else sqlite in $DAGSTER_HOME/flowstone/.",
+        "$FLOWSTONE_RESILIENCE_STORE, else sqlite in $DAGSTER_HOME/flowstone/ (private to the "
+        "user).",
     )
     policies: dict[str, ServicePolicy] = Field(
         default_factory=dict,
@@ -244,27 +328,48 @@ class ResilienceResource(dg.ConfigurableResource):
     )
     dagster_errors: bool = Field(
         default=True,
-        description="Turn what escapes call() into Dagster control flow: an open circuit or a "
-        "long rate-limit wait into RetryRequested, a non-retryable error into "
-        "Failure(allow_retries=False). Per call: call(..., dagster_errors=False).",
+        description="Turn what escapes call() into Dagster control flow: an open circuit, a "
+        "long rate-limit wait or an unavailable store into RetryRequested, a non-retryable "
+        "error into Failure(allow_retries=False). Per call: call(..., dagster_errors=False).",
     )
     retry_requested_after: float = Field(
         default=DEFAULT_RETRY_REQUESTED_AFTER,
+        ge=0,
         description="A rate-limit wait at least this many seconds becomes RetryRequested.",
+    )
+    store_retry_after: float = Field(
+        default=DEFAULT_STORE_RETRY_AFTER,
+        ge=0,
+        description="Seconds_to_wait of the RetryRequested raised when the store is "
+        "unavailable (on_store_error='retry_step').",
     )
     step_max_retries: int = Field(
         default=DEFAULT_STEP_MAX_RETRIES,
+        ge=0,
         description="max_retries of the RetryRequested raised (keep it equal to the step's "
         "RetryPolicy.max_retries; a raised RetryRequested takes precedence over the policy).",
     )
 
+    _clock: Callable[[], float] = PrivateAttr(default=time.monotonic)
+    _sleep: Callable[[float], None] = PrivateAttr(default=time.sleep)
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Fail at resource set-up on a bad policy or store URL, naming the field."""
-        for service, policy in self.policies.items():
-            _validate_policy(service, policy)
-        if self.default_policy is not None:
-            _validate_policy("<default>", self.default_policy)
-        open_store(self.store_url)
+        """Fail at resource set-up on a bad store URL, naming the field.
+
+        The store is only opened (not connected to) here: a store that is down at set-up is
+        the same failure as a store that goes down later, handled per call.
+        """
+        check_store_url(self.resolved_store_url())
+
+    def with_time(
+        self, *, clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None
+    ) -> ResilienceResource:
+        """A copy that reads ``clock`` (monotonic seconds) and waits with ``sleep``: retries,
+        backoff waits and rate-limit waits then run on the caller's time (tests)."""
+        copy = self.model_copy()
+        copy._clock = clock or time.monotonic
+        copy._sleep = sleep or time.sleep
+        return copy
 
     @property
     def store(self) -> StateStore:
@@ -288,10 +393,9 @@ class ResilienceResource(dg.ConfigurableResource):
                     field="policies",
                     service=service,
                 )
-        _validate_policy(service, policy)
         return policy
 
-    def breaker(self, service: str) -> CircuitBreaker | None:
+    def breaker(self, service: str, *, store: StateStore | None = None) -> CircuitBreaker | None:
         """The service's circuit breaker (``None`` when its policy has none)."""
         config = self.policy_for(service).circuit_breaker
         if config is None:
@@ -301,32 +405,42 @@ class ResilienceResource(dg.ConfigurableResource):
             threshold=config.threshold,
             timeout=config.timeout,
             probe_lease=config.probe_lease,
-            store=self.store,
+            store=store or self.store,
         )
 
-    def limiter(self, service: str, *, max_wait: float | None = None) -> RateLimiter | None:
+    def limiter(
+        self,
+        service: str,
+        *,
+        max_wait: float | None = None,
+        config: RateLimitConfig | None = None,
+        store: StateStore | None = None,
+    ) -> RateLimiter | None:
         """The service's rate limiter (``None`` when its policy has none); ``max_wait`` lowers
-        the policy's own."""
-        config = self.policy_for(service).rate_limit
+        the policy's own, ``config`` replaces the policy's."""
+        if config is None:
+            config = self.policy_for(service).rate_limit
         if config is None:
             return None
         return RateLimiter(
             service,
-            config.limit,
-            config.period,
+            rates=config.windows(),
             mode=config.mode,
             max_wait=config.max_wait if max_wait is None else min(config.max_wait, max_wait),
-            store=self.store,
+            store=store or self.store,
+            sleep=self._sleep,
         )
 
     def dagster_error(self, exc: BaseException, *, service: str | None = None) -> BaseException:
-        """:func:`to_dagster_error` with this resource's ``retry_requested_after`` and
-        ``step_max_retries`` (whatever ``dagster_errors`` says)."""
+        """:func:`to_dagster_error` with this resource's settings (whatever ``dagster_errors``
+        says). Raise the result as it is (``raise mapped``): its cause chain is already set,
+        without secrets."""
         return to_dagster_error(
             exc,
             retry_requested_after=self.retry_requested_after,
             max_retries=self.step_max_retries,
             service=service,
+            store_retry_after=self.store_retry_after,
         )
 
     @contextmanager
@@ -341,12 +455,13 @@ class ResilienceResource(dg.ConfigurableResource):
         if not self.dagster_errors:
             yield
             return
-        with dagster_retries(
-            retry_requested_after=self.retry_requested_after,
-            max_retries=self.step_max_retries,
-            service=service,
-        ):
+        try:
             yield
+        except Exception as exc:
+            mapped = self.dagster_error(exc, service=service)
+            if mapped is exc:
+                raise
+            raise mapped  # noqa: B904 - the mapped error carries its own (redacted) cause
 
     def call(
         self,
@@ -354,6 +469,7 @@ class ResilienceResource(dg.ConfigurableResource):
         fn: Callable[..., T],
         *args: Any,
         cost: float = 1,
+        limits: Sequence[tuple[str, RateLimitConfig, float]] = (),
         dagster_errors: bool | None = None,
         **kwargs: Any,
     ) -> T:
@@ -364,91 +480,257 @@ class ResilienceResource(dg.ConfigurableResource):
             text = resilience.call("anthropic", client.messages.create, model=..., cost=1)
 
         Order: ``retry(circuit_breaker(rate_limit(timeout(fn))))``; ``cost`` is the units the
-        call takes from the rate limit. Emits ``flowstone.resilience.call`` (``service``,
-        ``attempts``, outcome, duration). Errors: see :func:`to_dagster_error` when
-        ``dagster_errors`` is on (the resource's setting unless given here); otherwise
-        ``CircuitOpen``, ``MaxAttemptsExceeded`` (from the last error), ``RateLimited`` or
-        the non-retryable error unchanged.
+        call takes from the service's rate limit; ``limits`` adds rate limits of the caller's
+        own, ``(name, config, cost)`` each (an LLM's requests and tokens per model), taken on
+        every attempt after the service's. Emits ``flowstone.resilience.call`` (``service``,
+        ``attempts``, outcome, duration).
+
+        Time: the retry ``deadline`` bounds when an attempt may start and every wait (backoff,
+        rate limit, store); the policy's ``timeout`` alone bounds a running attempt, published
+        to ``fn`` as :func:`~.timeouts.current_deadline`.
+
+        Errors: see :func:`to_dagster_error` when ``dagster_errors`` is on (the resource's
+        setting unless given here); otherwise ``CircuitOpen``, ``StoreUnavailable``,
+        ``MaxAttemptsExceeded`` (from the last error), ``RateLimited`` or the non-retryable
+        error unchanged.
         """
         policy = self.policy_for(service)
-        retry = policy.retry
         to_dagster = self.dagster_errors if dagster_errors is None else dagster_errors
-        # With Dagster errors on, a wait of retry_requested_after or more is not slept inside
-        # the call (by the limiter or between attempts): it ends the call and becomes a step
-        # retry (RetryRequested), which frees the step's process meanwhile.
-        long_wait = self.retry_requested_after if to_dagster else None
-        max_delay = retry.max_delay
-        if long_wait is not None:
-            max_delay = max(min(max_delay, long_wait), retry.base_delay)
-        breaker = self.breaker(service)
-        limiter = self.limiter(service, max_wait=long_wait)
-        timeout, enforce = policy.timeout, policy.enforce_timeout
-        attempts = 0
-
-        def record(ticket: Any, error: BaseException | None = None) -> None:
-            # The breaker's store failing must neither hide the call's own error nor lose its
-            # result: log it and carry on.
-            try:
-                breaker.exit(ticket, error)  # type: ignore[union-attr]
-            except Exception as store_error:
-                logger.warning(
-                    "circuit breaker %r could not record a call: %s", service, store_error
-                )
-                telemetry.emit("flowstone.circuit.store_error", error=store_error, breaker=service)
-
-        def attempt() -> T:
-            nonlocal attempts
-            attempts += 1
-            ticket = breaker.enter() if breaker is not None else None
-            try:
-                if limiter is not None:
-                    limiter.acquire(cost)
-                # Nested in the call's deadline: each attempt gets min(timeout, time left).
-                with deadline_scope(timeout) as deadline:
-                    if enforce and deadline is not None:
-                        result = with_timeout(fn, deadline.remaining(), *args, **kwargs)
-                    else:
-                        result = fn(*args, **kwargs)
-            except BaseException as exc:
-                if ticket is not None:
-                    record(ticket, exc)
-                raise
-            if ticket is not None:
-                record(ticket)
-            return result
-
         started = time.perf_counter()
+        if (
+            policy.circuit_breaker is None
+            and policy.rate_limit is None
+            and not limits
+            and policy.retry.max_attempts == 1
+            and policy.timeout is None
+        ):
+            # Nothing to guard: one call, the same telemetry and the same Dagster mapping.
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                self._ended(service, started, 1, exc)
+                if to_dagster:
+                    mapped = self.dagster_error(exc, service=service)
+                    if mapped is not exc:
+                        raise mapped  # noqa: B904 - carries its own (redacted) cause
+                raise
+            self._ended(service, started, 1, None)
+            return result
+        guarded = _GuardedCall(
+            self,
+            service,
+            policy=policy,
+            to_dagster=to_dagster,
+            cost=cost,
+            limits=limits,
+            fn=fn,
+            args=args,
+            kwargs=kwargs,
+        )
         try:
-            with deadline_scope(retry.deadline):
-                result = with_retry(
-                    attempt,
-                    max_attempts=retry.max_attempts,
-                    base_delay=retry.base_delay,
-                    max_delay=max_delay,
-                    deadline=retry.deadline,
-                    jitter=retry.jitter,
-                    name=service,
-                )
+            result = guarded.run()
         except Exception as exc:
-            telemetry.emit(
-                "flowstone.resilience.call",
-                duration_s=time.perf_counter() - started,
-                attempts=max(attempts, 1),
-                error=exc,
-                service=service,
-            )
+            self._ended(service, started, max(guarded.attempts, 1), exc, guarded.degraded)
             if to_dagster:
                 mapped = self.dagster_error(exc, service=service)
                 if mapped is not exc:
-                    raise mapped from exc
+                    raise mapped  # noqa: B904 - carries its own (redacted) cause
             raise
+        self._ended(service, started, guarded.attempts, None, guarded.degraded)
+        return result
+
+    @staticmethod
+    def _ended(
+        service: str,
+        started: float,
+        attempts: int,
+        error: BaseException | None,
+        degraded: bool = False,
+    ) -> None:
+        measures: dict[str, Any] = {"service": service}
+        if degraded:
+            measures["store_degraded"] = 1
         telemetry.emit(
             "flowstone.resilience.call",
             duration_s=time.perf_counter() - started,
             attempts=attempts,
-            service=service,
+            error=error,
+            **measures,
         )
+
+
+class _GuardedCall:
+    """One ``ResilienceResource.call`` with a breaker, limits, retries or a timeout."""
+
+    def __init__(
+        self,
+        resource: ResilienceResource,
+        service: str,
+        *,
+        policy: ServicePolicy,
+        to_dagster: bool,
+        cost: float,
+        limits: Sequence[tuple[str, RateLimitConfig, float]],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.resource = resource
+        self.service = service
+        self.policy = policy
+        self.cost = cost
+        self.limits = limits
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.attempts = 0
+        self.degraded = False
+        retry = policy.retry
+        # With Dagster errors on, a wait of retry_requested_after or more is not slept inside
+        # the call (by the limiter or between attempts): it ends the call and becomes a step
+        # retry (RetryRequested), which frees the step's process meanwhile.
+        self.long_wait = resource.retry_requested_after if to_dagster else None
+        self.max_delay = retry.max_delay
+        if self.long_wait is not None:
+            self.max_delay = max(min(self.max_delay, self.long_wait), retry.base_delay)
+        self.deadline: Deadline | None = None
+
+    def run(self) -> Any:
+        retry = self.policy.retry
+        clock = self.resource._clock
+        self.deadline = Deadline(retry.deadline, clock=clock) if retry.deadline else None
+        return with_retry(
+            self.attempt,
+            max_attempts=retry.max_attempts,
+            base_delay=retry.base_delay,
+            max_delay=self.max_delay,
+            deadline=retry.deadline,
+            jitter=retry.jitter,
+            name=self.service,
+            # A store outage ends the call at once: it is retried at step level, never in a
+            # tight loop against a store that is down.
+            retry_on=_retryable_in_call,
+            clock=clock,
+            sleep=self.resource._sleep,
+        )
+
+    def _wait_budget(self) -> float | None:
+        """How long limiter waits may last now (the retry deadline's remaining time)."""
+        budgets = [b for b in (self.long_wait, self.deadline) if b is not None]
+        if not budgets:
+            return None
+        return min(b.remaining() if isinstance(b, Deadline) else b for b in budgets)
+
+    def _store(self, local: bool) -> StateStore:
+        return open_store(LOCAL_FALLBACK_STORE_URL) if local else self.resource.store
+
+    def _degrade(self, error: StoreUnavailable) -> None:
+        self.degraded = True
+        _warn_degraded_once(self.resource.resolved_store_url(), error, self.service)
+        telemetry.emit(
+            "flowstone.store.degraded",
+            error=error,
+            service=self.service,
+            operation=error.operation,
+        )
+
+    def _admit(self, local: bool) -> tuple[CircuitBreaker | None, Any]:
+        """Pass the breaker and take the limits (bounded by the retry deadline)."""
+        resource, service = self.resource, self.service
+        store = self._store(local)
+        breaker = resource.breaker(service, store=store)
+        wait_budget = self._wait_budget()
+        with deadline_scope(self.deadline):
+            ticket = breaker.enter() if breaker is not None else None
+            try:
+                limiter = resource.limiter(service, max_wait=wait_budget, store=store)
+                if limiter is not None:
+                    limiter.acquire(self.cost)
+                for name, config, units in self.limits:
+                    extra = resource.limiter(name, max_wait=wait_budget, config=config, store=store)
+                    if extra is not None:
+                        extra.acquire(units)
+            except BaseException as exc:
+                if breaker is not None and ticket is not None:
+                    # The service was not called: give a probe lease back, count nothing.
+                    _record_outcome(breaker, ticket, exc)
+                raise
+        return breaker, ticket
+
+    def attempt(self) -> Any:
+        self.attempts += 1
+        local = self.degraded
+        try:
+            breaker, ticket = self._admit(local)
+        except StoreUnavailable as error:
+            if self.policy.on_store_error != "local" or local:
+                raise
+            self._degrade(error)
+            breaker, ticket = self._admit(True)
+        try:
+            # Only the policy's timeout (and any deadline the caller set) bounds the attempt.
+            with deadline_scope(self.policy.timeout) as deadline:
+                if self.policy.enforce_timeout and deadline is not None:
+                    result = with_timeout(self.fn, deadline.remaining(), *self.args, **self.kwargs)
+                else:
+                    result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:
+            if breaker is not None and ticket is not None:
+                self._record(breaker, ticket, exc)
+            raise
+        if breaker is not None and ticket is not None:
+            self._record(breaker, ticket, None)
         return result
+
+    def _record(self, breaker: CircuitBreaker, ticket: Any, error: BaseException | None) -> None:
+        # Recording gets the retry deadline's remaining time, but at least RECORD_GRACE: the
+        # attempt may legitimately have outlived the deadline.
+        remaining = self.deadline.remaining() if self.deadline is not None else RECORD_GRACE
+        with deadline_scope(max(remaining, RECORD_GRACE)):
+            _record_outcome(breaker, ticket, error)
+
+
+#: Seconds a breaker may wait on the store to record a call's outcome after the retry deadline
+#: passed (the attempt itself may run longer than the deadline).
+RECORD_GRACE = 1.0
+
+
+def _record_outcome(breaker: CircuitBreaker, ticket: Any, error: BaseException | None) -> None:
+    # The store failing must neither hide the call's own error nor lose its result: log it
+    # and carry on.
+    try:
+        breaker.exit(ticket, error)
+    except Exception as store_error:
+        logger.warning("circuit breaker %r could not record a call: %s", breaker.name, store_error)
+        telemetry.emit("flowstone.circuit.store_error", error=store_error, breaker=breaker.name)
+
+
+def _retryable_in_call(exc: BaseException) -> bool:
+    return is_retryable(exc) and not isinstance(exc, StoreUnavailable)
+
+
+_once_resources: dict[tuple[str, ...], ResilienceResource] = {}
+
+
+def resolve(
+    resource: ResilienceResource | None, default_policy: ServicePolicy | None = None
+) -> ResilienceResource:
+    """The resilience resource an integration calls through: ``resource`` when the user
+    configured one, else an in-process one whose every service gets ``default_policy``
+    (default :data:`ONCE`: one attempt, no breaker, no limit). Either way the call has the same
+    telemetry and the same mapping to Dagster::
+
+        self._resilience = resolve(self.resilience)
+        rows = self._resilience.call(self.service, fetch, day, dagster_errors=False)
+    """
+    if resource is not None:
+        return resource
+    policy = default_policy or ONCE
+    key = (policy.model_dump_json(),)
+    found = _once_resources.get(key)
+    if found is None:
+        found = _once_resources[key] = ResilienceResource(
+            store_url=LOCAL_FALLBACK_STORE_URL, default_policy=policy
+        )
+    return found
 
 
 def _metadata(exc: BaseException, cause: BaseException, service: str | None) -> dict[str, Any]:
@@ -476,11 +758,18 @@ def to_dagster_error(
     retry_requested_after: float = DEFAULT_RETRY_REQUESTED_AFTER,
     max_retries: int = DEFAULT_STEP_MAX_RETRIES,
     service: str | None = None,
+    store_retry_after: float = DEFAULT_STORE_RETRY_AFTER,
 ) -> BaseException:
-    """The Dagster control-flow exception for a failed external call (raise it ``from exc``).
+    """The Dagster control-flow exception for a failed external call: the one mapping.
+
+    Raise the result as it is (``raise to_dagster_error(exc)``): its ``__cause__`` is ``exc``
+    with every link of its chain redacted (:func:`~flowstone_dagster.redaction.
+    redact_exception_chain`), because Dagster records the whole chain in the event log.
 
     - ``CircuitOpen`` (also as the last error of ``MaxAttemptsExceeded``) ->
       ``RetryRequested(max_retries, seconds_to_wait=retry_in)`` (at least 1 s);
+    - ``StoreUnavailable`` (the resilience store failed; the service was not called) ->
+      ``RetryRequested(max_retries, seconds_to_wait=store_retry_after)``;
     - a rate limit (any error with a retry-after) asking to wait ``retry_requested_after``
       seconds or more -> ``RetryRequested(max_retries, seconds_to_wait=<the wait>)``;
     - an error that is not retryable -> ``Failure(allow_retries=False)``: Dagster fails the step
@@ -497,26 +786,35 @@ def to_dagster_error(
         try:
             rows = with_retry(fetch)
         except Exception as exc:
-            raise to_dagster_error(exc) from exc
+            raise to_dagster_error(exc)
     """
     if not isinstance(exc, Exception) or isinstance(exc, (dg.Failure, dg.RetryRequested)):
         return exc
     cause = exc.last_error if isinstance(exc, MaxAttemptsExceeded) else exc
+    mapped: BaseException
     if isinstance(cause, CircuitOpen):
-        return dg.RetryRequested(
+        mapped = dg.RetryRequested(
             max_retries=max_retries, seconds_to_wait=max(math.ceil(cause.retry_in), 1)
         )
-    wait = retry_after_of(cause)
-    if wait is not None and wait >= retry_requested_after and is_retryable(cause):
-        return dg.RetryRequested(max_retries=max_retries, seconds_to_wait=math.ceil(wait))
-    retryable = is_retryable(cause)
-    is_ours = isinstance(exc, FlowstoneError)
-    description = str(exc) if is_ours else f"{type(exc).__name__}: {exc}"
-    return dg.Failure(
-        description=truncate(description, 2000),
-        metadata=_metadata(exc, cause, service),
-        allow_retries=retryable,
-    )
+    elif isinstance(cause, StoreUnavailable):
+        mapped = dg.RetryRequested(
+            max_retries=max_retries, seconds_to_wait=max(math.ceil(store_retry_after), 0)
+        )
+    else:
+        wait = retry_after_of(cause)
+        retryable = is_retryable(cause)
+        if wait is not None and wait >= retry_requested_after and retryable:
+            mapped = dg.RetryRequested(max_retries=max_retries, seconds_to_wait=math.ceil(wait))
+        else:
+            is_ours = isinstance(exc, FlowstoneError)
+            description = str(exc) if is_ours else f"{type(exc).__name__}: {exc}"
+            mapped = dg.Failure(
+                description=truncate(redact_text(description), 2000),
+                metadata=_metadata(exc, cause, service),
+                allow_retries=retryable,
+            )
+    mapped.__cause__ = redact_exception_chain(exc, is_ours=FlowstoneError)
+    return mapped
 
 
 @contextmanager
@@ -546,4 +844,4 @@ def dagster_retries(
         )
         if mapped is exc:
             raise
-        raise mapped from exc
+        raise mapped  # noqa: B904 - the mapped error carries its own (redacted) cause

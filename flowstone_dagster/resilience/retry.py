@@ -22,6 +22,9 @@
 - When retrying stops, :class:`~flowstone_dagster.errors.MaxAttemptsExceeded` is raised with
   the attempts made and the last error (also its ``__cause__``).
 
+The loop is ours (so that ``clock`` and ``sleep`` can be injected); the schedule is
+``backoff.expo``'s.
+
 Telemetry: each wait emits ``flowstone.retry`` (outcome ``error``, the failure's type,
 ``attempts`` = the attempt that failed, measures ``call``, ``wait_s``); giving up after a
 retryable failure emits ``flowstone.retry.exhausted`` (``call``, ``reason``: ``max_attempts``,
@@ -32,9 +35,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import backoff
 
@@ -146,6 +149,9 @@ def with_retry(
     deadline: float | None = None,
     jitter: float = DEFAULT_JITTER,
     name: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
 ) -> T:
     """Call ``fn()`` until it succeeds, retrying transient failures with backoff.
 
@@ -155,69 +161,58 @@ def with_retry(
         with_retry(flaky, retry_on=(TimeoutError, ConnectionError))
         with_retry(flaky, retry_on=lambda exc: getattr(exc, "status", 0) == 503)
 
-    ``name`` labels the telemetry (default: ``fn``'s qualified name). See the module docs for
-    the rules; raises ``MaxAttemptsExceeded`` from the last error when retrying stops, and any
-    error that is not retried unchanged.
+    ``name`` labels the telemetry (default: ``fn``'s qualified name). ``clock`` (monotonic
+    seconds), ``sleep`` and ``rng`` (the jitter's random source) are injectable, so that tests
+    control time. See the module docs for the rules; raises ``MaxAttemptsExceeded`` from the
+    last error when retrying stops, and any error that is not retried unchanged.
+
+    ``deadline`` bounds when a new attempt may start (no wait may end after it); it never
+    interrupts a running attempt: bounding one attempt is the job of a timeout.
     """
     _validate(max_attempts, base_delay, max_delay, jitter)
     if deadline is not None and deadline <= 0:
         raise ConfigurationError(f"must be positive, got {deadline}", field="deadline")
     should_retry = _predicate(retry_on)
     label = name or getattr(fn, "__qualname__", None) or type(fn).__name__
-    started = time.monotonic()
-    progress: dict[str, Any] = {"tries": 0, "reason": "max_attempts"}
-
-    def waits() -> Generator[float | None, BaseException | None, None]:
-        exponential = _exponential(base_delay, max_delay)
-        error = yield None
-        while error is not None:
-            delay = _jittered(next(exponential), max_delay, jitter, _random)
-            asked = retry_after_of(error)
-            if asked is not None:
-                if asked > max(max_delay, delay):
-                    progress["reason"] = "retry_after"
-                    return
-                delay = max(delay, asked)
-            if deadline is not None and time.monotonic() - started + delay > deadline:
-                progress["reason"] = "deadline"
-                return
-            error = yield delay
-
-    def on_backoff(details: Any) -> None:
-        telemetry.emit(
-            "flowstone.retry",
-            error=details["exception"],
-            attempts=details["tries"],
-            call=label,
-            wait_s=round(details["wait"], 4),
-        )
-
-    def on_giveup(details: Any) -> None:
-        progress["tries"] = details["tries"]
-
-    retrying = backoff.on_exception(
-        cast(Any, waits),
-        Exception,
-        max_tries=max_attempts,
-        giveup=lambda exc: not should_retry(exc),
-        on_backoff=on_backoff,
-        on_giveup=on_giveup,
-        raise_on_giveup=True,
-        jitter=None,
-        logger=None,
-    )(fn)
-    try:
-        return retrying()
-    except Exception as error:
-        if not should_retry(error):
-            raise
-        attempts = progress["tries"] or 1
-        telemetry.emit(
-            "flowstone.retry.exhausted",
-            error=error,
-            attempts=attempts,
-            call=label,
-            reason=progress["reason"],
-            duration_s=time.monotonic() - started,
-        )
-        raise MaxAttemptsExceeded(attempts, error) from error
+    rng = rng or _random
+    started = clock()
+    exponential = _exponential(base_delay, max_delay)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as error:
+            if not should_retry(error):
+                raise
+            reason = None
+            delay = 0.0
+            if attempt >= max_attempts:
+                reason = "max_attempts"
+            else:
+                delay = _jittered(next(exponential), max_delay, jitter, rng)
+                asked = retry_after_of(error)
+                if asked is not None:
+                    if asked > max(max_delay, delay):
+                        reason = "retry_after"
+                    delay = max(delay, asked)
+                if reason is None and deadline is not None and clock() - started + delay > deadline:
+                    reason = "deadline"
+            if reason is not None:
+                telemetry.emit(
+                    "flowstone.retry.exhausted",
+                    error=error,
+                    attempts=attempt,
+                    call=label,
+                    reason=reason,
+                    duration_s=clock() - started,
+                )
+                raise MaxAttemptsExceeded(attempt, error) from error
+            telemetry.emit(
+                "flowstone.retry",
+                error=error,
+                attempts=attempt,
+                call=label,
+                wait_s=round(delay, 4),
+            )
+            sleep(delay)

@@ -50,24 +50,25 @@ class Deadline:
         deadline.check("reading the header")      # raises CallTimeout once expired
     """
 
-    __slots__ = ("at", "seconds")
+    __slots__ = ("at", "clock", "seconds")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if seconds < 0:
             raise ConfigurationError(f"must not be negative, got {seconds}", field="timeout")
         self.seconds = float(seconds)
-        self.at = time.monotonic() + self.seconds
+        self.clock = clock
+        self.at = clock() + self.seconds
 
     def __repr__(self) -> str:
         return f"Deadline(remaining={self.remaining():.3f} s of {self.seconds:g} s)"
 
     def remaining(self) -> float:
         """Seconds left, never negative."""
-        return max(self.at - time.monotonic(), 0.0)
+        return max(self.at - self.clock(), 0.0)
 
     @property
     def expired(self) -> bool:
-        return time.monotonic() >= self.at
+        return self.clock() >= self.at
 
     def timeout(self, default: float | None = None) -> float:
         """The timeout to give an I/O call: the remaining time, or ``default`` if smaller."""
@@ -93,8 +94,8 @@ def current_deadline() -> Deadline | None:
 
 
 @contextmanager
-def deadline_scope(seconds: float | None) -> Iterator[Deadline | None]:
-    """Publish a deadline ``seconds`` from now to the code in the block.
+def deadline_scope(seconds: float | Deadline | None) -> Iterator[Deadline | None]:
+    """Publish a deadline ``seconds`` from now (or a :class:`Deadline`) to the code in the block.
 
     A scope never extends an enclosing one: the earlier deadline wins. ``None`` publishes
     nothing new (the enclosing deadline, if any, stays).
@@ -103,8 +104,8 @@ def deadline_scope(seconds: float | None) -> Iterator[Deadline | None]:
     if seconds is None:
         yield outer
         return
-    deadline = Deadline(seconds)
-    if outer is not None and outer.at < deadline.at:
+    deadline = seconds if isinstance(seconds, Deadline) else Deadline(seconds)
+    if outer is not None and outer.remaining() < deadline.remaining():
         deadline = outer
     token = _current.set(deadline)
     try:

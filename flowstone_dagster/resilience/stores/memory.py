@@ -1,0 +1,141 @@
+"""The in-process store: for tests and the in-process executor."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from flowstone_dagster.resilience.stores.base import (
+    CLOSED_RECORD,
+    EPSILON,
+    BreakerRecord,
+    Reservation,
+    wait_until_fits,
+    window_key,
+)
+
+__all__ = ["MemoryStore"]
+
+T = TypeVar("T")
+
+
+class _Log:
+    __slots__ = ("entries", "used")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[float, float]] = deque()
+        self.used = 0.0
+
+
+class MemoryStore:
+    """State in this process's memory, guarded by a lock: for tests and the in-process executor.
+
+    ``open_store("memory://name")`` returns the same store for the same name within a process.
+    """
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._breakers: dict[str, BreakerRecord] = {}
+        self._logs: dict[str, _Log] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.url!r})"
+
+    def read_breaker(self, name: str) -> BreakerRecord:
+        return self._breakers.get(name, CLOSED_RECORD)
+
+    def update_breaker(
+        self,
+        name: str,
+        update: Callable[[BreakerRecord, float], tuple[BreakerRecord, T]],
+        now: float | None = None,
+    ) -> T:
+        with self._lock:
+            current = self._breakers.get(name, CLOSED_RECORD)
+            record, result = update(current, time.time() if now is None else now)
+            if record != current:
+                self._breakers[name] = record
+            return result
+
+    def delete_breaker(self, name: str) -> None:
+        with self._lock:
+            self._breakers.pop(name, None)
+
+    def _pruned(self, name: str, period: float, now: float) -> _Log:
+        log = self._logs.get(name)
+        if log is None:
+            log = self._logs[name] = _Log()
+        entries = log.entries
+        horizon = now - period
+        while entries and entries[0][0] <= horizon:
+            log.used -= entries.popleft()[1]
+        if not entries:
+            log.used = 0.0  # no float drift across an idle period
+        return log
+
+    def reserve(
+        self, name: str, cost: float, limit: float, period: float, now: float | None = None
+    ) -> Reservation:
+        with self._lock:  # the hot path, kept short: it decides the cost of every admission
+            at = time.time() if now is None else now
+            log = self._logs.get(name) or self._pruned(name, period, at)
+            entries = log.entries
+            if entries and entries[0][0] <= at - period:
+                log = self._pruned(name, period, at)
+            if log.used + cost <= limit + EPSILON:
+                entries.append((at, cost))
+                log.used += cost
+                return Reservation(True, at, 0.0)
+            wait = wait_until_fits(
+                entries, used=log.used, cost=cost, limit=limit, period=period, now=at
+            )
+            return Reservation(False, at, wait)
+
+    def reserve_all(
+        self,
+        name: str,
+        cost: float,
+        windows: Sequence[tuple[float, float]],
+        now: float | None = None,
+    ) -> Reservation:
+        with self._lock:
+            at = time.time() if now is None else now
+            logs = [
+                (self._pruned(window_key(name, limit, period), period, at), limit, period)
+                for limit, period in windows
+            ]
+            wait = 0.0
+            for log, limit, period in logs:
+                if log.used + cost > limit + EPSILON:
+                    wait = max(
+                        wait,
+                        wait_until_fits(
+                            log.entries,
+                            used=log.used,
+                            cost=cost,
+                            limit=limit,
+                            period=period,
+                            now=at,
+                        ),
+                    )
+            if wait > 0:
+                return Reservation(False, at, wait)
+            for log, _, _ in logs:
+                log.entries.append((at, cost))
+                log.used += cost
+            return Reservation(True, at, 0.0)
+
+    def limiter_usage(self, name: str, period: float, now: float | None = None) -> float:
+        with self._lock:
+            return self._pruned(name, period, time.time() if now is None else now).used
+
+    def delete_limiter(self, name: str) -> None:
+        with self._lock:
+            self._logs.pop(name, None)
+
+    def close(self) -> None:
+        """Nothing to close."""
