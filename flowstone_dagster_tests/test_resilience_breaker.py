@@ -21,12 +21,12 @@ from hypothesis.stateful import (
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
-    StoreUnavailable,
     CircuitOpen,
     ConfigurationError,
     HTTPError,
     NotFound,
     RateLimited,
+    StoreUnavailable,
     Unauthorized,
 )
 from flowstone_dagster.resilience import (
