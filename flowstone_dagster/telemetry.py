@@ -256,9 +256,9 @@ class StepTelemetry:
         elif self.log_all:
             log.debug(format_event(event))
 
-    def metadata(self) -> dict[str, int | float]:
+    def metadata(self) -> dict[str, int | float | bool]:
         """The ``flowstone/...`` metadata of the events seen so far."""
-        result: dict[str, int | float] = {}
+        result: dict[str, int | float | bool] = {}
         with self._lock:
             for name, totals in sorted(self._totals.items()):
                 prefix = f"flowstone/{_short(name)}"
@@ -269,6 +269,10 @@ class StepTelemetry:
                 for key, value in sorted(totals.sums.items()):
                     clash = key in ("calls", "errors", "attempts", "duration_ms")
                     result[f"{prefix}/{'measure_' if clash else ''}{key}"] = value
+            if "flowstone.store.degraded" in self._totals:
+                # The resilience store was down and calls went on with this process's own
+                # breaker and limiter state: the flag users look for in the UI.
+                result["flowstone/store_degraded"] = True
         return result
 
 

@@ -20,17 +20,36 @@ from flowstone_dagster.errors import (
 from flowstone_dagster.resilience import backoff_delays, with_retry
 
 
+class FakeTime:
+    """An injected clock and sleep: waits are recorded, not slept."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def kwargs(self) -> dict[str, object]:
+        return {"clock": self.clock, "sleep": self.sleep}
+
+
 class Counter:
     """A callable that fails with the given errors in turn, then returns ``"success"``."""
 
-    def __init__(self, *errors: BaseException) -> None:
+    def __init__(self, *errors: BaseException, time_source: FakeTime | None = None) -> None:
         self.errors = list(errors)
         self.calls = 0
         self.times: list[float] = []
+        self.time_source = time_source
 
     def __call__(self) -> str:
         self.calls += 1
-        self.times.append(time.monotonic())
+        self.times.append(self.time_source.now if self.time_source else time.monotonic())
         if self.errors:
             raise self.errors.pop(0)
         return "success"
@@ -69,6 +88,19 @@ def test_fails_after_max_attempts() -> None:
 
 
 def test_uses_exponential_backoff() -> None:
+    fake = FakeTime()
+    fn = Counter(*(RateLimited("slow down") for _ in range(3)), time_source=fake)
+    with pytest.raises(MaxAttemptsExceeded):
+        with_retry(fn, max_attempts=3, base_delay=0.1, **fake.kwargs())  # type: ignore[arg-type]
+    # Waits at least 100 ms, then 200 ms (the jitter only adds, up to 100%).
+    assert len(fake.slept) == 2
+    assert 0.1 <= fake.slept[0] <= 0.2
+    assert 0.2 <= fake.slept[1] <= 0.4
+
+
+def test_the_real_clock_waits_the_schedule() -> None:
+    # The one real-time test of the schedule: wide margins, no upper bound that a loaded
+    # machine could break.
     fn = Counter(*(RateLimited("slow down") for _ in range(3)))
     started = time.monotonic()
     with pytest.raises(MaxAttemptsExceeded):
@@ -86,13 +118,13 @@ def test_uses_exponential_backoff() -> None:
 
 def test_a_non_retryable_error_propagates_at_once_unchanged() -> None:
     error = NotFound("HTTP 404 from GET /orders/7", status=404)
+    fake = FakeTime()
     fn = Counter(error)
-    started = time.monotonic()
     with pytest.raises(NotFound) as caught:
-        with_retry(fn, max_attempts=5, base_delay=1.0)
+        with_retry(fn, max_attempts=5, base_delay=1.0, **fake.kwargs())  # type: ignore[arg-type]
     assert caught.value is error
     assert fn.calls == 1
-    assert time.monotonic() - started < 0.5
+    assert fake.slept == []
 
 
 def test_programming_errors_are_not_retried() -> None:
@@ -121,33 +153,52 @@ def test_retry_on_a_predicate() -> None:
 
 
 def test_retry_after_is_honoured() -> None:
-    fn = Counter(RateLimited("429", retry_after=0.3))
-    assert with_retry(fn, base_delay=0.01, jitter=0) == "success"
-    assert fn.times[1] - fn.times[0] >= 0.3
+    fake = FakeTime()
+    fn = Counter(RateLimited("429", retry_after=0.3), time_source=fake)
+    assert with_retry(fn, base_delay=0.01, jitter=0, **fake.kwargs()) == "success"  # type: ignore[arg-type]
+    assert fake.slept == [0.3]
+    assert fn.times[1] - fn.times[0] == pytest.approx(0.3)
 
 
 def test_a_retry_after_beyond_max_delay_stops_retrying() -> None:
     error = RateLimited("429", retry_after=120)
+    fake = FakeTime()
     fn = Counter(error)
-    started = time.monotonic()
     with pytest.raises(MaxAttemptsExceeded) as caught:
-        with_retry(fn, max_attempts=5, base_delay=0.01, max_delay=2)
-    assert time.monotonic() - started < 1
+        with_retry(fn, max_attempts=5, base_delay=0.01, max_delay=2, **fake.kwargs())  # type: ignore[arg-type]
+    assert fake.slept == []
     assert caught.value.attempts == 1
     assert caught.value.last_error is error
 
 
 def test_a_deadline_stops_retrying_when_the_next_wait_would_pass_it() -> None:
-    fn = Counter(*(CallTimeout("slow") for _ in range(10)))
-    started = time.monotonic()
+    fake = FakeTime()
+    fn = Counter(*(CallTimeout("slow") for _ in range(10)), time_source=fake)
     with pytest.raises(MaxAttemptsExceeded) as caught:
-        with_retry(fn, max_attempts=10, base_delay=0.1, jitter=0, deadline=0.5)
-    elapsed = time.monotonic() - started
+        with_retry(fn, max_attempts=10, base_delay=0.1, jitter=0, deadline=0.5, **fake.kwargs())  # type: ignore[arg-type]
     # waits 0.1 + 0.2 = 0.3 s; the next (0.4 s) would end after 0.5 s: 3 attempts.
     assert caught.value.attempts == 3
     assert fn.calls == 3
-    assert 0.3 <= elapsed < 0.5
+    assert fake.slept == pytest.approx([0.1, 0.2])
     assert isinstance(caught.value.__cause__, CallTimeout)
+
+
+def test_a_deadline_never_cuts_a_running_attempt_short() -> None:
+    fake = FakeTime()
+
+    def slow_then_ok() -> str:
+        fake.now += 5.0  # an attempt longer than the whole deadline
+        if len(fake.slept) == 0 and fake.now < 1006:
+            raise CallTimeout("first attempt timed out")
+        return "done"
+
+    # The first attempt ran past the deadline: no new attempt may start.
+    with pytest.raises(MaxAttemptsExceeded) as caught:
+        with_retry(slow_then_ok, deadline=1.0, base_delay=0.1, jitter=0, **fake.kwargs())  # type: ignore[arg-type]
+    assert caught.value.attempts == 1
+    # A single long attempt that succeeds is never interrupted.
+    fake.now = 0.0
+    assert with_retry(lambda: (fake.sleep(30), "long")[1], deadline=1.0, **fake.kwargs()) == "long"  # type: ignore[arg-type]
 
 
 def test_keyboard_interrupt_is_never_caught() -> None:

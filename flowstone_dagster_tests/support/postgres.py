@@ -57,6 +57,25 @@ class PostgresCluster:
             f"password={self.password} dbname={self.database}"
         )
 
+    def pg_ctl(self, *args: str) -> None:
+        """Run ``pg_ctl`` on this cluster (as the ``postgres`` user when we are root)."""
+        command = [str(postgres_bindir() / "pg_ctl"), "-D", str(self.data_dir), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, capture_output=True, text=True, check=True)
+
+    def stop(self) -> None:
+        """Stop the server at once (``-m immediate``): every connection breaks."""
+        self.pg_ctl("-m", "immediate", "-w", "stop")
+
+    def restart(self) -> None:
+        """Start the server again after :meth:`stop`, on the same port."""
+        options = (
+            f"-p {self.port} -k {self.data_dir.parent} -h 127.0.0.1 -c fsync=off "
+            "-c max_connections=200"
+        )
+        self.pg_ctl("-o", options, "-l", str(self.data_dir.parent / "server.log"), "-w", "start")
+
     @property
     def url(self) -> str:
         """A ``postgresql://`` URL."""
