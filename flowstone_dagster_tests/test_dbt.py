@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from flowstone_dagster import telemetry
@@ -27,8 +28,9 @@ from flowstone_dagster.resilience import (
     ResilienceResource,
     RetryConfig,
     ServicePolicy,
+    deadline_scope,
 )
-from flowstone_dagster.resources.dbt import DbtResource, DbtResult
+from flowstone_dagster.resources.dbt import DbtResource, DbtResult, _effective_timeout
 from flowstone_dagster.resources.dbt_errors import (
     DbtExecutableNotFound,
     DbtNothingSelected,
@@ -39,6 +41,7 @@ from flowstone_dagster.resources.dbt_errors import (
 pytestmark = pytest.mark.dbt
 
 FIXTURE_PROJECT = Path(__file__).parent / "dbt_project"
+SLOW_PROJECT = Path(__file__).parent / "dbt_slow_project"
 
 
 def copy_project(destination: Path) -> Path:
@@ -67,6 +70,14 @@ def built(dbt: DbtResource) -> tuple[DbtResult, list[telemetry.TelemetryEvent]]:
     finally:
         remove()
     return result, events
+
+
+def dbt_error(raised: pytest.ExceptionInfo[dg.Failure]) -> BaseException:
+    """The dbt error a Dagster ``Failure`` stands for (the one mapping: what escapes a call is
+    Dagster control flow unless the resilience resource's ``dagster_errors`` is off)."""
+    cause = raised.value.__cause__
+    assert cause is not None
+    return cause
 
 
 @pytest.fixture
@@ -112,10 +123,11 @@ def test_runs_dbt_model_successfully(dbt: DbtResource, built: object, project: P
 
 def test_detects_dbt_failures(dbt: DbtResource, built: object) -> None:
     """The brief runs a model that does not exist. dbt warns and exits 0; we raise."""
-    with pytest.raises(DbtFailed) as raised:
+    with pytest.raises(dg.Failure) as raised:
         dbt.run_model("nonexistent_model")
 
-    error = raised.value
+    assert raised.value.allow_retries is False
+    error = dbt_error(raised)
     assert isinstance(error, DbtNothingSelected)
     assert "could not find" in str(error)
     assert "nonexistent_model" in str(error)
@@ -229,10 +241,16 @@ def test_a_criterion_that_matches_nothing_next_to_one_that_matches_is_a_warning(
 def test_failing_model_raises_dbt_failed_with_the_node(
     dbt: DbtResource, built: object, captured: list[telemetry.TelemetryEvent]
 ) -> None:
-    with pytest.raises(DbtFailed) as raised:
+    with pytest.raises(dg.Failure) as raised:
         dbt.run_model("broken_model")
 
-    error = raised.value
+    failure = raised.value
+    assert failure.allow_retries is False
+    assert failure.metadata["dbt/exit_code"].value == 1
+    assert "no_such_column" in str(
+        failure.metadata["dbt/failed/model.flowstone_fixture.broken_model"].value
+    )
+    error = dbt_error(raised)
     assert type(error) is DbtFailed
     assert error.exit_code == 1
     assert "broken_model (error)" in str(error)
@@ -256,10 +274,11 @@ def test_failing_model_raises_dbt_failed_with_the_node(
 
 
 def test_failing_test_raises_with_its_failure_count(dbt: DbtResource, built: object) -> None:
-    with pytest.raises(DbtFailed) as raised:
+    with pytest.raises(dg.Failure) as raised:
         dbt.build("revenue_targets+")
 
-    error = raised.value
+    error = dbt_error(raised)
+    assert isinstance(error, DbtFailed)
     assert error.exit_code == 1
     [node] = error.failed_nodes
     assert node["unique_id"] == "test.flowstone_fixture.revenue_meets_target"
@@ -278,10 +297,12 @@ def test_sql_errors_and_test_failures_are_not_retried(
             policies={"dbt": ServicePolicy(retry=RetryConfig(max_attempts=3, base_delay=0.01))},
         ),
     )
-    with pytest.raises(DbtFailed):
+    with pytest.raises(dg.Failure) as raised:
         dbt.run_model("broken_model")
-    with pytest.raises(DbtFailed):
+    assert isinstance(dbt_error(raised), DbtFailed)
+    with pytest.raises(dg.Failure) as raised:
         dbt.test("revenue_meets_target")
+    assert isinstance(dbt_error(raised), DbtFailed)
 
     commands = [e for e in captured if e.name == "flowstone.dbt.command"]
     assert [e.attempts for e in commands] == [1, 1]
@@ -427,13 +448,78 @@ def test_timeout_stops_dbt_and_its_children(project: Path, built: object, tmp_pa
     dbt = DbtResource(project_dir=str(project), dbt_executable=str(wrapper), kill_grace=1.0)
 
     started = time.monotonic()
-    with pytest.raises(CallTimeout) as raised:
+    with pytest.raises(dg.Failure) as raised:
         dbt.run_model("slow_model", timeout=4.0)
     took = time.monotonic() - started
 
-    assert raised.value.timeout == 4.0
-    assert "dbt and its child processes were stopped" in str(raised.value)
+    assert raised.value.allow_retries is True  # a timeout is transient: the step may retry
+    error = dbt_error(raised)
+    assert isinstance(error, CallTimeout)
+    assert error.timeout == 4.0
+    assert "dbt and its child processes were stopped" in str(error)
     wrapper_pid, dbt_pid = (int(line) for line in pid_file.read_text().split())
     assert not _running(wrapper_pid, "slow_model")
     assert not _running(dbt_pid, "slow_model")
     assert took < 120  # the slow model alone would run for many minutes
+
+
+def test_without_dagster_errors_the_dbt_error_is_raised_as_it_is(
+    project: Path, built: object
+) -> None:
+    dbt = DbtResource(
+        project_dir=str(project),
+        resilience=ResilienceResource(store_url="memory://dbt-raw-errors", dagster_errors=False),
+    )
+    with pytest.raises(DbtFailed) as raised:
+        dbt.run_model("broken_model")
+    assert type(raised.value) is DbtFailed
+    assert raised.value.failed_nodes[0]["unique_id"] == "model.flowstone_fixture.broken_model"
+
+
+# -- deadlines -------------------------------------------------------------------------------------
+
+
+def test_dbt_timeout_is_the_smaller_of_its_own_and_the_policy_timeout() -> None:
+    assert _effective_timeout(3600.0) == 3600.0
+    assert _effective_timeout(None) is None
+    with deadline_scope(30.0):
+        shortened, unlimited = _effective_timeout(3600.0), _effective_timeout(None)
+        assert shortened is not None
+        assert 29.0 < shortened <= 30.0
+        assert unlimited is not None
+        assert 29.0 < unlimited <= 30.0
+        assert _effective_timeout(10.0) == 10.0
+
+
+def test_a_retry_deadline_never_stops_a_running_dbt_command(
+    tmp_path: Path, captured: list[telemetry.TelemetryEvent]
+) -> None:
+    """A retry deadline of 5 s bounds when a retry may start, not the 8 s model: only the
+    policy's `timeout` (longer than the model) and dbt's own `timeout` bound a running command.
+    Before the fix, the deadline was published as the attempt's limit and dbt was stopped."""
+    project = shutil.copytree(
+        SLOW_PROJECT, tmp_path / "slow", ignore=shutil.ignore_patterns("target", "logs")
+    )
+    dbt = DbtResource(
+        project_dir=str(project),
+        profiles_dir=str(project),
+        resilience=ResilienceResource(
+            store_url="memory://dbt-deadline",
+            policies={
+                "dbt": ServicePolicy(retry=RetryConfig(max_attempts=2, deadline=5.0), timeout=120)
+            },
+        ),
+    )
+
+    started = time.monotonic()
+    result = dbt.run_model("sleepy_model")
+    took = time.monotonic() - started
+
+    assert result.success
+    assert result.attempts == 1
+    [node] = result.nodes
+    assert (node.name, node.status) == ("sleepy_model", "success")
+    assert node.execution_time >= 7.5
+    assert took > 5.0  # the command outlived the retry deadline and was not stopped
+    [call] = [e for e in captured if e.name == "flowstone.resilience.call"]
+    assert (call.outcome, call.attempts) == ("ok", 1)

@@ -153,10 +153,14 @@ def test_refused_connection_without_resilience_is_one_retryable_error(
     project: Path, warehouse_port: Forwarder, pg_database: PostgresCluster
 ) -> None:
     dbt = DbtResource(project_dir=str(project), target="postgres")
-    with pytest.raises(DbtWarehouseUnreachable) as raised:
+    with pytest.raises(dg.Failure) as raised:
         dbt.run()
 
-    error = raised.value
+    # The one mapping, also with no resilience configured: a retryable Failure caused by it.
+    assert raised.value.allow_retries is True
+    assert raised.value.metadata["flowstone/error_type"].value == "DbtWarehouseUnreachable"
+    error = raised.value.__cause__
+    assert isinstance(error, DbtWarehouseUnreachable)
     assert is_retryable(error)
     assert error.exit_code == 2
     assert "could not reach the warehouse" in str(error)
@@ -177,10 +181,14 @@ def test_warehouse_that_stays_down_exhausts_the_attempts(
             policies={"dbt": ServicePolicy(retry=RetryConfig(max_attempts=2, base_delay=0.05))},
         ),
     )
-    with pytest.raises(MaxAttemptsExceeded) as raised:
+    with pytest.raises(dg.Failure) as raised:
         dbt.run_model("stg_orders")
-    assert raised.value.attempts == 2
-    assert isinstance(raised.value.last_error, DbtWarehouseUnreachable)
+    assert raised.value.allow_retries is True  # transient: the step's RetryPolicy may retry
+    assert raised.value.metadata["flowstone/attempts"].value == 2
+    error = raised.value.__cause__
+    assert isinstance(error, MaxAttemptsExceeded)
+    assert error.attempts == 2
+    assert isinstance(error.last_error, DbtWarehouseUnreachable)
 
 
 @pytest.mark.dagster

@@ -28,6 +28,15 @@ from that file and the ``manifest.json`` beside it. The outcomes:
 - the warehouse refuses or drops the connection: :class:`DbtWarehouseUnreachable`, retried
   through ``resilience`` when one is configured. SQL errors and failing tests are not retried.
 
+These errors are raised as Dagster control flow (a ``Failure``, or a ``RetryRequested`` for an
+open circuit; the error itself is the ``__cause__``) unless the ``resilience`` resource says
+``dagster_errors=False``: one rule for :meth:`DbtResource.invoke` and :func:`stream_dbt`, the
+same with no ``resilience`` configured (see :func:`flowstone_dagster.resilience.resolve`).
+
+Time: ``timeout`` (default an hour) bounds one dbt command; a resilience policy's ``timeout``,
+published as :func:`~flowstone_dagster.resilience.current_deadline`, shortens it. The policy's
+retry ``deadline`` only bounds when a retry may start: it never stops a running dbt command.
+
 Inside ``@dbt_assets``, :meth:`DbtResource.stream` replaces ``dbt.cli([...],
 context=context).stream()`` with the same semantics; see ``docs/dbt.md``.
 
@@ -52,10 +61,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, Unpack
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
@@ -68,7 +78,7 @@ from pydantic import Field, PrivateAttr
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import CallTimeout, ConfigurationError, DbtFailed, truncate
-from flowstone_dagster.resilience import ResilienceResource, current_deadline, to_dagster_error
+from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
 from flowstone_dagster.resources.dbt_artifacts import (
     FAILED_STATUSES,
     DbtNodeResult,
@@ -101,8 +111,6 @@ __all__ = [
     "emit_node_events",
     "stream_dbt",
 ]
-
-T = TypeVar("T")
 
 #: Default limit of one dbt invocation, in seconds (an hour). ``timeout=None`` removes it.
 DEFAULT_DBT_TIMEOUT = 3600.0
@@ -506,7 +514,8 @@ class DbtResource(dg.ConfigurableResource):
     resilience: ResilienceResource | None = Field(
         default=None,
         description="Retries (of warehouse connection failures only), circuit breaker and rate "
-        "limit for dbt invocations, under the policy named `service`. Null: one attempt.",
+        "limit for dbt invocations, under the policy named `service`, and whether errors become "
+        "Dagster control flow (its dagster_errors). Null: one attempt, errors mapped to Dagster.",
     )
 
     _cli_resources: dict[tuple[str, ...], DbtCliResource] = PrivateAttr(default_factory=dict)
@@ -612,10 +621,13 @@ class DbtResource(dg.ConfigurableResource):
     ) -> DbtResult:
         """Run ``dbt <command>`` and return its result, or raise what went wrong.
 
-        Emits ``flowstone.dbt.command`` and one ``flowstone.dbt.node`` per node. Raises
-        ``DbtFailed`` (exit code, output, failed nodes), ``DbtNothingSelected``,
+        Emits ``flowstone.dbt.command`` and one ``flowstone.dbt.node`` per node. What goes
+        wrong is ``DbtFailed`` (exit code, output, failed nodes), ``DbtNothingSelected``,
         ``CallTimeout``, ``DbtWarehouseUnreachable`` (after the resilience policy's retries:
-        wrapped in ``MaxAttemptsExceeded``), and the set-up errors before dbt starts.
+        wrapped in ``MaxAttemptsExceeded``); with the resilience resource's ``dagster_errors``
+        on (the default, also with no ``resilience``) it is raised as Dagster control flow, a
+        ``Failure`` (with ``dbt/failed/...`` metadata) or ``RetryRequested`` whose
+        ``__cause__`` is that error. The set-up errors are raised as they are, before dbt starts.
         """
         settings = self.settings(**opts)
         args = self.command_args(command, settings, select=select, opts=opts)
@@ -633,9 +645,13 @@ class DbtResource(dg.ConfigurableResource):
                 attempt=attempts,
             )
 
-        with telemetry.span("flowstone.dbt.command", command=command, service=self.service) as call:
+        resilience = resolve(self.resilience)
+        with (
+            _dagster_errors(resilience, self.service),
+            telemetry.span("flowstone.dbt.command", command=command, service=self.service) as call,
+        ):
             try:
-                result = self._protected(attempt)
+                result = resilience.call(self.service, attempt, dagster_errors=False)
             finally:
                 call.attempts = max(attempts, 1)
             emit_node_events(result.nodes)
@@ -648,11 +664,6 @@ class DbtResource(dg.ConfigurableResource):
             )
             _raise_for_outcome(result, command, select)
         return result
-
-    def _protected(self, fn: Callable[[], T]) -> T:
-        if self.resilience is None:
-            return fn()
-        return self.resilience.call(self.service, fn, dagster_errors=False)
 
     def _invoke_once(
         self,
@@ -933,23 +944,21 @@ def stream_dbt(
             args += ["--threads", str(settings.threads)]
     else:
         cli = dbt
+    resilience = resolve(resilience)
     stream = _DbtStream(context, cli, args, timeout=limit, kill_grace=kill_grace, service=service)
     command = _command_of(args)
+    # The mapping is outermost: telemetry records dbt's own error, Dagster gets the mapped one.
     with (
+        _dagster_errors(resilience, service),
         telemetry.observe(context, attach_metadata=False),
         telemetry.span("flowstone.dbt.command", command=command, service=service) as call,
     ):
         try:
-            if resilience is None:
-                invocation, events, watchdog = stream.start()
-            else:
-                invocation, events, watchdog = resilience.call(
-                    service, stream.start, dagster_errors=False
-                )
-        except Exception as exc:
+            invocation, events, watchdog = resilience.call(
+                service, stream.start, dagster_errors=False
+            )
+        finally:
             call.attempts = max(stream.attempts, 1)
-            raise _for_dagster(exc, resilience, service) from exc
-        call.attempts = stream.attempts
         with watchdog:
             yield from stream.dagster_events(invocation, events)
         result = stream.result(invocation)
@@ -961,55 +970,64 @@ def stream_dbt(
             failed=len(result.failed_nodes),
             tests=len(result.tests),
         )
-        try:
-            if watchdog.fired:
-                waited = watchdog.timeout or 0.0
-                raise CallTimeout(
-                    f"`dbt {command}` did not finish within {waited:g} s; dbt and its child "
-                    "processes were stopped",
-                    timeout=waited,
-                    service=service,
-                )
-            if result.exit_code == 0:
-                seed_partial_parse(invocation.project_dir, invocation.target_path)
-            messages = _failure_messages(stream.console, result.nodes)
-            if result.exit_code != 0 and all_transient(messages):
-                # The connection dropped mid-run: retryable, but by the step's RetryPolicy.
-                raise DbtWarehouseUnreachable(
-                    f"`dbt {command}` lost the warehouse connection: {messages[0]}",
-                    exit_code=result.exit_code,
-                    output=result.output,
-                    failed_nodes=[node.as_dict() for node in result.failed_nodes],
-                    service=service,
-                )
-            _raise_for_outcome(result, command, None)
-        except Exception as exc:
-            raise _for_dagster(exc, resilience, service) from exc
+        if watchdog.fired:
+            waited = watchdog.timeout or 0.0
+            raise CallTimeout(
+                f"`dbt {command}` did not finish within {waited:g} s; dbt and its child "
+                "processes were stopped",
+                timeout=waited,
+                service=service,
+            )
+        if result.exit_code == 0:
+            seed_partial_parse(invocation.project_dir, invocation.target_path)
+        messages = _failure_messages(stream.console, result.nodes)
+        if result.exit_code != 0 and all_transient(messages):
+            # The connection dropped mid-run: retryable, but by the step's RetryPolicy.
+            raise DbtWarehouseUnreachable(
+                f"`dbt {command}` lost the warehouse connection: {messages[0]}",
+                exit_code=result.exit_code,
+                output=result.output,
+                failed_nodes=[node.as_dict() for node in result.failed_nodes],
+                service=service,
+            )
+        _raise_for_outcome(result, command, None)
 
 
 def _command_of(args: Sequence[str]) -> str:
     return next((arg for arg in args if not arg.startswith("-")), "dbt")
 
 
-def _for_dagster(
-    exc: Exception, resilience: ResilienceResource | None, service: str
-) -> BaseException:
-    """The Dagster error for ``exc`` (a ``Failure`` carrying the failed nodes, or a retry)."""
-    mapped = (
-        resilience.dagster_error(exc, service=service)
-        if resilience is not None
-        else to_dagster_error(exc, service=service)
-    )
-    if isinstance(mapped, dg.Failure) and isinstance(exc, DbtFailed):
-        failed = {
-            f"dbt/failed/{node['unique_id']}": truncate(
-                f"{node['status']}: {node.get('message') or ''} ({node.get('compiled_path')})", 500
-            )
-            for node in exc.failed_nodes[:20]
-        }
-        mapped = dg.Failure(
-            description=mapped.description,
-            metadata={**mapped.metadata, "dbt/exit_code": exc.exit_code, **failed},
-            allow_retries=mapped.allow_retries,
+@contextmanager
+def _dagster_errors(resilience: ResilienceResource, service: str) -> Iterator[None]:
+    """The one mapping of a dbt call's errors to Dagster control flow.
+
+    ``resilience.dagster_retries`` (so the resource's ``dagster_errors`` decides, default on;
+    with no resilience configured, :func:`~flowstone_dagster.resilience.resolve`'s default): a
+    ``Failure`` (allow_retries as the error is retryable) or a ``RetryRequested``. A
+    ``Failure`` caused by ``DbtFailed`` also carries the exit code and the failed nodes.
+    """
+    try:
+        with resilience.dagster_retries(service=service):
+            yield
+    except dg.Failure as failure:
+        cause = failure.__cause__
+        if not isinstance(cause, DbtFailed):
+            raise
+        raise _with_failed_nodes(failure, cause)  # noqa: B904 - carries its own (redacted) cause
+
+
+def _with_failed_nodes(failure: dg.Failure, error: DbtFailed) -> dg.Failure:
+    """``failure`` with ``dbt/exit_code`` and ``dbt/failed/<unique id>`` metadata."""
+    failed = {
+        f"dbt/failed/{node['unique_id']}": truncate(
+            f"{node['status']}: {node.get('message') or ''} ({node.get('compiled_path')})", 500
         )
-    return mapped
+        for node in error.failed_nodes[:20]
+    }
+    enriched = dg.Failure(
+        description=failure.description,
+        metadata={**failure.metadata, "dbt/exit_code": error.exit_code, **failed},
+        allow_retries=failure.allow_retries,
+    )
+    enriched.__cause__ = failure.__cause__
+    return enriched
