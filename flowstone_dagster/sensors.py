@@ -26,6 +26,14 @@ job, run id, failed steps, the first lines of the error, and a button to the run
 With ``asset_check_failures`` it also sends ``asset_check_failed`` for every failed check of a
 finished run (succeeded or failed).
 
+**What is watched.** Every run of the sensor's code location, or only some: ``monitored_jobs``
+(job names or definitions) and ``asset_selection`` (an ``AssetSelection``, or asset keys,
+``"a/b"`` strings, asset definitions or specs). With both, a run is watched when either
+matches. A failed run matches an asset selection when it targeted a selected asset (its
+planned materializations, which include those of the failed steps, or its asset selection); a
+failed check when the check's asset is selected. An ``AssetSelection`` is resolved against the
+sensor's own ``Definitions`` at each evaluation (``context.repository_def``).
+
 **Alert storms.** Failures with the same signature (job plus error type; asset plus check)
 notify once per ``storm_window_seconds``; the ones held back are counted, and when the window
 ends a summary (``alert_storm_summary``) says how many there were, or, if the same failure
@@ -49,15 +57,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import dagster as dg
-from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluation
-from dagster._utils.error import SerializableErrorInfo
 
 from flowstone_dagster.errors import (
     CircuitOpen,
@@ -71,6 +77,7 @@ from flowstone_dagster.notifications.notifier import AllChannelsFailed
 __all__ = [
     "DEFAULT_STORM_WINDOW_SECONDS",
     "AlertStorm",
+    "AssetFilter",
     "NotificationSensorCursor",
     "RunFailureInfo",
     "StormEntry",
@@ -227,7 +234,7 @@ class RunFailureInfo:
         return payload
 
 
-def _innermost(error: SerializableErrorInfo) -> SerializableErrorInfo:
+def _innermost(error: Any) -> Any:
     """The user's error inside Dagster's wrappers (DagsterExecutionStepExecutionError, ...)."""
     while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
         error = error.cause
@@ -262,7 +269,7 @@ def describe_run_failure(
                                     context.failure_event)
     """
     steps: list[str] = []
-    error: SerializableErrorInfo | None = None
+    error: Any = None  # Dagster's SerializableErrorInfo (no public import path)
     description: str | None = None
     for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         event = entry.dagster_event
@@ -334,6 +341,90 @@ class _Tick:
         return "; ".join(parts)
 
 
+class AssetFilter:
+    """Which assets a notification sensor watches: an ``AssetSelection`` (resolved against the
+    sensor's ``Definitions``) or fixed asset keys.
+
+    ::
+
+        AssetFilter.of(dg.AssetSelection.groups("finance"))
+        AssetFilter.of(["orders", "sales/daily", dg.AssetKey(["raw", "events"]), orders_asset])
+    """
+
+    def __init__(
+        self, selection: dg.AssetSelection | None, keys: frozenset[dg.AssetKey] | None
+    ) -> None:
+        self.selection = selection
+        self.keys = keys
+
+    @classmethod
+    def of(cls, value: Any) -> AssetFilter | None:
+        """The filter for ``asset_selection`` (``None``: no asset filter)."""
+        if value is None:
+            return None
+        if isinstance(value, dg.AssetSelection):
+            return cls(value, None)
+        if isinstance(value, (str, dg.AssetKey)) or not isinstance(value, Iterable):
+            value = [value]
+        keys: set[dg.AssetKey] = set()
+        for item in value:
+            keys.update(_asset_keys(item))
+        if not keys:
+            raise ConfigurationError(
+                "must be an AssetSelection or asset keys (and not empty)", field="asset_selection"
+            )
+        return cls(None, frozenset(keys))
+
+    def resolve(self, context: dg.SensorEvaluationContext) -> frozenset[dg.AssetKey]:
+        """The selected asset keys, for one evaluation."""
+        if self.keys is not None:
+            return self.keys
+        assert self.selection is not None
+        repository = context.repository_def
+        if repository is None:
+            raise ConfigurationError(
+                "an AssetSelection is resolved against the sensor's Definitions, which this "
+                "evaluation has none of (build_sensor_context(definitions=...) in tests), or "
+                "pass asset keys",
+                field="asset_selection",
+            )
+        assets: list[dg.AssetsDefinition | dg.SourceAsset] = [
+            *dict.fromkeys(repository.assets_defs_by_key.values()),
+            *repository.source_assets_by_key.values(),
+        ]
+        return frozenset(self.selection.resolve(assets, allow_missing=True))
+
+
+def _asset_keys(item: Any) -> list[dg.AssetKey]:
+    if isinstance(item, dg.AssetKey):
+        return [item]
+    if isinstance(item, str):
+        return [dg.AssetKey.from_user_string(item)]
+    if isinstance(item, (list, tuple)) and item and all(isinstance(p, str) for p in item):
+        return [dg.AssetKey(list(item))]
+    if isinstance(item, dg.AssetsDefinition):
+        return list(item.keys)
+    key = getattr(item, "key", None)  # AssetSpec, SourceAsset
+    if isinstance(key, dg.AssetKey):
+        return [key]
+    raise ConfigurationError(
+        f"{item!r} is not an asset key, a 'a/b' string, an asset definition or spec",
+        field="asset_selection",
+    )
+
+
+def _targeted_assets(instance: dg.DagsterInstance, run: dg.DagsterRun) -> set[dg.AssetKey]:
+    """The assets a run targeted: its planned materializations and its asset selection."""
+    keys = set(run.asset_selection or ())
+    for entry in instance.all_logs(
+        run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+    ):
+        key = entry.dagster_event.asset_key if entry.dagster_event else None
+        if key is not None:
+            keys.add(key)
+    return keys
+
+
 def _job_names(monitored: Sequence[Any] | None) -> frozenset[str] | None:
     if monitored is None:
         return None
@@ -370,15 +461,22 @@ class _Watch:
     run_failures: bool
     asset_check_failures: bool
     jobs: frozenset[str] | None
+    assets: AssetFilter | None
     monitor_all_code_locations: bool
     base_url: str | None
     storm_window: float
     error_lines: int
     max_runs_per_tick: int
 
-    def matches(self, context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> bool:
-        if self.jobs is not None and run.job_name not in self.jobs:
-            return False
+    @property
+    def filtered(self) -> bool:
+        return self.jobs is not None or self.assets is not None
+
+    def job_watched(self, run: dg.DagsterRun) -> bool:
+        """Whether the run's job is watched (every job when no filter is set)."""
+        return not self.filtered or (self.jobs is not None and run.job_name in self.jobs)
+
+    def in_location(self, context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> bool:
         if self.monitor_all_code_locations:
             return True
         # The rule of Dagster's run-status sensors: same code location and repository (both
@@ -397,32 +495,57 @@ class _Watch:
         instance: dg.DagsterInstance,
         run: dg.DagsterRun,
         failure_event: dg.DagsterEvent | None,
+        selected: frozenset[dg.AssetKey] | None,
     ) -> Iterator[_Alert]:
-        """The alerts of one finished run (``failure_event`` is set when it failed)."""
+        """The alerts of one finished run (``failure_event`` is set when it failed);
+        ``selected`` are the watched asset keys (``None``: no asset filter)."""
+        job_watched = self.job_watched(run)
         if failure_event is not None and self.run_failures:
-            info = describe_run_failure(
-                instance,
-                run,
-                failure_event,
-                webserver_base_url=self.base_url,
-                error_lines=self.error_lines,
-            )
-            yield _Alert(
-                "run_failed",
-                info.payload(),
-                signature=info.signature,
-                label=f"failures of {info.job} ({info.error_type})",
-                run_id=run.run_id,
-            )
+            assets: list[str] = []
+            if selected is not None:
+                assets = sorted(
+                    key.to_user_string() for key in _targeted_assets(instance, run) & selected
+                )
+            if job_watched or assets:
+                yield self.run_alert(instance, run, failure_event, assets)
         if self.asset_check_failures:
-            yield from self.check_alerts(instance, run)
+            for alert, asset_key in self.check_alerts(instance, run):
+                if job_watched or (selected is not None and asset_key in selected):
+                    yield alert
 
-    def check_alerts(self, instance: dg.DagsterInstance, run: dg.DagsterRun) -> Iterator[_Alert]:
+    def run_alert(
+        self,
+        instance: dg.DagsterInstance,
+        run: dg.DagsterRun,
+        failure_event: dg.DagsterEvent,
+        assets: list[str],
+    ) -> _Alert:
+        info = describe_run_failure(
+            instance,
+            run,
+            failure_event,
+            webserver_base_url=self.base_url,
+            error_lines=self.error_lines,
+        )
+        payload = info.payload()
+        if assets:
+            payload["assets"] = assets
+        return _Alert(
+            "run_failed",
+            payload,
+            signature=info.signature,
+            label=f"failures of {info.job} ({info.error_type})",
+            run_id=run.run_id,
+        )
+
+    def check_alerts(
+        self, instance: dg.DagsterInstance, run: dg.DagsterRun
+    ) -> Iterator[tuple[_Alert, dg.AssetKey]]:
         for entry in instance.all_logs(
             run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
         ):
             data = entry.dagster_event.event_specific_data if entry.dagster_event else None
-            if not isinstance(data, AssetCheckEvaluation) or data.passed:
+            if not isinstance(data, dg.AssetCheckEvaluation) or data.passed:
                 continue
             asset = data.asset_key.to_user_string()
             payload: dict[str, Any] = {
@@ -436,13 +559,14 @@ class _Watch:
             if self.base_url:
                 path = "/".join(quote(part, safe="") for part in data.asset_key.path)
                 payload["url"] = f"{self.base_url}/assets/{path}?view=checks"
-            yield _Alert(
+            alert = _Alert(
                 "asset_check_failed",
                 payload,
                 signature=f"check:{asset}:{data.check_name}",
                 label=f"failures of check {data.check_name} on {asset}",
                 run_id=run.run_id,
             )
+            yield alert, data.asset_key
 
     def statuses(self) -> list[tuple[dg.DagsterEventType, str]]:
         """The run statuses read, each with its cursor position attribute."""
@@ -475,6 +599,7 @@ class _Evaluation:
         self.now = now
         self.storm = AlertStorm(watch.storm_window, cursor.storm)
         self.tick = _Tick()
+        self.selected = watch.assets.resolve(context) if watch.assets is not None else None
 
     def run(self) -> dg.SensorResult:
         for status, position in self.watch.statuses():
@@ -499,14 +624,15 @@ class _Evaluation:
         ).records
         for record in records:
             run = instance.get_run_by_id(record.event_log_entry.run_id)
-            if run is not None and self.watch.matches(self.context, run):
+            if run is not None and self.watch.in_location(self.context, run):
                 failure = (
                     record.event_log_entry.dagster_event
                     if status == dg.DagsterEventType.RUN_FAILURE
                     else None
                 )
                 before = self.storm.snapshot()
-                if not self.handle(self.watch.alerts_for(instance, run, failure)):
+                alerts = self.watch.alerts_for(instance, run, failure, self.selected)
+                if not self.handle(alerts):
                     self.storm.restore(before)  # this run is tried again, whole
                     return False
             setattr(self.cursor, position, record.storage_id)
@@ -584,6 +710,7 @@ def make_notification_sensor(
     run_failures: bool = True,
     asset_check_failures: bool = False,
     monitored_jobs: Sequence[str | dg.JobDefinition | dg.GraphDefinition | Any] | None = None,
+    asset_selection: dg.AssetSelection | Sequence[Any] | None = None,
     monitor_all_code_locations: bool = False,
     webserver_base_url: str | None = None,
     storm_window_seconds: float = DEFAULT_STORM_WINDOW_SECONDS,
@@ -605,7 +732,12 @@ def make_notification_sensor(
         run_failures: send ``run_failed`` for every failed run of a monitored job.
         asset_check_failures: send ``asset_check_failed`` for every failed check of a
             finished run of a monitored job.
-        monitored_jobs: job names or definitions to watch; default every job.
+        monitored_jobs: job names or definitions to watch; default every job (unless
+            ``asset_selection`` is given).
+        asset_selection: assets to watch: an ``AssetSelection`` (resolved against the sensor's
+            ``Definitions``) or asset keys (``AssetKey``, ``"a/b"``, asset definitions or
+            specs). A failed run is notified when it targeted a selected asset, a failed check
+            when its asset is selected. With ``monitored_jobs`` too, either match is enough.
         monitor_all_code_locations: also watch runs of other code locations (by default only
             runs of this sensor's code location, as Dagster's run-status sensors do).
         webserver_base_url: the Dagster UI's URL, for links to runs and asset checks.
@@ -631,6 +763,7 @@ def make_notification_sensor(
         run_failures=run_failures,
         asset_check_failures=asset_check_failures,
         jobs=_job_names(monitored_jobs),
+        assets=AssetFilter.of(asset_selection),
         monitor_all_code_locations=monitor_all_code_locations,
         base_url=webserver_base_url.rstrip("/") if webserver_base_url else None,
         storm_window=storm_window_seconds,

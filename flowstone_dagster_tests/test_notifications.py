@@ -17,6 +17,7 @@ from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
     ConfigurationError,
     HTTPError,
+    MaxAttemptsExceeded,
     NotFound,
     PartialFailure,
     RateLimited,
@@ -37,7 +38,8 @@ from flowstone_dagster.notifications import (
     format_slack_message,
 )
 from flowstone_dagster.notifications.formatting import SLACK_LIMITS
-from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
+from flowstone_dagster.notifications.notifier import NOTIFY_POLICY
+from flowstone_dagster.resilience import ONCE, ResilienceResource, RetryConfig, ServicePolicy
 from flowstone_dagster_tests.support.net import free_port
 from flowstone_dagster_tests.support.smtp import SmtpSink
 
@@ -60,6 +62,13 @@ def parsed_blocks(message: dict[str, Any]) -> list[Block]:
 def posted(server: HTTPServer, index: int = -1) -> dict[str, Any]:
     request, _ = server.log[index]
     return json.loads(request.get_data())
+
+
+#: The default notifications policy with short waits, for tests of failures that are retried.
+FAST_POLICY = ServicePolicy(
+    retry=RetryConfig(max_attempts=2, base_delay=0.01, max_delay=5.0, jitter=0),
+    circuit_breaker=None,
+)
 
 
 def fast_resilience(**policy: Any) -> ResilienceResource:
@@ -329,8 +338,11 @@ def test_web_api_unreachable_is_a_transport_error() -> None:
 # -- partial failure: the one idiom ------------------------------------------------------------
 
 
-def slack_and_email(server: HTTPServer, smtp_port: int) -> NotificationsResource:
+def slack_and_email(
+    server: HTTPServer, smtp_port: int, policy: ServicePolicy = ONCE
+) -> NotificationsResource:
     return NotificationsResource(
+        policy=policy,
         slack_webhook=SlackWebhookConfig(url=server.url_for(webhook_path())),
         email=EmailConfig(
             host="127.0.0.1",
@@ -373,16 +385,22 @@ def test_handles_partial_failures(
 
 def test_all_channels_failing_raises_with_every_cause(httpserver: HTTPServer) -> None:
     httpserver.expect_request(webhook_path()).respond_with_data("error", status=503)
-    notifications = slack_and_email(httpserver, free_port())  # nothing listens there
+    # nothing listens on the email port; both channels are retried once, then given up
+    notifications = slack_and_email(httpserver, free_port(), policy=FAST_POLICY)
     with pytest.raises(AllChannelsFailed) as raised:
         notifications.notify("run_failed", {"job": "daily"})
     error = raised.value
     assert isinstance(error, PartialFailure)
     assert error.succeeded == []
     assert [channel for channel, _ in error.failures] == ["slack", "email"]
-    assert isinstance(error.failures[1][1], TransportError)
+    slack_error, email_error = (failure for _, failure in error.failures)
+    assert isinstance(slack_error, MaxAttemptsExceeded)  # 503 twice: retried, then given up
+    assert isinstance(slack_error.last_error, HTTPError)
+    assert isinstance(email_error, MaxAttemptsExceeded)
+    assert isinstance(email_error.last_error, TransportError)
     assert str(error).startswith("[notify] all failed")
-    assert {type(e) for e in error.__cause__.exceptions} == {HTTPError, TransportError}
+    assert {type(e) for e in error.__cause__.exceptions} == {MaxAttemptsExceeded}
+    assert len(httpserver.log) == 2
 
 
 def test_bad_calls_send_nothing(httpserver: HTTPServer) -> None:
@@ -442,8 +460,14 @@ def test_telemetry_one_event_per_delivery_and_per_call(
     NotificationsResource(
         slack_webhook=SlackWebhookConfig(url=httpserver.url_for(webhook_path()))
     ).notify("run_failed", {"job": "daily", "error": "secret payload text"})
-    assert [e.name for e in events] == ["flowstone.notify.send", "flowstone.notify"]
-    send, call = events
+    assert [e.name for e in events] == [
+        "flowstone.resilience.call",  # the one resilience path, with or without a resource
+        "flowstone.notify.send",
+        "flowstone.notify",
+    ]
+    resilience_call, send, call = events
+    assert resilience_call.measures["service"] == "slack"
+    assert resilience_call.attempts == 1
     assert send.outcome == "ok"
     assert send.attempts == 1
     assert send.measures["channel"] == "slack"
@@ -562,3 +586,152 @@ def test_the_log_channel_writes_to_the_step_log(dagster_instance: dg.DagsterInst
     assert "orders" in message
     assert "2025-01-15" in message
     assert "disk full" in message
+
+
+# -- issue 13: the safe default policy, and secrets echoed by Slack ------------------------------
+
+
+def test_default_policy_retries_429_and_5xx_within_a_deadline() -> None:
+    assert NOTIFY_POLICY.circuit_breaker is None
+    assert NOTIFY_POLICY.rate_limit is None
+    retry = NOTIFY_POLICY.retry
+    assert retry.max_attempts == 4
+    assert retry.max_delay == 10.0
+    assert retry.deadline == 30.0
+    resource = NotificationsResource(slack_webhook=SlackWebhookConfig(url="https://h.example/x"))
+    assert resource.notifier.policy == NOTIFY_POLICY
+    once = NotificationsResource(
+        slack_webhook=SlackWebhookConfig(url="https://h.example/x"), policy=ONCE
+    )
+    assert once.notifier.policy == ONCE
+
+
+@pytest.mark.dagster
+def test_webhook_429_without_resilience_is_retried_and_the_asset_succeeds(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    """Slack allows about one webhook message per second: one 429 must not fail an asset."""
+    httpserver.expect_ordered_request(webhook_path(), method="POST").respond_with_data(
+        "rate_limited", status=429, headers={"Retry-After": "1"}
+    )
+    httpserver.expect_ordered_request(webhook_path(), method="POST").respond_with_data("ok")
+
+    @dg.asset
+    def scores(context: dg.AssetExecutionContext, notifications: NotificationsResource) -> int:
+        with telemetry.observe(context):
+            notifications.notify("materialization_succeeded", {"asset": "scores"})
+        return 1
+
+    started = time.monotonic()
+    result = dg.materialize(
+        [scores],
+        instance=dagster_instance,
+        resources={
+            "notifications": NotificationsResource(
+                slack_webhook=SlackWebhookConfig(url=httpserver.url_for(webhook_path()))
+            )
+        },
+    )
+    assert result.success
+    assert time.monotonic() - started >= 0.9  # waited what Slack asked
+    assert len(httpserver.log) == 2
+    httpserver.check_assertions()
+    assert "Materialization Succeeded" in posted(httpserver)["text"]
+
+
+def test_notifier_without_resilience_stops_at_a_long_retry_after(httpserver: HTTPServer) -> None:
+    httpserver.expect_request(webhook_path()).respond_with_data(
+        "rate_limited", status=429, headers={"Retry-After": "60"}
+    )
+    notifier = Notifier([SlackWebhookChannel(httpserver.url_for(webhook_path()))])
+    started = time.monotonic()
+    with pytest.raises(AllChannelsFailed) as raised:
+        notifier.notify("run_failed", {"job": "d"})
+    assert time.monotonic() - started < 5  # a wait past max_delay ends the retries at once
+    [(_, error)] = raised.value.failures
+    assert isinstance(error, MaxAttemptsExceeded)
+    assert isinstance(error.last_error, RateLimited)
+    assert len(httpserver.log) == 1
+
+
+#: What a Slack-shaped server may echo of the webhook path in a 404 body.
+SECRET_PARTS = (WEBHOOK_SECRET, "B0002/s3cr3tW3bh00kT0k3n", "s3cr3tW3bh00kT0k3n")
+
+
+def echoing_404(server: HTTPServer) -> None:
+    body = (
+        f"no_service: POST {webhook_path()}; unknown hook services/{WEBHOOK_SECRET}; "
+        f"team T0001 hook B0002/s3cr3tW3bh00kT0k3n; token s3cr3tW3bh00kT0k3n"
+    )
+    server.expect_request(webhook_path()).respond_with_data(body, status=404)
+
+
+def assert_no_secret(text: str) -> None:
+    for part in SECRET_PARTS:
+        assert part not in text
+
+
+def test_404_echoing_the_webhook_path_shows_none_of_it(httpserver: HTTPServer) -> None:
+    echoing_404(httpserver)
+    resource = NotificationsResource(
+        slack_webhook=SlackWebhookConfig(url=httpserver.url_for(webhook_path()))
+    )
+    with pytest.raises(AllChannelsFailed) as raised:
+        resource.notify("run_failed", {"job": "daily"})
+    [(_, error)] = raised.value.failures
+    assert isinstance(error, NotFound)  # not retried: a 404 stays a 404
+    assert len(httpserver.log) == 1
+    assert "no_service" in str(error)
+    assert_no_secret(str(raised.value))
+    assert_no_secret(repr(raised.value.failures))
+    assert_no_secret("".join(__import__("traceback").format_exception(raised.value)))
+
+
+def _error_texts(error: Any) -> list[str]:
+    """The messages and stacks of a serialized error and of every cause/context of it."""
+    texts: list[str] = []
+    seen: list[Any] = [error]
+    while seen:
+        info = seen.pop()
+        if info is None:
+            continue
+        texts.append(info.message)
+        texts.extend(info.stack)
+        seen.extend([info.cause, info.context])
+    return texts
+
+
+@pytest.mark.dagster
+def test_404_echoing_the_webhook_path_stays_out_of_the_event_log(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    echoing_404(httpserver)
+
+    @dg.asset
+    def alerted(notifications: NotificationsResource) -> int:
+        notifications.notify("materialization_failed", {"asset": "alerted", "error": "x"})
+        return 1
+
+    result = dg.materialize(
+        [alerted],
+        instance=dagster_instance,
+        raise_on_error=False,
+        resources={
+            "notifications": NotificationsResource(
+                slack_webhook=SlackWebhookConfig(url=httpserver.url_for(webhook_path()))
+            )
+        },
+    )
+    assert not result.success
+    [failure] = dagster_instance.all_logs(result.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    assert failure.dagster_event is not None
+    error = failure.dagster_event.event_specific_data.error  # type: ignore[union-attr]
+    texts = _error_texts(error)
+    assert any("AllChannelsFailed" in text or "all failed" in text for text in texts)
+    assert any("no_service" in text for text in texts)
+    for text in texts:
+        assert_no_secret(text)
+    for entry in dagster_instance.all_logs(result.run_id):
+        assert_no_secret(entry.user_message)
+        if entry.dagster_event is not None:
+            assert_no_secret(repr(entry.dagster_event.event_specific_data))

@@ -3,6 +3,7 @@ Slack on pytest-httpserver; and the alert-storm state machine (property-tested).
 
 import itertools
 import json
+import pathlib
 from typing import Any
 
 import dagster as dg
@@ -14,6 +15,7 @@ from slack_sdk.models.blocks import Block
 
 from flowstone_dagster.errors import ConfigurationError
 from flowstone_dagster.notifications import NotificationsResource, SlackWebhookConfig
+from flowstone_dagster.resilience import ONCE, ServicePolicy
 from flowstone_dagster.sensors import (
     AlertStorm,
     NotificationSensorCursor,
@@ -84,6 +86,43 @@ def not_empty() -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=False, description="0 rows (expected > 0)")
 
 
+@dg.asset(group_name="finance")
+def ledger() -> int:
+    raise ValueError("ledger unbalanced")
+
+
+@dg.asset(group_name="finance")
+def ledger_summary(ledger: int) -> int:
+    return ledger
+
+
+@dg.asset(group_name="marketing")
+def campaigns() -> int:
+    raise ValueError("campaigns down")
+
+
+@dg.asset(group_name="marketing")
+def campaigns_table() -> int:
+    return 0
+
+
+@dg.asset_check(asset=campaigns_table)
+def campaigns_not_empty() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, description="no campaigns")
+
+
+ASSET_DEFS = dg.Definitions(
+    assets=[ledger, ledger_summary, campaigns, campaigns_table, checked_table],
+    asset_checks=[campaigns_not_empty, not_empty],
+)
+
+
+def fail_assets(assets: list[Any], instance: dg.DagsterInstance) -> str:
+    result = dg.materialize(assets, instance=instance, raise_on_error=False)
+    assert not result.success
+    return result.run_id
+
+
 def fail(job: dg.JobDefinition, instance: dg.DagsterInstance) -> str:
     result = job.execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success
@@ -94,20 +133,30 @@ class SensorHarness:
     """Evaluates a sensor the way the daemon does: each tick gets the previous tick's cursor."""
 
     def __init__(
-        self, sensor: dg.SensorDefinition, instance: dg.DagsterInstance, server: HTTPServer
+        self,
+        sensor: dg.SensorDefinition,
+        instance: dg.DagsterInstance,
+        server: HTTPServer,
+        *,
+        policy: ServicePolicy | None = None,
+        definitions: dg.Definitions | None = None,
     ) -> None:
         self.sensor = sensor
         self.instance = instance
         self.cursor: str | None = None
+        self.definitions = definitions
         self.resources = {
             "notifications": NotificationsResource(
-                slack_webhook=SlackWebhookConfig(url=server.url_for(HOOK))
+                slack_webhook=SlackWebhookConfig(url=server.url_for(HOOK)), policy=policy
             )
         }
 
     def tick(self) -> dg.SensorResult:
         with dg.build_sensor_context(
-            instance=self.instance, cursor=self.cursor, resources=self.resources
+            instance=self.instance,
+            cursor=self.cursor,
+            resources=self.resources,
+            definitions=self.definitions,
         ) as context:
             result = self.sensor(context)
         assert isinstance(result, dg.SensorResult)
@@ -248,6 +297,7 @@ def test_transient_delivery_failure_is_retried_next_tick(
         make_notification_sensor(storm_window_seconds=600, clock=clock),
         dagster_instance,
         httpserver,
+        policy=ONCE,  # one attempt per tick: the sensor's own retry is the next tick
     )
     harness.tick()
     run_id = fail(orders_job, dagster_instance)
@@ -354,3 +404,103 @@ def test_loads_in_definitions(slack: HTTPServer) -> None:
     )
     dg.Definitions.validate_loadable(defs)
     assert sensor.required_resource_keys == {"notifications"}
+
+
+# -- asset selection (dagster issues 26265, 13416) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        pytest.param(dg.AssetSelection.groups("finance"), id="AssetSelection"),
+        pytest.param(["ledger_summary"], id="asset keys"),
+        pytest.param([ledger], id="asset definitions"),
+    ],
+)
+def test_asset_selection_notifies_failed_runs_that_targeted_a_selected_asset(
+    slack: HTTPServer, dagster_instance: dg.DagsterInstance, selection: Any
+) -> None:
+    harness = SensorHarness(
+        make_notification_sensor(asset_selection=selection),
+        dagster_instance,
+        slack,
+        definitions=ASSET_DEFS,
+    )
+    harness.tick()
+    fail_assets([campaigns], dagster_instance)  # not selected
+    fail(orders_job, dagster_instance)  # an op job: targets no asset
+    result = harness.tick()
+    assert slack.log == []
+    assert "0 notified" in str(result.skip_reason)
+    run_id = fail_assets([ledger, ledger_summary], dagster_instance)
+    harness.tick()
+    [message] = messages(slack)
+    blocks = json.dumps(message["blocks"])
+    assert run_id in blocks
+    assert "ledger unbalanced" in blocks
+    assert "ledger" in blocks  # the selected assets the run targeted are named
+
+
+def test_asset_selection_with_monitored_jobs_watches_either(
+    slack: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    harness = SensorHarness(
+        make_notification_sensor(asset_selection=["ledger"], monitored_jobs=[orders_job]),
+        dagster_instance,
+        slack,
+    )
+    harness.tick()
+    fail(other_job, dagster_instance)
+    fail_assets([campaigns], dagster_instance)
+    harness.tick()
+    assert slack.log == []
+    fail(orders_job, dagster_instance)
+    fail_assets([ledger], dagster_instance)
+    harness.tick()
+    assert [m["text"].split(":")[0] for m in messages(slack)] == ["Run Failed", "Run Failed"]
+
+
+def test_asset_selection_filters_asset_check_failures(
+    slack: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    harness = SensorHarness(
+        make_notification_sensor(
+            run_failures=False,
+            asset_check_failures=True,
+            asset_selection=dg.AssetSelection.assets(campaigns_table),
+        ),
+        dagster_instance,
+        slack,
+        definitions=ASSET_DEFS,
+    )
+    harness.tick()
+    assert dg.materialize([checked_table, not_empty], instance=dagster_instance).success
+    assert dg.materialize([campaigns_table, campaigns_not_empty], instance=dagster_instance).success
+    harness.tick()
+    [message] = messages(slack)
+    assert message["text"].startswith("Asset Check Failed: campaigns_not_empty on campaigns_table")
+
+
+def test_asset_selection_needs_definitions_or_keys(
+    slack: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    harness = SensorHarness(
+        make_notification_sensor(asset_selection=dg.AssetSelection.groups("finance")),
+        dagster_instance,
+        slack,
+    )
+    harness.tick()
+    with pytest.raises(ConfigurationError) as raised:
+        harness.tick()
+    assert raised.value.field == "asset_selection"
+    with pytest.raises(ConfigurationError):
+        make_notification_sensor(asset_selection=[])
+    with pytest.raises(ConfigurationError):
+        make_notification_sensor(asset_selection=[3])
+
+
+def test_sensors_module_uses_public_dagster_apis_only() -> None:
+    from flowstone_dagster import sensors
+
+    source = pathlib.Path(sensors.__file__).read_text(encoding="utf-8")
+    assert "dagster._" not in source

@@ -303,6 +303,7 @@ def _run_failed(event: str, payload: Mapping[str, Any]) -> Notice:
             [
                 ("Run ID", _optional(payload, "run_id")),
                 ("Failed steps", _optional(payload, "failed_steps")),
+                ("Assets", _optional(payload, "assets")),
                 ("Error type", _optional(payload, "error_type")),
             ]
         ),

@@ -26,9 +26,17 @@ Either error's ``__cause__`` is an ``ExceptionGroup`` of the channel errors, so 
 shows each of them. A bad call (unknown event shape, unknown or unconfigured channel) raises
 ``ConfigurationError`` before anything is sent.
 
-Each delivery goes through the resilience policy of the channel's ``service`` when a
-:class:`~flowstone_dagster.resilience.ResilienceResource` is given (retries honouring a 429's
-``Retry-After``, circuit breaker, rate limit); without one it is attempted exactly once.
+Each delivery goes through the resilience policy of the channel's ``service``: the given
+:class:`~flowstone_dagster.resilience.ResilienceResource`'s (retries honouring a 429's
+``Retry-After``, circuit breaker, rate limit shared across processes) or, without one,
+``policy`` (default :data:`NOTIFY_POLICY`: up to 4 attempts of a 429, 5xx, timeout or
+connection failure, honouring ``Retry-After`` up to 10 s, within 30 s; no breaker), through
+:func:`~flowstone_dagster.resilience.resolve`: the one resilience path.
+
+The errors in ``PartialFailure``/``AllChannelsFailed`` (their messages and every link of their
+chains) are redacted (:func:`~flowstone_dagster.redaction.redact_exception_chain`): registered
+secrets such as the webhook URL, its path and parts of it, the bot token and the SMTP password
+never reach a log or Dagster's event log through them.
 
 Telemetry: ``flowstone.notify.send`` per channel delivery (``channel``, ``event``,
 ``service``, ``bytes``; ``attempts``; outcome), and ``flowstone.notify`` per call (``event``,
@@ -42,11 +50,22 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import ConfigurationError, PartialFailure
+from flowstone_dagster.errors import ConfigurationError, FlowstoneError, PartialFailure
 from flowstone_dagster.notifications.formatting import compose
-from flowstone_dagster.resilience import ResilienceResource
+from flowstone_dagster.redaction import redact_exception_chain
+from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy, resolve
 
-__all__ = ["AllChannelsFailed", "Channel", "Notifier", "NotifyResult"]
+__all__ = ["NOTIFY_POLICY", "AllChannelsFailed", "Channel", "Notifier", "NotifyResult"]
+
+#: The policy of every channel when no ResilienceResource is given. Slack rate-limits webhooks
+#: to about one message per second, so a 429 is routine: it is retried after the Retry-After
+#: Slack sends (a wait longer than ``max_delay`` ends the retries), as are 5xx answers, timeouts
+#: and connection failures; no new attempt starts after ``deadline``. No circuit breaker (its
+#: state would be this process's alone) and no rate limit.
+NOTIFY_POLICY = ServicePolicy(
+    retry=RetryConfig(max_attempts=4, base_delay=1.0, max_delay=10.0, deadline=30.0, jitter=0.5),
+    circuit_breaker=None,
+)
 
 
 class Channel(Protocol):
@@ -83,6 +102,8 @@ class Notifier:
         channels: the configured channels; names must be unique.
         default_channels: the names ``notify(channels=None)`` uses; default all.
         resilience: retries, breaker and rate limit per channel ``service``.
+        policy: the policy of every channel when ``resilience`` is ``None`` (default
+            :data:`NOTIFY_POLICY`; :data:`~flowstone_dagster.resilience.ONCE` for one attempt).
     """
 
     def __init__(
@@ -91,6 +112,7 @@ class Notifier:
         *,
         default_channels: Sequence[str] | None = None,
         resilience: ResilienceResource | None = None,
+        policy: ServicePolicy | None = None,
     ) -> None:
         self.channels: dict[str, Channel] = {}
         for channel in channels:
@@ -105,6 +127,8 @@ class Notifier:
             else list(self.channels)
         )
         self.resilience = resilience
+        self.policy = policy or NOTIFY_POLICY
+        self._path = resolve(resilience, default_policy=self.policy)
 
     def __repr__(self) -> str:
         return f"<Notifier channels={list(self.channels)}>"
@@ -150,7 +174,7 @@ class Notifier:
                 try:
                     self._deliver(self.channels[name], event, payload)
                 except Exception as exc:  # every channel is attempted; errors are collected
-                    failures.append((name, exc))
+                    failures.append((name, redact_exception_chain(exc, is_ours=FlowstoneError)))
                 else:
                     delivered.append(name)
             call.set(delivered=len(delivered), failed=len(failures))
@@ -173,10 +197,7 @@ class Notifier:
             "flowstone.notify.send", channel=channel.name, event=event, service=channel.service
         ) as send:
             try:
-                if self.resilience is None:
-                    size = once()
-                else:
-                    size = self.resilience.call(channel.service, once, dagster_errors=False)
+                size = self._path.call(channel.service, once, dagster_errors=False)
             finally:
                 send.attempts = max(attempts, 1)
             send.set(bytes=size)

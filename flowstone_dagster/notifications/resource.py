@@ -27,13 +27,21 @@
         notifications.notify("materialization_succeeded", {"asset": "scores"})
 
 The resource is a thin layer over :class:`~flowstone_dagster.notifications.Notifier` and its
-channels; it validates its configuration at set-up, naming the wrong field.
+channels; it validates its configuration at set-up, naming the wrong field, and registers its
+secrets (the webhook URL and the parts of its path, the bot token, the SMTP password) with
+:func:`~flowstone_dagster.redaction.register_secret`, so that no redaction in the process lets
+them through (a Slack 404 echoing the webhook path, an SDK's exception).
+
+Without ``resilience`` every channel is called through ``policy`` (default
+:data:`~flowstone_dagster.notifications.notifier.NOTIFY_POLICY`: a Slack 429 is retried after
+its Retry-After, 5xx and connection failures with backoff, 4 attempts within 30 s).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import dagster as dg
 from dagster_slack import SlackResource
@@ -41,16 +49,38 @@ from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
 from flowstone_dagster.notifications.log import LogChannel
-from flowstone_dagster.notifications.notifier import Channel, Notifier, NotifyResult
+from flowstone_dagster.notifications.notifier import NOTIFY_POLICY, Channel, Notifier, NotifyResult
 from flowstone_dagster.notifications.slack import (
     DEFAULT_SLACK_TIMEOUT,
     SlackApiChannel,
     SlackWebhookChannel,
 )
 from flowstone_dagster.notifications.smtp import DEFAULT_SMTP_TIMEOUT, EmailChannel, SmtpSettings
-from flowstone_dagster.resilience import ResilienceResource
+from flowstone_dagster.redaction import register_secret
+from flowstone_dagster.resilience import ResilienceResource, ServicePolicy
 
 __all__ = ["EmailConfig", "NotificationsResource", "SlackWebhookConfig"]
+
+
+#: A webhook path's tails at least this long are registered as secrets too (a server that
+#: echoes "T.../B.../token" without the /services/ prefix, or the token alone).
+MIN_PATH_TAIL_SECRET = 16
+
+
+def register_webhook_url(url: str) -> None:
+    """Register a webhook URL as a secret: the URL, its path and query (register_secret), and
+    every tail of its path of at least :data:`MIN_PATH_TAIL_SECRET` characters
+    (``services/T0/B0/token``, ``T0/B0/token``, ``B0/token``, ``token``)."""
+    register_secret(url)
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return
+    segments = [segment for segment in path.split("/") if segment]
+    for start in range(len(segments)):
+        tail = "/".join(segments[start:])
+        if len(tail) >= MIN_PATH_TAIL_SECRET:
+            register_secret(tail)
 
 
 class SlackWebhookConfig(dg.Config):
@@ -151,8 +181,16 @@ class NotificationsResource(dg.ConfigurableResource):
     resilience: ResilienceResource | None = Field(
         default=None,
         description="Retries (honouring Retry-After), circuit breaker and rate limit per "
-        "channel, under the services named by slack_service and email_service. Null: one "
-        "attempt per channel.",
+        "channel, under the services named by slack_service and email_service. Null: "
+        "`policy` for every channel, in this process.",
+    )
+    policy: ServicePolicy | None = Field(
+        default=None,
+        description="The policy of every channel when `resilience` is null. Null: up to 4 "
+        "attempts of a 429 (after its Retry-After, up to 10 s), 5xx, timeout or connection "
+        "failure, none starting later than 30 s after the first; no circuit breaker, no rate "
+        "limit. ServicePolicy(retry=RetryConfig(max_attempts=1), circuit_breaker=None): one "
+        "attempt.",
     )
     slack_service: str = Field(
         default="slack", description="Service name of Slack in errors, telemetry and policies."
@@ -167,7 +205,17 @@ class NotificationsResource(dg.ConfigurableResource):
         """Build the channels now, so that a wrong field fails the run at set-up."""
         self._notifier = self.build_notifier()
 
+    def _register_secrets(self) -> None:
+        """Make every redaction in this process hide this resource's secrets."""
+        if self.slack_webhook is not None:
+            register_webhook_url(self.slack_webhook.url)
+        if self.slack is not None:
+            register_secret(self.slack.token)
+        if self.email is not None:
+            register_secret(self.email.password)
+
     def _channels(self) -> list[Channel]:
+        self._register_secrets()
         channels: list[Channel] = []
         if self.slack_webhook is not None and self.slack is not None:
             raise ConfigurationError(
@@ -227,7 +275,10 @@ class NotificationsResource(dg.ConfigurableResource):
     def build_notifier(self) -> Notifier:
         """A :class:`Notifier` with this configuration's channels (raises on a bad field)."""
         return Notifier(
-            self._channels(), default_channels=self.default_channels, resilience=self.resilience
+            self._channels(),
+            default_channels=self.default_channels,
+            resilience=self.resilience,
+            policy=self.policy or NOTIFY_POLICY,
         )
 
     @property
