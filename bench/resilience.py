@@ -1,6 +1,12 @@
-"""What the resilience wrappers cost per call, and the shared limiter's achieved rate.
+"""What the resilience wrappers cost per call, what a store outage costs, and the shared
+limiter's achieved rate.
 
 Run: ``.venv/bin/python bench/resilience.py`` (about a minute; starts a throwaway PostgreSQL).
+
+Aims (added per call, breaker and limiter together): memory <= 2 us (8 threads too), SQLite
+<= 100 us, PostgreSQL <= 500 us. A store that is down: ``retry_step`` raises and ``local``
+fails over in about the time of one refused connection; a hung store costs at most the call's
+deadline.
 
 For each store (memory, SQLite, PostgreSQL on loopback) it times a call that does nothing,
 bare and through the circuit breaker (closed, the common case), the rate limiter (a limit
@@ -12,6 +18,7 @@ with the limit.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
 import tempfile
@@ -25,7 +32,18 @@ from pathlib import Path
 # Import from the repository, not from bench/ (whose http.py would shadow the standard library's).
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from flowstone_dagster.resilience import CircuitBreaker, RateLimiter, open_store  # noqa: E402
+from flowstone_dagster.errors import StoreUnavailable  # noqa: E402
+from flowstone_dagster.resilience import (  # noqa: E402
+    CircuitBreaker,
+    CircuitBreakerConfig,
+    RateLimitConfig,
+    RateLimiter,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+    open_store,
+)
+from flowstone_dagster_tests.support.net import free_port  # noqa: E402
 from flowstone_dagster_tests.support.postgres import PostgresCluster  # noqa: E402
 
 THREADS = 8
@@ -75,11 +93,27 @@ def wrappers(url: str) -> dict[str, Callable[[], object]]:
             raise
         breaker.exit(ticket)
 
+    resource = ResilienceResource(
+        store_url=url,
+        policies={
+            f"bench-{suffix}": ServicePolicy(
+                circuit_breaker=CircuitBreakerConfig(),
+                rate_limit=RateLimitConfig(limit=10**9, period=1.0),
+            )
+        },
+    )
+    once = ResilienceResource(
+        store_url=url,
+        default_policy=ServicePolicy(retry=RetryConfig(max_attempts=1), circuit_breaker=None),
+    )
+
     return {
         "bare": nothing,
         "breaker": lambda: breaker.call(nothing),
         "limiter": lambda: (limiter.acquire(), nothing()),
         "breaker+limiter": both,
+        "resource.call": lambda: resource.call(f"bench-{suffix}", nothing),
+        "call, no policy": lambda: once.call("plain", nothing),
     }
 
 
@@ -89,7 +123,7 @@ def bench_store(label: str, url: str, calls: int, aim_us: float) -> list[str]:
     for threads in (1, THREADS):
         timings = {name: best_of(3, call, calls, threads) for name, call in wrappers(url).items()}
         bare = timings["bare"]
-        for name in ("breaker", "limiter", "breaker+limiter"):
+        for name in ("breaker", "limiter", "breaker+limiter", "resource.call", "call, no policy"):
             added_us = (timings[name] - bare) * 1e6
             ratio = timings[name] / bare
             verdict = "ok" if added_us < aim_us else f"ABOVE AIM ({aim_us:g} us)"
@@ -97,6 +131,36 @@ def bench_store(label: str, url: str, calls: int, aim_us: float) -> list[str]:
                 f"{label:<11} {threads:>7} {name:<16} {bare * 1e6:>9.2f}"
                 f" {timings[name] * 1e6:>10.2f} {added_us:>10.2f} {ratio:>9.1f}x  {verdict}"
             )
+    return rows
+
+
+def bench_store_down() -> list[str]:
+    """A store that refuses connections: how long a call takes to raise or to fail over."""
+    url = f"postgresql://bench:pw@127.0.0.1:{free_port()}/postgres"
+    rows = []
+    for mode in ("retry_step", "local"):
+        resource = ResilienceResource(
+            store_url=url,
+            policies={
+                "down": ServicePolicy(
+                    circuit_breaker=CircuitBreakerConfig(),
+                    rate_limit=RateLimitConfig(limit=10**9),
+                    on_store_error=mode,  # type: ignore[arg-type]
+                )
+            },
+            dagster_errors=False,
+        )
+        timings = []
+        for _ in range(50):
+            started = time.perf_counter()
+            with contextlib.suppress(StoreUnavailable):
+                resource.call("down", nothing)
+            timings.append(time.perf_counter() - started)
+        timings.sort()
+        rows.append(
+            f"store down ({mode:<10}): first call {timings[-1] * 1e3:7.2f} ms (worst of 50), "
+            f"median {timings[len(timings) // 2] * 1e3:7.3f} ms"
+        )
     return rows
 
 
@@ -138,9 +202,9 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, PostgresCluster.start() as pg:
         stores = [
-            ("memory", f"memory://bench-{uuid.uuid4().hex}", 100_000, 5.0),
-            ("sqlite", f"sqlite://{Path(tmp) / 'bench.sqlite3'}", 5_000, 200.0),
-            ("postgresql", pg.url, 1_000, 1000.0),
+            ("memory", f"memory://bench-{uuid.uuid4().hex}", 100_000, 2.0),
+            ("sqlite", f"sqlite://{Path(tmp) / 'bench.sqlite3'}", 5_000, 100.0),
+            ("postgresql", pg.url, 1_000, 500.0),
         ]
         print(f"Python {sys.version.split()[0]}; per call, best of 3 runs")
         print(
@@ -150,6 +214,9 @@ def main() -> None:
         for label, url, calls, aim in stores:
             for row in bench_store(label, url, calls, aim):
                 print(row, flush=True)
+        print()
+        for row in bench_store_down():
+            print(row, flush=True)
         print()
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=4, mp_context=context) as pool:

@@ -269,7 +269,10 @@ class StepTelemetry:
                 for key, value in sorted(totals.sums.items()):
                     clash = key in ("calls", "errors", "attempts", "duration_ms")
                     result[f"{prefix}/{'measure_' if clash else ''}{key}"] = value
-            if "flowstone.store.degraded" in self._totals:
+            resilience = self._totals.get("flowstone.resilience.call")
+            if "flowstone.store.degraded" in self._totals or (
+                resilience is not None and resilience.sums.get("store_degraded")
+            ):
                 # The resilience store was down and calls went on with this process's own
                 # breaker and limiter state: the flag users look for in the UI.
                 result["flowstone/store_degraded"] = True

@@ -279,11 +279,18 @@ ONCE = ServicePolicy(retry=RetryConfig(max_attempts=1), circuit_breaker=None)
 #: The in-process store a policy with ``on_store_error="local"`` falls back to.
 LOCAL_FALLBACK_STORE_URL = "memory://flowstone-local-fallback"
 
+#: After a store failure, a policy with ``on_store_error="local"`` stays on local state this
+#: many seconds before it tries the store again (a hung store would otherwise cost every call
+#: its full store timeout).
+STORE_RECHECK_AFTER = 5.0
+
 _degraded_warned: set[str] = set()
 _degraded_lock = threading.Lock()
+_store_down_until: dict[str, float] = {}
 
 
 def _warn_degraded_once(store: str, error: StoreUnavailable, service: str) -> None:
+    """One WARNING (log line and ``flowstone.store.degraded`` event) per store per process."""
     with _degraded_lock:
         first = store not in _degraded_warned
         _degraded_warned.add(store)
@@ -294,6 +301,9 @@ def _warn_degraded_once(store: str, error: StoreUnavailable, service: str) -> No
             error.store,
             error.reason,
             service,
+        )
+        telemetry.emit(
+            "flowstone.store.degraded", error=error, service=service, operation=error.operation
         )
 
 
@@ -624,13 +634,10 @@ class _GuardedCall:
 
     def _degrade(self, error: StoreUnavailable) -> None:
         self.degraded = True
-        _warn_degraded_once(self.resource.resolved_store_url(), error, self.service)
-        telemetry.emit(
-            "flowstone.store.degraded",
-            error=error,
-            service=self.service,
-            operation=error.operation,
-        )
+        url = self.resource.resolved_store_url()
+        if error is not _RECENTLY_DOWN:
+            _store_down_until[url] = time.monotonic() + STORE_RECHECK_AFTER
+        _warn_degraded_once(url, error, self.service)
 
     def _admit(self, local: bool) -> tuple[CircuitBreaker | None, Any]:
         """Pass the breaker and take the limits (bounded by the retry deadline)."""
@@ -658,6 +665,11 @@ class _GuardedCall:
     def attempt(self) -> Any:
         self.attempts += 1
         local = self.degraded
+        if not local and self.policy.on_store_error == "local" and _store_down_until:
+            until = _store_down_until.get(self.resource.resolved_store_url())
+            if until is not None and time.monotonic() < until:
+                self._degrade(_RECENTLY_DOWN)
+                local = True
         try:
             breaker, ticket = self._admit(local)
         except StoreUnavailable as error:
@@ -701,6 +713,11 @@ def _record_outcome(breaker: CircuitBreaker, ticket: Any, error: BaseException |
     except Exception as store_error:
         logger.warning("circuit breaker %r could not record a call: %s", breaker.name, store_error)
         telemetry.emit("flowstone.circuit.store_error", error=store_error, breaker=breaker.name)
+
+
+_RECENTLY_DOWN = StoreUnavailable(
+    "(this process's view)", "skipped", f"failed less than {STORE_RECHECK_AFTER:g} s ago"
+)
 
 
 def _retryable_in_call(exc: BaseException) -> bool:

@@ -180,7 +180,10 @@ class SQLiteStore:
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection = self._connections.get()
-        milliseconds = max(1, int(operation_timeout() * 1000))
+        seconds = operation_timeout()
+        # Whole tenths of a second above 1 s: a deadline's remaining time changes on every
+        # call, and setting the pragma each time would cost more than the operation.
+        milliseconds = int(seconds * 10) * 100 if seconds >= 1 else max(1, int(seconds * 1000))
         if getattr(self._busy, "ms", None) != milliseconds:
             connection.execute(f"PRAGMA busy_timeout = {milliseconds}")
             self._busy.ms = milliseconds
