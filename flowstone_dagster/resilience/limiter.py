@@ -144,11 +144,12 @@ class RateLimiter:
             return self.store.reserve(self.name, cost, self.limit, self.period, now)
         return self.store.reserve_all(self.name, cost, self.windows, now)
 
-    def acquire(self, cost: float = 1) -> float:
+    def acquire(self, cost: float = 1, *, max_wait: float | None = None) -> float:
         """Take ``cost`` units, waiting in ``"wait"`` mode; returns the admission's store time.
 
         Raises :class:`RateLimitExceeded` when refused (``"reject"`` mode, or a wait beyond
-        ``max_wait``) and ``ConfigurationError`` for a cost above the limit.
+        ``max_wait``, the limiter's or the lower one given here) and ``ConfigurationError``
+        for a cost above the limit.
         """
         reservation = self.try_acquire(cost)
         if reservation.admitted:
@@ -157,9 +158,10 @@ class RateLimiter:
             self._refuse(cost, reservation.wait)
         clock = self.clock or time.monotonic
         started = clock()
+        limit = self.max_wait if max_wait is None else min(self.max_wait, max_wait)
         while True:
             waited = clock() - started
-            if waited + reservation.wait > self.max_wait:
+            if waited + reservation.wait > limit:
                 self._refuse(cost, reservation.wait)
             self.sleep(reservation.wait)
             reservation = self.try_acquire(cost)

@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import backoff
 
@@ -133,7 +133,7 @@ def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
         types = retry_on
         return lambda exc: isinstance(exc, types)
     if callable(retry_on):
-        return cast(Callable[[BaseException], bool], retry_on)
+        return retry_on  # type: ignore[return-value]
     raise ConfigurationError(
         f"must be exception types or a predicate, got {retry_on!r}", field="retry_on"
     )
@@ -172,9 +172,37 @@ def with_retry(
     _validate(max_attempts, base_delay, max_delay, jitter)
     if deadline is not None and deadline <= 0:
         raise ConfigurationError(f"must be positive, got {deadline}", field="deadline")
-    should_retry = _predicate(retry_on)
-    label = name or getattr(fn, "__qualname__", None) or type(fn).__name__
-    rng = rng or _random
+    return retry_loop(
+        fn,
+        should_retry=_predicate(retry_on),
+        max_attempts=max_attempts,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        deadline=deadline,
+        jitter=jitter,
+        label=name or getattr(fn, "__qualname__", None) or type(fn).__name__,
+        clock=clock,
+        sleep=sleep,
+        rng=rng or _random,
+    )
+
+
+def retry_loop(
+    fn: Callable[[], T],
+    *,
+    should_retry: Callable[[BaseException], bool],
+    max_attempts: int,
+    base_delay: float,
+    max_delay: float,
+    deadline: float | None,
+    jitter: float,
+    label: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random = _random,
+) -> T:
+    """:func:`with_retry` without its argument checks, for callers whose settings were
+    validated once (``ResilienceResource`` policies)."""
     started = clock()
     exponential = _exponential(base_delay, max_delay)
     attempt = 0

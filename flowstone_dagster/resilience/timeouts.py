@@ -28,8 +28,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from flowstone_dagster.errors import CallTimeout, ConfigurationError
@@ -93,25 +92,37 @@ def current_deadline() -> Deadline | None:
     return _current.get()
 
 
-@contextmanager
-def deadline_scope(seconds: float | Deadline | None) -> Iterator[Deadline | None]:
+class deadline_scope:
     """Publish a deadline ``seconds`` from now (or a :class:`Deadline`) to the code in the block.
 
     A scope never extends an enclosing one: the earlier deadline wins. ``None`` publishes
-    nothing new (the enclosing deadline, if any, stays).
+    nothing new (the enclosing deadline, if any, stays). ``as`` gives the deadline in force.
+    (A class, not a generator: it is on the path of every guarded call.)
     """
-    outer = _current.get()
-    if seconds is None:
-        yield outer
-        return
-    deadline = seconds if isinstance(seconds, Deadline) else Deadline(seconds)
-    if outer is not None and outer.remaining() < deadline.remaining():
-        deadline = outer
-    token = _current.set(deadline)
-    try:
-        yield deadline
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float | Deadline | None) -> None:
+        self._seconds = seconds
+        self._token: contextvars.Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline | None:
+        outer = _current.get()
+        seconds = self._seconds
+        if seconds is None:
+            return outer
+        deadline = seconds if isinstance(seconds, Deadline) else Deadline(seconds)
+        if outer is not None and outer.at <= deadline.at and outer.clock is deadline.clock:
+            return outer
+        if outer is not None and outer.remaining() < deadline.remaining():
+            deadline = outer
+        self._token = _current.set(deadline)
+        return deadline
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
 
 
 def with_timeout(
