@@ -370,7 +370,19 @@ def test_load_and_store_emit_one_event_each_with_measures(target: Target) -> Non
         assert event.ok
         assert event.attempts == 1
         assert event.measures["adapter"] == target.name
+        assert event.measures["service"] == target.db.service
         assert event.measures["table"] == table
         assert event.measures["rows"] == 2
     assert load.measures["bytes"] == 5  # "abc" + "de"
     assert store.measures["bytes"] >= 5
+
+
+def test_default_service_names_the_database_server(tmp_path: Path) -> None:
+    postgres = ExternalDB.postgres(
+        host="db.internal", port=6543, database="analytics", user="etl", password="pw-secret"
+    )
+    assert postgres.service == "db:postgresql://db.internal:6543/analytics"  # no user, password
+    sqlite = ExternalDB.sqlite(tmp_path / "warehouse.sqlite3")
+    assert sqlite.service == f"db:sqlite:{tmp_path / 'warehouse.sqlite3'}"
+    named = ExternalDB.sqlite(tmp_path / "warehouse.sqlite3", service="warehouse")
+    assert named.service == "warehouse"

@@ -218,3 +218,42 @@ def test_partitioned_asset_without_partition_expr_is_a_clear_error(tmp_path: Pat
         messages.append(error.message)
         error = error.cause
     assert any("set its metadata partition_expr" in m for m in messages)
+
+
+def test_default_service_of_the_io_manager_is_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite3"
+    assert ExternalDBIOManager(path=str(path)).db.service == f"db:sqlite:{path}"
+    manager = ExternalDBIOManager(
+        adapter="postgres", host="db.internal", database="analytics", user="etl", password="pw"
+    )
+    assert manager.db.service == "db:postgresql://db.internal:5432/analytics"
+    assert ExternalDBIOManager(path=str(path), service="warehouse").db.service == "warehouse"
+
+
+def test_a_missing_table_fails_the_step_once_with_the_asset_named(tmp_path: Path) -> None:
+    """The one mapping, also with no resilience: Failure(allow_retries=False), caused by the
+    DatabaseError that names the asset."""
+
+    @dg.asset(io_manager_key="db", ins={"never": dg.AssetIn(key="never_written")})
+    def consumer(never: list[dict]) -> list[dict]:
+        return never
+
+    @dg.asset(name="never_written", io_manager_key="db")
+    def never_written() -> list[dict]:
+        return []
+
+    result = dg.materialize(
+        [consumer, never_written.to_source_asset()],
+        resources={"db": ExternalDBIOManager(path=str(tmp_path / "x.sqlite3"))},
+        raise_on_error=False,
+        selection=[consumer],
+    )
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    data = failure.step_failure_data
+    assert data.user_failure_data is not None
+    metadata = data.user_failure_data.metadata
+    assert metadata["flowstone/error_type"].value == "DatabaseError"
+    assert metadata["flowstone/retryable"].value is False
+    assert metadata["flowstone/service"].value == f"db:sqlite:{tmp_path / 'x.sqlite3'}"
+    assert "no table for asset never_written" in (data.user_failure_data.description or "")

@@ -24,14 +24,13 @@ SECRET = "pw-5ecr3t-value-9876"
 
 
 def resilience(name: str, attempts: int = 3) -> ResilienceResource:
+    # Every service: the default one names the database server (db:postgresql://host:port/db).
     return ResilienceResource(
         store_url=f"memory://{name}",
-        policies={
-            "external_db": ServicePolicy(
-                retry=RetryConfig(max_attempts=attempts, base_delay=0.05, jitter=0),
-                circuit_breaker=None,
-            )
-        },
+        default_policy=ServicePolicy(
+            retry=RetryConfig(max_attempts=attempts, base_delay=0.05, jitter=0),
+            circuit_breaker=None,
+        ),
     )
 
 

@@ -29,7 +29,13 @@ from flowstone_dagster.errors import (
     is_retryable,
 )
 from flowstone_dagster.io_managers import RestClient, RestIOManager
-from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
+from flowstone_dagster.io_managers.rest import rest_service
+from flowstone_dagster.resilience import (
+    CircuitBreakerConfig,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+)
 
 SECRET = "tok-5ecr3t-value-000111"
 
@@ -231,14 +237,13 @@ def test_pagination_loop_is_detected(httpserver: HTTPServer) -> None:
 
 
 def _resilience(max_attempts: int = 3) -> ResilienceResource:
+    # Every service (the default service is the origin, rest:http://localhost:<port>).
     return ResilienceResource(
         store_url="memory://",
-        policies={
-            "rest": ServicePolicy(
-                retry=RetryConfig(max_attempts=max_attempts, base_delay=0.01, max_delay=1.0),
-                circuit_breaker=None,
-            )
-        },
+        default_policy=ServicePolicy(
+            retry=RetryConfig(max_attempts=max_attempts, base_delay=0.01, max_delay=1.0),
+            circuit_breaker=None,
+        ),
     )
 
 
@@ -791,3 +796,99 @@ def test_a_failing_head_does_not_fail_a_successful_store(
         if e.level == logging.WARNING
     ]
     assert any("HEAD after the store failed" in w for w in warnings)
+
+
+# -- scope: the default service is the origin --------------------------------------------------
+
+
+def test_default_service_is_the_origin_without_path_or_credentials() -> None:
+    assert rest_service("https://user:pw@API.Example.com/v1/orders?token=x") == (
+        "rest:https://api.example.com"
+    )
+    assert rest_service("https://api.example.com:443/v1") == "rest:https://api.example.com"
+    assert rest_service("http://127.0.0.1:8080/api") == "rest:http://127.0.0.1:8080"
+    assert rest_service("http://[::1]:8080/api") == "rest:http://[::1]:8080"
+    manager = RestIOManager(base_url="https://user:pw@api.example.com/v1")
+    assert manager.resolved_service() == "rest:https://api.example.com"
+    named = RestIOManager(base_url="https://api.example.com/v1", service="orders-api")
+    assert named.resolved_service() == "orders-api"
+
+
+def test_client_requests_are_scoped_by_their_origin(
+    httpserver: HTTPServer, events: list[telemetry.TelemetryEvent]
+) -> None:
+    httpserver.expect_request("/data/p").respond_with_json({"ok": True})
+    client_for(httpserver).load("p")
+    origin = f"rest:http://localhost:{httpserver.port}"
+    [call] = [e for e in events if e.name == "flowstone.resilience.call"]
+    assert call.measures["service"] == origin
+    [load] = [e for e in events if e.name == "flowstone.rest.load"]
+    assert load.measures["service"] == origin
+
+
+@dg.asset(io_manager_key="down")
+def on_failing_origin() -> dict:
+    return {"n": 1}
+
+
+@dg.asset(io_manager_key="up")
+def on_healthy_origin() -> dict:
+    return {"n": 2}
+
+
+@pytest.mark.dagster
+def test_io_managers_on_different_origins_do_not_share_a_breaker(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    """One origin answering 503 opens its own breaker; the other origin keeps working."""
+    httpserver.expect_request(re.compile(r"^/api/.*")).respond_with_data("down", status=503)
+    other = HTTPServer(host="localhost", port=0)
+    other.start()
+    try:
+        healthy = FakeStore(other)
+        resilience = ResilienceResource(
+            store_url="memory://rest-origins",
+            default_policy=ServicePolicy(
+                retry=RetryConfig(max_attempts=1),
+                circuit_breaker=CircuitBreakerConfig(threshold=2, timeout=300),
+            ),
+            step_max_retries=0,  # an open circuit fails the step here, without a 300 s wait
+        )
+        down = RestIOManager(
+            base_url=httpserver.url_for("/api"), resilience=resilience, record_head=False
+        )
+        up = RestIOManager(base_url=other.url_for("/api"), resilience=resilience, record_head=False)
+        resources = {"down": down, "up": up}
+        assert down.resolved_service() != up.resolved_service()
+
+        def materialize(asset: dg.AssetsDefinition) -> dg.ExecuteInProcessResult:
+            return dg.materialize(
+                [asset], resources=resources, instance=dagster_instance, raise_on_error=False
+            )
+
+        for _ in range(2):
+            assert not materialize(on_failing_origin).success
+        assert len(httpserver.log) == 2
+        failing = resilience.breaker(down.resolved_service())
+        assert failing is not None
+        assert failing.status().state == "open"
+
+        # The open circuit stops the next call before it reaches the failing origin ...
+        stopped = materialize(on_failing_origin)
+        assert not stopped.success
+        assert len(httpserver.log) == 2
+        error = stopped.failure_data_for_node("on_failing_origin").error  # type: ignore[union-attr]
+        chain = []
+        while error is not None:
+            chain.append(error.cls_name)
+            error = error.cause
+        assert chain[:2] == ["RetryRequested", "CircuitOpen"]
+        # ... while the other origin, behind the same resilience resource, keeps working.
+        for _ in range(3):
+            assert materialize(on_healthy_origin).success
+        assert json.loads(healthy.bodies["/api/on_healthy_origin"][0]) == {"n": 2}
+        working = resilience.breaker(up.resolved_service())
+        assert working is not None
+        assert (working.status().state, working.status().failures) == ("closed", 0)
+    finally:
+        other.stop()

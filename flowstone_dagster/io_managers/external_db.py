@@ -88,7 +88,7 @@ from flowstone_dagster.io_managers.external_db_types import (
     to_columns,
 )
 from flowstone_dagster.io_managers.formats import is_dataframe, require_pandas, wants_dataframe
-from flowstone_dagster.resilience import ResilienceResource, current_deadline
+from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
 
 __all__ = [
     "DEFAULT_STATEMENT_TIMEOUT",
@@ -160,9 +160,11 @@ class ExternalDB:
 
     Each call is one transaction on one connection, kept open between calls (and replaced when
     it broke: a connection that died while idle, say because the server restarted, is replaced
-    before the call runs, since the server never saw it). With ``resilience``, each call runs
-    through its policy for ``service`` (retries of connection failures and timeouts, breaker,
-    rate limit); without it a call is made once. Statements run under ``statement_timeout``
+    before the call runs, since the server never saw it). Each call runs through
+    ``resilience``'s policy for ``service`` (retries of connection failures and timeouts,
+    breaker, rate limit); without ``resilience`` a call is made once. ``service`` defaults to
+    the database server, what fails together: ``db:postgresql://host:port/database`` (no user,
+    no password) or ``db:sqlite:<absolute path>``. Statements run under ``statement_timeout``
     seconds (or the time left of the resilience policy's timeout, when shorter).
 
     Placeholders in custom SQL are the driver's: ``%s`` / ``%(name)s`` for PostgreSQL, ``?`` /
@@ -175,14 +177,14 @@ class ExternalDB:
         *,
         statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
         resilience: ResilienceResource | None = None,
-        service: str = "external_db",
+        service: str | None = None,
     ) -> None:
         if statement_timeout is not None and statement_timeout <= 0:
             raise ConfigurationError("must be positive (or None)", field="statement_timeout")
         self.adapter = adapter
         self.statement_timeout = statement_timeout
         self.resilience = resilience
-        self.service = service
+        self.service = service or adapter.default_service
         self._connection: Any = None
         self._pid = 0
         self._lock = threading.RLock()
@@ -332,10 +334,7 @@ class ExternalDB:
             measures["table"] = table
         with telemetry.span(event, **measures) as call:
             try:
-                if self.resilience is None:
-                    result = attempt()
-                else:
-                    result = self.resilience.call(self.service, attempt, dagster_errors=False)
+                result = resolve(self.resilience).call(self.service, attempt, dagster_errors=False)
             finally:
                 call.attempts = max(attempts, 1)
             call.set(**measure(result))
@@ -709,14 +708,17 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
     busy_timeout: float = Field(
         default=30.0, description="SQLite: seconds a write waits for another writer's lock."
     )
-    service: str = Field(
-        default="external_db",
-        description="Service name in errors, telemetry and the resilience policy.",
+    service: str | None = Field(
+        default=None,
+        description="Service name in errors, telemetry and the resilience policy. Null: the "
+        "database server, db:postgresql://host:port/database (no user or password) or "
+        "db:sqlite:<absolute path>.",
     )
     resilience: ResilienceResource | None = Field(
         default=None,
-        description="Retry/breaker/rate-limit policy for each database call (policy `service`). "
-        "Without it, each call is made once.",
+        description="Retry/breaker/rate-limit policy for each database call (policy `service`), "
+        "and whether errors become Dagster control flow (its dagster_errors). Without it, each "
+        "call is made once and errors are mapped to Dagster.",
     )
 
     _db: ExternalDB | None = PrivateAttr(default=None)
@@ -783,10 +785,10 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
         return schema, str(table)
 
     def _dagster_errors(self, call: Callable[[], T]) -> T:
-        """With ``resilience``, its Dagster interplay: an open circuit becomes RetryRequested."""
-        if self.resilience is None:
-            return call()
-        with self.resilience.dagster_retries(service=self.service):
+        """The one mapping to Dagster (``resolve(resilience).dagster_retries``): an open circuit
+        becomes RetryRequested, a failure Failure(allow_retries=<retryable>), unless the
+        resilience resource's ``dagster_errors`` is off."""
+        with resolve(self.resilience).dagster_retries(service=self.db.service):
             return call()
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
@@ -835,12 +837,11 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
         as_dataframe = wants_dataframe(context)
         # Dagster takes input metadata for one partition only; several are still logged.
         single = not context.has_asset_partitions or len(context.asset_partition_keys) == 1
-        with telemetry.observe(context, attach_metadata=single):
+
+        def load() -> Any:
             try:
-                return self._dagster_errors(
-                    lambda: self.db.load_table(
-                        table, schema=schema, selection=selection, as_dataframe=as_dataframe
-                    )
+                return self.db.load_table(
+                    table, schema=schema, selection=selection, as_dataframe=as_dataframe
                 )
             except DatabaseError as exc:
                 if exc.sqlstate != UNDEFINED_TABLE:
@@ -851,3 +852,6 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
                     table=exc.table,
                     service=exc.service,
                 ) from None
+
+        with telemetry.observe(context, attach_metadata=single):
+            return self._dagster_errors(load)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import re
 import sqlite3
 import time
@@ -143,6 +144,13 @@ class PostgresAdapter:
     def where(self) -> str:
         """The server, for messages (never the password)."""
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+    @property
+    def default_service(self) -> str:
+        """``db:postgresql://host:port/database``: the database server, what fails together
+        (no user, no password)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"db:postgresql://{host}:{self.port}/{self.database}"
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -494,6 +502,12 @@ class SQLiteAdapter:
     @property
     def where(self) -> str:
         return f"sqlite:///{self.path}"
+
+    @property
+    def default_service(self) -> str:
+        """``db:sqlite:<absolute path>``: the database file."""
+        path = self.path if self.path == ":memory:" else os.path.abspath(self.path)
+        return f"db:sqlite:{path}"
 
     def connect(self) -> Any:
         try:

@@ -34,6 +34,10 @@ Every status has one outcome (the table in ``docs/rest.md``): 2xx success (204 l
 404/410 ``NotFound`` naming the asset and partition, other 4xx ``HTTPError`` with the server's
 message, 408/429/5xx retryable errors: retried through ``resilience`` when one is configured,
 else raised after exactly one request.
+
+The resilience service (breaker, rate limit, policy name) defaults to the origin of the URL,
+what fails together: ``rest:https://api.example.com`` (scheme, host and a non-default port; no
+path, no credentials). Two I/O managers on different origins never share a breaker.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 import dagster as dg
 import requests
@@ -56,6 +60,7 @@ from flowstone_dagster.errors import (
     ConfigurationError,
     DecodeError,
     ExternalServiceError,
+    FlowstoneError,
     NotFound,
 )
 from flowstone_dagster.http import (
@@ -74,7 +79,7 @@ from flowstone_dagster.io_managers.formats import (
     require_pandas,
     wants_dataframe,
 )
-from flowstone_dagster.resilience import ResilienceResource
+from flowstone_dagster.resilience import ResilienceResource, resolve
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -82,6 +87,7 @@ __all__ = [
     "RestClient",
     "RestIOManager",
     "StoreResult",
+    "rest_service",
 ]
 
 T = TypeVar("T")
@@ -115,6 +121,35 @@ class StoreResult:
     bytes: int
     etag: str | None = None
     location: str | None = None
+
+
+def rest_service(url: str) -> str:
+    """The default service name of requests to ``url``: its origin, what fails together.
+
+    ::
+
+        >>> rest_service("https://user:secret@API.example.com/v1/orders?day=1")
+        'rest:https://api.example.com'
+        >>> rest_service("http://127.0.0.1:8080/x")
+        'rest:http://127.0.0.1:8080'
+
+    Scheme, host and port (only when it is not the scheme's default); never the path, the query
+    or credentials.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError(
+            f"{scheme}://{host}... has an invalid port", field="base_url"
+        ) from None
+    default_port = {"http": 80, "https": 443}.get(scheme)
+    shown_port = f":{port}" if port is not None and port != default_port else ""
+    return f"rest:{scheme}://{host}{shown_port}"
 
 
 def _declared_charset(response: requests.Response) -> str | None:
@@ -163,9 +198,11 @@ class RestClient:
             is a list is its items. Paginated loads return all items in one list.
         max_pages: more pages than this is an error (nothing is silently dropped).
         resilience: a :class:`ResilienceResource`; each request then goes through its policy
-            for ``service`` (retries honouring ``Retry-After``, breaker, rate limit). Without
-            it a request is made exactly once.
-        service: the service name for errors, telemetry and the resilience policy.
+            for the service (retries honouring ``Retry-After``, breaker, rate limit), and its
+            ``dagster_errors`` decides the I/O manager's mapping. Without it a request is made
+            exactly once.
+        service: the service name for errors, telemetry and the resilience policy. Default:
+            each request's origin (:func:`rest_service`, ``rest:https://api.example.com``).
         session: an :class:`~flowstone_dagster.http.HttpSession` to use instead of a new one.
     """
 
@@ -189,7 +226,7 @@ class RestClient:
         verify: bool = True,
         ca_bundle: str | None = None,
         resilience: ResilienceResource | None = None,
-        service: str = "rest",
+        service: str | None = None,
         session: HttpSession | None = None,
     ) -> None:
         if format not in FORMATS:
@@ -231,7 +268,12 @@ class RestClient:
         )
 
     def __repr__(self) -> str:
-        return f"<RestClient service={self.service!r} format={self.format!r}>"
+        service = self.service or "<origin>"
+        return f"<RestClient service={service!r} format={self.format!r}>"
+
+    def service_for(self, url: str) -> str:
+        """The service of a request to ``url``: ``service``, else the URL's origin."""
+        return self.service or rest_service(url)
 
     # -- requests, each through the resilience policy when there is one ------------------------
 
@@ -243,14 +285,19 @@ class RestClient:
         if self.auth_headers:
             kwargs["auth"] = HeaderAuth(self.auth_headers, origin)
 
+        service = self.service_for(url)
+
         def once() -> tuple[requests.Response, bytes]:
             attempts[0] += 1
-            response = self.session.request(method, url, stream=True, **kwargs)
-            return response, self.session.read_body(response, max_bytes=self.max_body_bytes)
+            try:
+                response = self.session.request(method, url, stream=True, **kwargs)
+                return response, self.session.read_body(response, max_bytes=self.max_body_bytes)
+            except FlowstoneError as exc:
+                if exc.service is None:  # a session shared by origins names none
+                    exc.service = service
+                raise
 
-        if self.resilience is None:
-            return once()
-        return self.resilience.call(self.service, once, dagster_errors=False)
+        return resolve(self.resilience).call(service, once, dagster_errors=False)
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -267,7 +314,7 @@ class RestClient:
         url = self.url_fn(partition)
         attempts = [0]
         with telemetry.span(
-            "flowstone.rest.load", method="GET", format=self.format, service=self.service
+            "flowstone.rest.load", method="GET", format=self.format, service=self.service_for(url)
         ) as call:
             try:
                 value, status, size, pages = self._load_pages(url, attempts, as_dataframe)
@@ -308,7 +355,7 @@ class RestClient:
                 raise ExternalServiceError(
                     f"pagination loop at {self.session.redact(next_url)}: the same page was "
                     "returned as the next one",
-                    service=self.service,
+                    service=self.service_for(next_url),
                 )
             seen.add(marker)
             pages += 1
@@ -316,7 +363,7 @@ class RestClient:
                 raise ExternalServiceError(
                     f"{self.session.redact(url)} has more than max_pages={self.max_pages} pages; "
                     "raise max_pages to load them all",
-                    service=self.service,
+                    service=self.service_for(url),
                 )
             # Credentials go to the first page's origin only, never to a next link elsewhere.
             response, body = self._send(
@@ -344,7 +391,7 @@ class RestClient:
                 f"(found {type(items).__name__}); set items_path",
                 url=self.session.redact(url),
                 fmt=self.format,
-                service=self.service,
+                service=self.service_for(url),
             )
         return items
 
@@ -371,7 +418,7 @@ class RestClient:
                 as_dataframe=as_dataframe,
             )
         except DecodeError as exc:
-            exc.service = self.service
+            exc.service = self.service_for(url)
             raise
 
     # -- store and head ------------------------------------------------------------------------
@@ -391,7 +438,10 @@ class RestClient:
         headers = {"Content-Type": MEDIA_TYPES[self.format], **self.headers}
         attempts = [0]
         with telemetry.span(
-            "flowstone.rest.store", method=self.method, format=self.format, service=self.service
+            "flowstone.rest.store",
+            method=self.method,
+            format=self.format,
+            service=self.service_for(url),
         ) as call:
             try:
                 response, _ = self._send(
@@ -420,7 +470,9 @@ class RestClient:
         if response.status_code in (404, 405, 410, 501):
             return None
         if response.status_code >= 400:
-            raise self.session.error_for(response)
+            error = self.session.error_for(response)
+            error.service = error.service or self.service_for(url)
+            raise error
         length = response.headers.get("Content-Length")
         return HeadInfo(
             status=response.status_code,
@@ -547,13 +599,16 @@ class RestIOManager(dg.ConfigurableIOManager):
         description="After a store, HEAD the URL and record its status, type, length, ETag and "
         "Last-Modified as output metadata.",
     )
-    service: str = Field(
-        default="rest", description="Service name in errors, telemetry and resilience policy."
+    service: str | None = Field(
+        default=None,
+        description="Service name in errors, telemetry and the resilience policy. Null: the "
+        "origin of base_url, e.g. rest:https://api.example.com (what fails together).",
     )
     resilience: ResilienceResource | None = Field(
         default=None,
-        description="Retry/breaker/rate-limit policy for each request (policy `service`). "
-        "Without it, each request is made exactly once.",
+        description="Retry/breaker/rate-limit policy for each request (policy `service`), and "
+        "whether errors become Dagster control flow (its dagster_errors). Without it, each "
+        "request is made exactly once and errors are mapped to Dagster.",
     )
 
     # One client (so one connection pool) per asset configuration, for the manager's lifetime.
@@ -561,6 +616,11 @@ class RestIOManager(dg.ConfigurableIOManager):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._auth_headers()  # fail at set-up on incomplete auth, naming the field
+        self.resolved_service()
+
+    def resolved_service(self) -> str:
+        """``service``, else the origin of ``base_url`` (:func:`rest_service`)."""
+        return self.service or rest_service(self.base_url)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for client in self._clients.values():
@@ -647,14 +707,14 @@ class RestIOManager(dg.ConfigurableIOManager):
             verify=self.verify_tls,
             ca_bundle=self.ca_bundle,
             resilience=self.resilience,
-            service=self.service,
+            service=self.resolved_service(),
         )
 
     def _dagster_errors(self, call: Callable[[], T]) -> T:
-        """With ``resilience``, its Dagster interplay: an open circuit becomes RetryRequested."""
-        if self.resilience is None:
-            return call()
-        with self.resilience.dagster_retries(service=self.service):
+        """The one mapping to Dagster (``resolve(resilience).dagster_retries``): an open circuit
+        becomes RetryRequested, a failure Failure(allow_retries=<retryable>), unless the
+        resilience resource's ``dagster_errors`` is off."""
+        with resolve(self.resilience).dagster_retries(service=self.resolved_service()):
             return call()
 
     def _head(
