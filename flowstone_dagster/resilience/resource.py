@@ -38,6 +38,7 @@ cannot fix ``Failure(allow_retries=False)``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -67,6 +68,7 @@ from flowstone_dagster.resilience.breaker import CircuitBreaker
 from flowstone_dagster.resilience.limiter import RateLimiter
 from flowstone_dagster.resilience.retry import retry_loop
 from flowstone_dagster.resilience.stores import (
+    DEFAULT_STORE_TIMEOUT,
     StateStore,
     check_store_url,
     default_store_url,
@@ -674,7 +676,7 @@ class _GuardedCall:
         """Pass the breaker and take the limits (bounded by the retry deadline)."""
         resource = self.resource
         breaker, limiter = resource._guards(self.service, local)
-        with deadline_scope(self.deadline):
+        with _store_bound(self.deadline):
             ticket = breaker.enter() if breaker is not None else None
             try:
                 if limiter is not None:
@@ -706,11 +708,16 @@ class _GuardedCall:
             breaker, ticket = self._admit(True)
         try:
             # Only the policy's timeout (and any deadline the caller set) bounds the attempt.
-            with deadline_scope(self.policy.timeout) as deadline:
-                if self.policy.enforce_timeout and deadline is not None:
-                    result = with_timeout(self.fn, deadline.remaining(), *self.args, **self.kwargs)
-                else:
-                    result = self.fn(*self.args, **self.kwargs)
+            if self.policy.timeout is None:
+                result = self.fn(*self.args, **self.kwargs)
+            else:
+                with deadline_scope(self.policy.timeout) as deadline:
+                    if self.policy.enforce_timeout and deadline is not None:
+                        result = with_timeout(
+                            self.fn, deadline.remaining(), *self.args, **self.kwargs
+                        )
+                    else:
+                        result = self.fn(*self.args, **self.kwargs)
         except BaseException as exc:
             if breaker is not None and ticket is not None:
                 self._record(breaker, ticket, exc)
@@ -722,14 +729,27 @@ class _GuardedCall:
     def _record(self, breaker: CircuitBreaker, ticket: Any, error: BaseException | None) -> None:
         # Recording gets the retry deadline's remaining time, but at least RECORD_GRACE: the
         # attempt may legitimately have outlived the deadline.
-        remaining = self.deadline.remaining() if self.deadline is not None else RECORD_GRACE
-        with deadline_scope(max(remaining, RECORD_GRACE)):
+        if self.deadline is None or self.deadline.remaining() >= DEFAULT_STORE_TIMEOUT:
+            _record_outcome(breaker, ticket, error)  # the store's own bound is the lower
+            return
+        with deadline_scope(max(self.deadline.remaining(), RECORD_GRACE)):
             _record_outcome(breaker, ticket, error)
 
 
 #: Seconds a breaker may wait on the store to record a call's outcome after the retry deadline
 #: passed (the attempt itself may run longer than the deadline).
 RECORD_GRACE = 1.0
+
+
+_NO_SCOPE = contextlib.nullcontext()
+
+
+def _store_bound(deadline: Deadline | None) -> contextlib.AbstractContextManager[Any]:
+    """Publish ``deadline`` to the store operations of the block, when it lowers their own
+    bound (:data:`DEFAULT_STORE_TIMEOUT`): most calls need no scope at all."""
+    if deadline is None or deadline.remaining() >= DEFAULT_STORE_TIMEOUT:
+        return _NO_SCOPE
+    return deadline_scope(deadline)
 
 
 def _private(resource: ResilienceResource) -> dict[str, Any]:
