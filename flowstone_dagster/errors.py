@@ -477,6 +477,16 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return isinstance(exc, (ssl.SSLError, requests.exceptions.SSLError))
 
 
+@cache
+def _psycopg2_class_codes() -> dict[type, str]:
+    """psycopg2's SQLSTATE per error class (an error built in Python has no ``pgcode``)."""
+    try:
+        from psycopg2._psycopg import sqlstate_errors
+    except ImportError:  # pragma: no cover - psycopg2 comes with dagster-postgres
+        return {}
+    return {cls: code for code, cls in sqlstate_errors.items()}
+
+
 def _database_transient(exc: BaseException) -> bool | None:
     """Whether a DB-API driver error is transient, or ``None`` when ``exc`` is not one.
 
@@ -486,6 +496,8 @@ def _database_transient(exc: BaseException) -> bool | None:
     module = type(exc).__module__ or ""
     if module.startswith(("psycopg2", "psycopg")):
         code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+        if not code:
+            code = _psycopg2_class_codes().get(type(exc))
         if code:
             return code.startswith("08") or code in RETRYABLE_SQLSTATES
         return type(exc).__name__ in ("OperationalError", "InterfaceError")

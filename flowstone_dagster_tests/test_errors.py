@@ -216,3 +216,54 @@ def test_truncate() -> None:
     cut = truncate("y" * 1000, 100)
     assert len(cut) <= 100
     assert cut.endswith(f"... [{1000 - cut.index('.')} more]")
+
+
+# -- database drivers and the store --------------------------------------------------------------
+
+
+def test_database_driver_errors_are_classified_by_sqlstate() -> None:
+    import sqlite3
+
+    import psycopg2
+    import psycopg2.errors
+
+    from flowstone_dagster.errors import StoreUnavailable
+
+    assert is_retryable(psycopg2.OperationalError("server closed the connection unexpectedly"))
+    assert is_retryable(psycopg2.errors.SerializationFailure())
+    assert is_retryable(psycopg2.errors.DeadlockDetected())
+    assert is_retryable(psycopg2.errors.LockNotAvailable())
+    assert is_retryable(psycopg2.errors.AdminShutdown())
+    assert not is_retryable(psycopg2.errors.UndefinedTable())
+    assert not is_retryable(psycopg2.errors.UniqueViolation())
+    assert is_retryable(sqlite3.OperationalError("database is locked"))
+    assert not is_retryable(sqlite3.OperationalError("no such table: orders"))
+    assert is_retryable(StoreUnavailable("sqlite:///x", "reserve", "database is locked"))
+
+
+def test_no_secret_survives_in_any_link_of_a_mapped_chain() -> None:
+    import traceback
+
+    from flowstone_dagster.redaction import RedactedError, register_secret
+    from flowstone_dagster.resilience import to_dagster_error
+
+    key = "sk-test-0123456789abcdef"
+    register_secret(key)
+
+    class SDKError(Exception):
+        pass
+
+    try:
+        try:
+            raise SDKError(f"invalid x-api-key: {key}")
+        except SDKError as sdk:
+            raise Unauthorized("HTTP 401 from POST /v1/messages", status=401) from sdk
+    except Unauthorized as ours:
+        mapped = to_dagster_error(ours)
+    text = "".join(traceback.format_exception(mapped))
+    assert key not in text
+    assert "invalid x-api-key: ***" in text
+    cause = mapped.__cause__
+    assert isinstance(cause, Unauthorized)  # our own error keeps its type
+    assert isinstance(cause.__cause__, RedactedError)
+    assert cause.__cause__.original_type.endswith("SDKError")
