@@ -1,5 +1,5 @@
 # The commands a user runs. Every target installs what it needs first (bin/setup).
-.PHONY: setup test check demo ui bench clean
+.PHONY: setup test test-fast check demo ui bench clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,6 +11,11 @@ setup:
 ## make test: the whole test suite (PostgreSQL, SMTP, dbt and worker tests included).
 test: setup
 	$(BIN)/python -m pytest
+
+## make test-fast: the quick tier for the edit-test loop (no PostgreSQL, dbt, Dagster runs or
+## extra processes; about a minute).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not postgres and not dbt and not multiprocess and not dagster and not workers and not smtp" -q
 
 ## make check: lint, format and type checks.
 check: setup
