@@ -1,4 +1,4 @@
-"""Circuit breakers: the brief's tests on every store, the rules, and a model-based test."""
+"""Circuit breakers: the basic behaviour on every store, the rules, and a model-based test."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def fail(name: str, times: int, store_url: str, **options: Any) -> None:
             with_circuit_breaker(name, service_down, store=store_url, **options)
 
 
-# -- the brief's tests, on every store -----------------------------------------------------------
+# -- the basic behaviour, on every store ---------------------------------------------------------
 
 
 def test_allows_calls_when_circuit_is_closed(store_url: str, name: str) -> None:
@@ -80,7 +80,7 @@ def test_opens_circuit_after_threshold_failures(store_url: str, name: str) -> No
 
 def test_closes_circuit_after_timeout(store_url: str, name: str) -> None:
     fail(name, 5, store_url, threshold=5)
-    time.sleep(0.1)  # the brief's test: the timeout is a duration to let pass
+    time.sleep(0.1)  # a real (short) timeout passes: the one real-clock breaker test
     assert with_circuit_breaker(name, success, threshold=5, timeout=0.05, store=store_url) == (
         "success"
     )

@@ -1,4 +1,4 @@
-"""with_retry and its backoff schedule: the brief's tests, ported, and the schedule's properties."""
+"""with_retry and its backoff schedule: the behaviour, and the schedule's properties."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Counter:
         return "success"
 
 
-# -- the brief's tests ---------------------------------------------------------------------------
+# -- the behaviour --------------------------------------------------------------------------------
 
 
 def test_succeeds_on_first_attempt() -> None:

@@ -12,7 +12,7 @@ success in the closed state resets the count::
     orders_api = CircuitBreaker("orders-api", threshold=5, timeout=30.0)
     rows = orders_api.call(fetch_orders, "2025-01-15")
 
-    # or in one line, as in the brief (the breaker's state lives in the store, not the object)
+    # or in one line (the breaker's state lives in the store, not the object)
     rows = with_circuit_breaker("orders-api", lambda: fetch_orders("2025-01-15"))
 
 What counts (:func:`classify`, the one rule for every integration): a failure is any
@@ -355,7 +355,7 @@ def with_circuit_breaker(
     store: StateStore | str | None = None,
     probe_lease: float = DEFAULT_PROBE_LEASE,
 ) -> T:
-    """Call ``fn()`` through the breaker ``name`` (the brief's ``with_circuit_breaker``).
+    """Call ``fn()`` through the breaker ``name``.
 
     ::
 
