@@ -281,6 +281,9 @@ ONCE = ServicePolicy(retry=RetryConfig(max_attempts=1), circuit_breaker=None)
 
 #: The in-process store a policy with ``on_store_error="local"`` falls back to.
 LOCAL_FALLBACK_STORE_URL = "memory://flowstone-local-fallback"
+#: The in-process store of the resources :func:`resolve` makes for integrations configured
+#: without a resilience resource (kept apart from the fallback's state).
+RESOLVED_STORE_URL = "memory://flowstone-integration-defaults"
 
 #: After a store failure, a policy with ``on_store_error="local"`` stays on local state this
 #: many seconds before it tries the store again (a hung store would otherwise cost every call
@@ -798,7 +801,7 @@ def resolve(
     found = _once_resources.get(key)
     if found is None:
         found = _once_resources[key] = ResilienceResource(
-            store_url=LOCAL_FALLBACK_STORE_URL, default_policy=policy
+            store_url=RESOLVED_STORE_URL, default_policy=policy
         )
     return found
 
