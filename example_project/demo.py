@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.dagster_run import RunsFilter
 
 JOB = "daily_pipeline"
 DEFAULT_PARTITIONS = ("2025-01-14", "2025-01-15")
@@ -60,7 +59,7 @@ def report(instance: dg.DagsterInstance, partitions: Sequence[str]) -> bool:
     all_ok = True
     for partition in partitions:
         runs = instance.get_runs(
-            RunsFilter(job_name=JOB, tags={"dagster/partition": partition}), limit=1
+            dg.RunsFilter(job_name=JOB, tags={"dagster/partition": partition}), limit=1
         )
         if not runs:
             print(f"\n{partition}: no run found")
