@@ -5,10 +5,15 @@
 (a) Round-trip latency (p50, p99) of ``test_module.add(2, 3)``:
     - *floor*: a raw subprocess echoing the same frames (same 15-byte header, same pickled
       request) over a pipe; no pickling, no pool, no telemetry;
-    - *pool*: ``WorkerPool.call`` on a warm worker (size 1);
+    - *pool*: ``WorkerPool.call`` on a warm worker (size 1), through the one resilience path
+      (``resolve(None).call``: one attempt, ``flowstone.resilience.call`` telemetry);
+    - *resource*: ``PythonWorkerResource.call`` (the pool plus the one Dagster mapping);
     - *pipes*: Dagster's ``PipesSubprocessClient`` running the same function, one process per
       call (what Dagster offers for code in another environment), inside ``materialize``.
-    Aim: pool within 1.5x of the floor.
+    Aim: pool within 1.5x of the floor. Then where the pool's time goes: the one resilience
+    path alone (``resolve(None).call`` of a no-op), one ``telemetry.emit``, and the worker's own
+    side (unpickle the request, find the function, call it, pickle the result, build the frame),
+    each timed in this process.
 (b) Throughput, pool size 1 vs 2, for trivial calls and for ~5 ms of pure-Python CPU work per
     call, both through ``map``. Aim: >= 1.6x for CPU work on 2 cores.
 (c) A 1,000,000-float64 numpy array sent and returned, against ``pickle.dumps`` + ``loads`` of
@@ -36,7 +41,10 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import dagster as dg  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flowstone_dagster import telemetry  # noqa: E402
+from flowstone_dagster.resilience import resolve  # noqa: E402
 from flowstone_dagster.resources import _python_worker_main as wire  # noqa: E402
+from flowstone_dagster.resources.python_worker import PythonWorkerResource  # noqa: E402
 from flowstone_dagster.resources.python_worker_pool import WorkerPool  # noqa: E402
 from flowstone_dagster.resources.python_worker_process import WorkerSpec  # noqa: E402
 
@@ -109,6 +117,51 @@ def pool_latencies(pool: WorkerPool, calls: int) -> list[float]:
     return samples
 
 
+def resource_latencies(resource: PythonWorkerResource, calls: int) -> list[float]:
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        assert resource.call("test_module", "add", (2, 3)) == 5
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def per_call(fn: Callable[[], object], calls: int) -> float:
+    """Median seconds of ``fn()`` over 5 batches of ``calls``."""
+    batches = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        batches.append((time.perf_counter() - started) / calls)
+    return statistics.median(batches)
+
+
+def worker_side() -> Callable[[], object]:
+    """What a worker does per call, minus the pipe: unpickle, resolve, call, pickle, frame."""
+    sys.path.insert(0, WORKER_MODULES)
+    worker = wire.Worker(-1, -1)
+    payload, _ = wire.dumps(("test_module", "add", (2, 3), {}))
+
+    def once() -> object:
+        module, function, args, kwargs = wire.loads(payload, [])
+        result = worker.resolve(module, function)(*args, **kwargs)
+        body, buffers = wire.dumps(result)
+        return wire.frame_parts(wire.RESULT, wire.type_name(result), body, buffers)
+
+    return once
+
+
+def breakdown(calls: int) -> list[tuple[str, float]]:
+    """In-process costs of the pieces of one pool call (seconds each)."""
+    path = resolve(None)
+    return [
+        ("resolve(None).call(no-op)", per_call(lambda: path.call("bench", int), calls)),
+        ("telemetry.emit (1 event)", per_call(lambda: telemetry.emit("bench.event"), calls)),
+        ("worker side without pipe", per_call(worker_side(), calls)),
+    ]
+
+
 def pipes_latencies(calls: int) -> list[float]:
     samples: list[float] = []
     with tempfile.TemporaryDirectory() as directory:
@@ -159,6 +212,50 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
     return (time.perf_counter() - started) / repeat
 
 
+def latency(args: argparse.Namespace) -> None:
+    """(a): round trips against the floor and Pipes, and where the pool's time goes."""
+    floor: list[float] = []
+    ours: list[float] = []
+    via_resource: list[float] = []
+    resource = PythonWorkerResource(paths=[WORKER_MODULES], pool_size=1)
+    with WorkerPool(SPEC, size=1) as pool:
+        pool.start()
+        resource.start()
+        pool_latencies(pool, 500)  # warm: module imported, caches hot
+        resource_latencies(resource, 500)
+        floor_latencies(500)
+        p50s: dict[str, list[float]] = {"floor": [], "pool": [], "resource": []}
+        for _ in range(args.rounds):
+            round_floor = floor_latencies(args.calls)
+            round_ours = pool_latencies(pool, args.calls)
+            round_resource = resource_latencies(resource, args.calls)
+            p50s["floor"].append(statistics.median(round_floor))
+            p50s["pool"].append(statistics.median(round_ours))
+            p50s["resource"].append(statistics.median(round_resource))
+            floor += round_floor
+            ours += round_ours
+            via_resource += round_resource
+    resource.close()
+    pipes = pipes_latencies(args.pipes_calls)
+    floor_p50, ours_p50 = statistics.median(p50s["floor"]), statistics.median(p50s["pool"])
+    resource_p50 = statistics.median(p50s["resource"])
+    pipes_p50 = statistics.median(pipes)
+    print("\n(a) round trip of test_module.add(2, 3)")
+    print(f"{'':28}{'p50':>12}{'p99':>12}{'p50 vs floor':>15}")
+    rows = [
+        ("raw pipe echo (floor)", floor_p50, percentile(floor, 0.99)),
+        ("WorkerPool.call", ours_p50, percentile(ours, 0.99)),
+        ("PythonWorkerResource.call", resource_p50, percentile(via_resource, 0.99)),
+        ("PipesSubprocessClient.run", pipes_p50, percentile(pipes, 0.99)),
+    ]
+    for name, p50, p99 in rows:
+        print(f"{name:28}{p50 * 1e6:>10.1f}us{p99 * 1e6:>10.1f}us{p50 / floor_p50:>14.2f}x")
+    print(f"pool vs Pipes: {pipes_p50 / ours_p50:,.0f}x faster per call")
+    print("where a pool call's time goes (in-process, per call):")
+    for name, seconds in breakdown(args.calls):
+        print(f"  {name:30}{seconds * 1e6:>8.1f}us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=3000)
@@ -168,34 +265,7 @@ def main() -> None:
     logging.getLogger("dagster").setLevel(logging.ERROR)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs (shared machine)")
 
-    # (a) latency ------------------------------------------------------------------------------
-    floor: list[float] = []
-    ours: list[float] = []
-    with WorkerPool(SPEC, size=1) as pool:
-        pool.start()
-        pool_latencies(pool, 500)  # warm: module imported, caches hot
-        floor_latencies(500)
-        p50s: dict[str, list[float]] = {"floor": [], "pool": []}
-        for _ in range(args.rounds):
-            round_floor = floor_latencies(args.calls)
-            round_ours = pool_latencies(pool, args.calls)
-            p50s["floor"].append(statistics.median(round_floor))
-            p50s["pool"].append(statistics.median(round_ours))
-            floor += round_floor
-            ours += round_ours
-    pipes = pipes_latencies(args.pipes_calls)
-    floor_p50, ours_p50 = statistics.median(p50s["floor"]), statistics.median(p50s["pool"])
-    pipes_p50 = statistics.median(pipes)
-    print("\n(a) round trip of test_module.add(2, 3)")
-    print(f"{'':28}{'p50':>12}{'p99':>12}{'p50 vs floor':>15}")
-    rows = [
-        ("raw pipe echo (floor)", floor_p50, percentile(floor, 0.99)),
-        ("WorkerPool.call", ours_p50, percentile(ours, 0.99)),
-        ("PipesSubprocessClient.run", pipes_p50, percentile(pipes, 0.99)),
-    ]
-    for name, p50, p99 in rows:
-        print(f"{name:28}{p50 * 1e6:>10.1f}us{p99 * 1e6:>10.1f}us{p50 / floor_p50:>14.2f}x")
-    print(f"pool vs Pipes: {pipes_p50 / ours_p50:,.0f}x faster per call")
+    latency(args)
 
     # (b) throughput ---------------------------------------------------------------------------
     print("\n(b) throughput through map (calls/s)")

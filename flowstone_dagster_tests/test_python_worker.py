@@ -346,11 +346,17 @@ def test_an_interpreter_that_cannot_run_the_worker_is_reported(tmp_path: Path) -
     broken.chmod(0o755)
     with dg.build_resources({"workers": PythonWorkerResource(python=str(broken))}) as resources:
         with pytest.raises(WorkerCrashed) as raised:
+            resources.workers.call("test_module", "add", (1, 2), dagster_errors=False)
+        # by default (no resilience configured) the one mapping makes it Dagster control flow
+        with pytest.raises(dg.Failure) as mapped:
             resources.workers.call("test_module", "add", (1, 2))
     assert raised.value.exit_code == 12
     assert "while starting" in str(raised.value)
     assert "this is not python" in str(raised.value)  # its stderr, quoted
     assert "check `python`" in str(raised.value)
+    assert mapped.value.allow_retries  # a crash is retryable: the step's RetryPolicy may retry
+    assert isinstance(mapped.value.__cause__, WorkerCrashed)
+    assert "while starting" in str(mapped.value.description)
 
 
 def test_resource_outside_dagster_and_env(tmp_path: Path) -> None:

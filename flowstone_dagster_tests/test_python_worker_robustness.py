@@ -10,12 +10,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from flowstone_dagster.errors import CallTimeout, PythonWorkerError, WorkerCrashed, is_retryable
-from flowstone_dagster.resources.python_worker import WorkerPoolBusy
+from flowstone_dagster.resources.python_worker import (
+    PythonWorkerResource,
+    WorkerMemoryExceeded,
+    WorkerPoolBusy,
+)
 from flowstone_dagster.resources.python_worker_pool import WorkerPool
-from flowstone_dagster.resources.python_worker_process import WorkerSpec
+from flowstone_dagster.resources.python_worker_process import DEFAULT_MEMORY_LIMIT_MB, WorkerSpec
 
 pytestmark = pytest.mark.workers
 
@@ -138,11 +143,96 @@ def test_a_memory_blow_up_is_a_memory_error_with_a_limit() -> None:
     with WorkerPool(spec, size=1) as limited:
         limited.start()
         (pid,) = limited.pids()
-        with pytest.raises(PythonWorkerError) as raised:
+        with pytest.raises(WorkerMemoryExceeded) as raised:
             limited.call("crashing", "allocate", (4096,))
-        assert raised.value.remote_type == "MemoryError"
-        assert limited.pids() == [pid]  # the worker lived through it
+        error = raised.value
+        assert isinstance(error, PythonWorkerError)
+        assert error.remote_type == "MemoryError"
+        assert error.memory_limit_mb == 600
+        assert error.reason == "allocation"
+        assert "worker exceeded its memory limit of 600 MB (memory_limit_mb" in str(error)
+        assert not is_retryable(error)  # the same call would blow up again
+        assert limited.pids() == [pid]  # a plain MemoryError: the worker lived through it
         assert limited.call("crashing", "allocate", (10,)) == 10 * 1024 * 1024
+
+
+def test_a_thread_that_cannot_start_is_a_memory_error_not_a_keyboard_interrupt() -> None:
+    """OpenBLAS raises SIGINT on itself when it cannot start its threads: under a memory limit
+    that used to surface as ``PythonWorkerError: KeyboardInterrupt:``."""
+    spec = WorkerSpec(python=sys.executable, paths=(WORKER_MODULES,), memory_limit_mb=300)
+    with WorkerPool(spec, size=1) as limited:
+        limited.start()
+        (pid,) = limited.pids()
+        with pytest.raises(WorkerMemoryExceeded) as raised:
+            limited.call("crashing", "starve_threads_then_sigint")
+        error = raised.value
+        assert error.reason == "thread"
+        assert error.remote_type == "KeyboardInterrupt"
+        assert str(error).startswith(
+            "[python_worker] worker exceeded its memory limit of 300 MB (memory_limit_mb"
+        )
+        assert "a native library could not start a thread" in str(error)
+        # a worker whose native libraries failed half-way is replaced
+        assert limited.pids() != [pid]
+        assert limited.call("crashing", "allocate", (10,)) == 10 * 1024 * 1024
+
+
+def _numpy_under(limit: int) -> str:
+    """``import numpy`` (and a small array) in a worker limited to ``limit`` MB: how it went."""
+    spec = WorkerSpec(python=sys.executable, paths=(WORKER_MODULES,), memory_limit_mb=limit)
+    with WorkerPool(spec, size=1) as limited:
+        try:
+            limited.call("numpy", "zeros", (3,))
+        except WorkerMemoryExceeded as exc:
+            return f"{exc.reason}: {exc}"
+        except WorkerCrashed as exc:  # OpenBLAS exits when its buffers cannot be allocated
+            return f"crash: {exc}"
+    return "ok"
+
+
+def test_import_numpy_under_tight_limits_says_memory_limit() -> None:
+    """A real library: every limit too tight for ``import numpy`` is reported as a memory
+    limit (never ``KeyboardInterrupt:``), whichever way numpy's native code failed."""
+    outcomes = {limit: _numpy_under(limit) for limit in (64, 128, 192, 256)}
+    failed = {limit: text for limit, text in outcomes.items() if text != "ok"}
+    assert 64 in failed  # 64 MB never holds numpy's shared libraries
+    for limit, text in failed.items():
+        assert text.split(":")[0] in {"allocation", "map", "thread", "crash"}, text
+        assert f"memory limit of {limit} MB (memory_limit_mb" in text, text
+        assert "KeyboardInterrupt:" not in text.splitlines()[0]
+
+
+def test_default_memory_limit_applies_and_none_disables_it() -> None:
+    import resource as rlimits
+
+    assert DEFAULT_MEMORY_LIMIT_MB == 4096
+    assert PythonWorkerResource().memory_limit_mb == 4096
+    assert WorkerSpec(python=sys.executable).memory_limit_mb == 4096
+    limited = PythonWorkerResource(pool_size=1)
+    unlimited = PythonWorkerResource(pool_size=1, memory_limit_mb=None)
+    try:
+        soft, hard = limited.call("resource", "getrlimit", (rlimits.RLIMIT_AS,))
+        assert soft == hard == 4096 * 1024 * 1024
+        assert limited.call("numpy", "arange", (3,)).tolist() == [0, 1, 2]  # numpy fits
+        soft, _hard = unlimited.call("resource", "getrlimit", (rlimits.RLIMIT_AS,))
+        assert soft == rlimits.RLIM_INFINITY
+    finally:
+        limited.close()
+        unlimited.close()
+
+
+def test_a_memory_error_through_the_resource_is_a_failure_naming_the_limit() -> None:
+    workers = PythonWorkerResource(paths=[WORKER_MODULES], pool_size=1, memory_limit_mb=300)
+    try:
+        with pytest.raises(dg.Failure) as raised:
+            workers.call("crashing", "allocate", (2048,))
+    finally:
+        workers.close()
+    failure = raised.value
+    assert "worker exceeded its memory limit of 300 MB (memory_limit_mb" in str(failure.description)
+    assert not failure.allow_retries
+    assert isinstance(failure.__cause__, WorkerMemoryExceeded)
+    assert failure.metadata["flowstone/error_type"].value == "WorkerMemoryExceeded"
 
 
 # -- timeouts ------------------------------------------------------------------------------------

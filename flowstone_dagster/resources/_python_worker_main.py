@@ -28,6 +28,20 @@ A frame is::
 
 so a numpy array crosses as its memory, with no Python loop per element and no copy into the
 pickle stream.
+
+**Memory limit.** With ``memory_limit_mb`` the worker limits its address space (``RLIMIT_AS``).
+Going past it shows in three ways: an allocation raises ``MemoryError``, a shared library
+cannot be loaded (``ImportError: ... failed to map segment from shared object``), or a native
+library
+cannot start a thread (each thread reserves its stack, and glibc a malloc arena, in the address
+space) and OpenBLAS, for one, then *raises SIGINT on itself* (its ``blas_thread_init`` does so
+when ``pthread_create`` fails), which Python turns into ``KeyboardInterrupt``: that is why
+``import numpy`` under a tight limit used to fail as ``KeyboardInterrupt:``. The worker runs in
+its own session, so no terminal Ctrl-C reaches it: it records a SIGINT it receives and, when
+the call then fails with ``KeyboardInterrupt`` and a new thread cannot be started (or the
+address space is within 64 MiB of the limit), reports a memory error. An ERROR frame for a
+memory error carries ``memory_limit_mb`` (and ``memory_reason``, ``address_space_mb``); the
+parent raises ``WorkerMemoryExceeded`` from it.
 """
 
 from __future__ import annotations
@@ -316,6 +330,80 @@ def _watch_lifeline(fd: int) -> None:
     os._exit(70)
 
 
+class _Memory:
+    """The worker's memory limit in MiB (0: none, set by _setup) and whether a SIGINT arrived
+    since the current call started (see the module docs)."""
+
+    limit_mb = 0
+    sigint_seen = False
+
+
+#: What the dynamic loader says when a shared library does not fit in the address space.
+_MAP_FAILURES = ("failed to map segment from shared object", "Cannot allocate memory")
+
+#: An address space this close to the limit (MiB) explains a thread that could not start.
+_THREAD_HEADROOM_MB = 64
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _Memory.sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def _address_space_mb() -> int | None:
+    """This process's address space (VmSize) in MiB, where /proc tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _thread_can_start() -> bool:
+    try:
+        thread = threading.Thread(target=lambda: None, name="memory-probe")
+        thread.start()
+    except RuntimeError:  # "can't start new thread": no room for its stack
+        return False
+    thread.join()
+    return True
+
+
+def _memory_error(exc: BaseException) -> dict[str, str]:
+    """The ERROR frame's memory fields when ``exc`` means the memory limit was hit, else {}."""
+    limit = _Memory.limit_mb
+    if not limit:
+        return {}
+    reason = ""
+    seen = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:  # a MemoryError anywhere in the chain
+        seen.add(id(link))
+        if isinstance(link, MemoryError):
+            reason = "allocation"
+            break
+        if isinstance(link, (ImportError, OSError)) and any(
+            sign in str(link) for sign in _MAP_FAILURES
+        ):  # the dynamic loader found no room for a shared library
+            reason = "map"
+            break
+        link = link.__cause__ or link.__context__
+    size = _address_space_mb()
+    if not reason and isinstance(exc, KeyboardInterrupt) and _Memory.sigint_seen:
+        near = size is not None and size + _THREAD_HEADROOM_MB >= limit
+        if near or not _thread_can_start():
+            reason = "thread"
+    if not reason:
+        return {}
+    fields = {"memory_limit_mb": str(limit), "memory_reason": reason}
+    if size is not None:
+        fields["address_space_mb"] = str(size)
+    return fields
+
+
 def _error_payload(stage: str, exc: BaseException, **extra: str) -> bytes:
     try:
         message = str(exc)
@@ -373,16 +461,17 @@ class Worker:
         except BaseException as exc:  # a type this interpreter cannot import, for instance
             self.reply_error(STAGE_ARGUMENTS, exc)
             return
+        _Memory.sigint_seen = False
         try:
             target = self.resolve(module, function)
         except BaseException as exc:
-            self.reply_error(STAGE_IMPORT, exc)
+            self.reply_error(STAGE_IMPORT, exc, **_memory_error(exc))
             return
         try:
             result = target(*args, **kwargs)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the call failed
             _flush_output()
-            self.reply_error(STAGE_CALL, exc)
+            self.reply_error(STAGE_CALL, exc, **_memory_error(exc))
             return
         finally:
             del args, kwargs
@@ -417,8 +506,10 @@ def _setup(config: dict[str, Any]) -> None:
     if limit:
         import resource
 
+        _Memory.limit_mb = int(limit)
         size = int(limit) * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
+        signal.signal(signal.SIGINT, _on_sigint)
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(config["log_fd"])]
     root.setLevel(config.get("log_level") or "INFO")

@@ -21,7 +21,8 @@
     )
 
 A segfault, hang or memory blow-up in the called code costs that call (``WorkerCrashed``,
-``CallTimeout``), not the Dagster step; a model loaded at module level, or cached by the module,
+``CallTimeout``, ``WorkerMemoryExceeded`` past ``memory_limit_mb``, 4096 MB per worker by
+default), not the Dagster step; a model loaded at module level, or cached by the module,
 stays warm across calls. The pool starts on the first call, lives for the step (the resource's
 ``setup_for_execution`` / ``teardown_after_execution``) and is shut down with it: no worker
 outlives the step. The workers' stdout, stderr and ``logging`` go to the step's log, tagged with
@@ -40,17 +41,27 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.resilience import ResilienceResource
-from flowstone_dagster.resources.python_worker_errors import WorkerDataError, WorkerPoolBusy
+from flowstone_dagster.resilience import ResilienceResource, resolve
+from flowstone_dagster.resources.python_worker_errors import (
+    WorkerDataError,
+    WorkerMemoryExceeded,
+    WorkerPoolBusy,
+)
 from flowstone_dagster.resources.python_worker_pool import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_TIMEOUT,
     WorkerPool,
 )
-from flowstone_dagster.resources.python_worker_process import WorkerSpec
+from flowstone_dagster.resources.python_worker_process import DEFAULT_MEMORY_LIMIT_MB, WorkerSpec
 
-__all__ = ["PythonWorkerResource", "WorkerDataError", "WorkerPool", "WorkerPoolBusy"]
+__all__ = [
+    "PythonWorkerResource",
+    "WorkerDataError",
+    "WorkerMemoryExceeded",
+    "WorkerPool",
+    "WorkerPoolBusy",
+]
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -61,10 +72,13 @@ class PythonWorkerResource(dg.ConfigurableResource):
     ``call(module, function, args, kwargs, timeout=...)`` returns the function's result or
     raises ``PythonWorkerError`` (remote type, message, traceback), ``CallTimeout`` (the worker
     was killed and replaced), ``WorkerCrashed`` (exit code or signal), ``WorkerDataError`` (a
-    value could not cross) or ``WorkerPoolBusy``. Without ``resilience`` every call is made once;
-    with it, each call goes through the ``service`` policy (``WorkerCrashed`` and
-    ``CallTimeout`` are retryable) and what escapes becomes Dagster control flow when the policy
-    resource's ``dagster_errors`` is on.
+    value could not cross), ``WorkerMemoryExceeded`` (past ``memory_limit_mb``) or
+    ``WorkerPoolBusy``. Every call goes through ``resolve(resilience)``: the ``service`` policy
+    of the resilience resource (``WorkerCrashed`` and ``CallTimeout`` are retryable) or, without
+    one, one attempt. What escapes ``call`` and ``map`` becomes Dagster control flow
+    (``Failure``, ``RetryRequested``; the error is its ``__cause__``) by the one mapping,
+    ``ResilienceResource.dagster_error``, when the resilience resource's ``dagster_errors`` is
+    on: the default, also with no ``resilience`` configured. Per call: ``dagster_errors=``.
     """
 
     python: str | None = Field(
@@ -115,17 +129,20 @@ class PythonWorkerResource(dg.ConfigurableResource):
         "default). Null: no limit.",
     )
     memory_limit_mb: int | None = Field(
-        default=None,
-        description="Address-space limit per worker (RLIMIT_AS), in MiB: a blow-up raises "
-        "MemoryError in the call instead of waking the OOM killer. Null: no limit.",
+        default=DEFAULT_MEMORY_LIMIT_MB,
+        description="Address-space limit per worker (RLIMIT_AS), in MiB (4096 by default): a "
+        "blow-up fails the call with WorkerMemoryExceeded ('worker exceeded its memory limit of "
+        "N MB') instead of waking the OOM killer. Thread stacks and malloc arenas count, so a "
+        "library starting many threads needs room. Null: no limit.",
     )
     log_level: LogLevel = Field(
         default="INFO", description="Level of the workers' root logger (their logging records)."
     )
     resilience: ResilienceResource | None = Field(
         default=None,
-        description="Retry/breaker/rate-limit policy for each call (policy `service`). Without "
-        "it, each call is made exactly once.",
+        description="Retry/breaker/rate-limit policy for each call (policy `service`), and "
+        "whether errors become Dagster control flow (its dagster_errors). Null: each call is "
+        "made exactly once, errors mapped to Dagster.",
     )
     service: str = Field(
         default="python_worker",
@@ -215,15 +232,14 @@ class PythonWorkerResource(dg.ConfigurableResource):
         except dg.DagsterInvariantViolationError:  # not inside an op or asset
             return self._log
 
-    def _dagster_errors(self, dagster_errors: bool | None) -> bool:
-        if dagster_errors is not None:
-            return dagster_errors
-        return self.resilience is not None and self.resilience.dagster_errors
-
     def _mapped(self, exc: Exception, dagster_errors: bool | None) -> BaseException:
-        if not self._dagster_errors(dagster_errors) or self.resilience is None:
+        """``exc`` as Dagster control flow by the one mapping, when errors are mapped (the
+        call's ``dagster_errors``, else the resilience resource's), else ``exc``."""
+        resilience = resolve(self.resilience)
+        to_dagster = resilience.dagster_errors if dagster_errors is None else dagster_errors
+        if not to_dagster:
             return exc
-        return self.resilience.dagster_error(exc, service=self.service)
+        return resilience.dagster_error(exc, service=self.service)
 
     def call(
         self,
@@ -242,8 +258,9 @@ class PythonWorkerResource(dg.ConfigurableResource):
             workers.call("test_module", "add", (2, 3))          # 5
 
         ``timeout`` overrides the configured one for this call. ``dagster_errors`` (default:
-        on when ``resilience`` is configured and its ``dagster_errors`` is) turns what escapes
-        into ``Failure`` / ``RetryRequested``; off, the taxonomy errors propagate as they are.
+        the resilience resource's ``dagster_errors``, on, also without ``resilience``) turns
+        what escapes into ``Failure`` / ``RetryRequested`` whose ``__cause__`` is the error
+        (redacted); off, the taxonomy errors propagate as they are.
         """
         try:
             return self.pool.call(
@@ -253,7 +270,7 @@ class PythonWorkerResource(dg.ConfigurableResource):
             mapped = self._mapped(exc, dagster_errors)
             if mapped is exc:
                 raise
-            raise mapped from exc
+            raise mapped  # noqa: B904 - the mapped error carries its own (redacted) cause
 
     def submit(
         self,
@@ -300,7 +317,7 @@ class PythonWorkerResource(dg.ConfigurableResource):
             mapped = self._mapped(exc, dagster_errors)
             if mapped is exc:
                 raise
-            raise mapped from exc
+            raise mapped  # noqa: B904 - the mapped error carries its own (redacted) cause
 
     def start(self) -> list[int]:
         """Start every worker now and wait until they are ready; their pids.

@@ -1,4 +1,4 @@
-"""The two errors of the Python worker pool that the shared taxonomy has no class for.
+"""The errors of the Python worker pool that the shared taxonomy has no class for.
 
 Everything else a worker call raises is from :mod:`flowstone_dagster.errors`:
 ``PythonWorkerError`` (user code raised), ``CallTimeout`` (the call, or the wait for a free
@@ -7,9 +7,51 @@ worker, took too long) and ``WorkerCrashed`` (the worker process died).
 
 from __future__ import annotations
 
-from flowstone_dagster.errors import DecodeError, RateLimited
+from flowstone_dagster.errors import DecodeError, PythonWorkerError, RateLimited
 
-__all__ = ["WorkerDataError", "WorkerPoolBusy"]
+__all__ = ["WorkerDataError", "WorkerMemoryExceeded", "WorkerPoolBusy"]
+
+
+class WorkerMemoryExceeded(PythonWorkerError):
+    """The call went past the worker's memory limit (``memory_limit_mb``). Not retried.
+
+    ``memory_limit_mb`` is the limit; ``reason`` is ``"allocation"`` (an allocation failed:
+    ``MemoryError``), ``"map"`` (a shared library could not be loaded) or ``"thread"`` (a native
+    library could not start a thread, the way OpenBLAS does when ``import numpy`` has too
+    little address space; it then raises SIGINT, which Python reports as
+    ``KeyboardInterrupt``); ``address_space_mb`` the worker's address space when it failed,
+    where known. ``remote_type``, ``remote_message`` and ``remote_traceback`` are those of the
+    error raised in the worker. Raise ``memory_limit_mb``
+    (or use less memory per call).
+    """
+
+    def __init__(
+        self,
+        remote_type: str,
+        remote_message: str,
+        remote_traceback: str = "",
+        *,
+        memory_limit_mb: int,
+        reason: str,
+        address_space_mb: int | None = None,
+        service: str | None = None,
+    ) -> None:
+        super().__init__(remote_type, remote_message, remote_traceback, service=service)
+        if reason == "thread":
+            what = "a native library could not start a thread"
+        elif reason == "map":
+            what = f"a shared library could not be loaded ({remote_type})"
+        else:
+            what = f"{remote_type}: {remote_message}".rstrip(": ")
+        used = f", address space {address_space_mb} MB" if address_space_mb is not None else ""
+        self.message = (
+            f"worker exceeded its memory limit of {memory_limit_mb} MB (memory_limit_mb"
+            f"{used}): {what}"
+        )
+        self.args = (self.message,)
+        self.memory_limit_mb = memory_limit_mb
+        self.reason = reason
+        self.address_space_mb = address_space_mb
 
 
 class WorkerDataError(DecodeError):

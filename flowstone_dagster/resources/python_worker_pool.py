@@ -19,9 +19,14 @@ without Dagster::
 - **A failed worker costs one call.** A timeout kills the worker's process group, a crash is
   reaped; either way the pool starts a replacement before the failing call returns, so the pool
   always has ``size`` processes. ``max_calls_per_worker`` recycles workers (fresh memory).
-- **Retries** only through a ``ResilienceResource`` (``resilience=``, policy ``service``):
-  ``WorkerCrashed`` and ``CallTimeout`` are retryable per ``is_retryable``, ``PythonWorkerError``
-  and ``WorkerDataError`` are not. Without it, every call is made exactly once.
+- **One resilience path.** Every call goes through
+  ``resolve(resilience).call(service, ...)``: the ``ResilienceResource``'s policy for ``service``
+  (``WorkerCrashed`` and ``CallTimeout`` are retryable per ``is_retryable``,
+  ``PythonWorkerError`` and ``WorkerDataError`` are not) or, without one, a single attempt with
+  the same telemetry (``flowstone.resilience.call``). The pool raises the taxonomy's errors;
+  mapping them to Dagster is the resource's job.
+- **Memory.** A call past the worker's ``memory_limit_mb`` raises ``WorkerMemoryExceeded`` (a
+  ``PythonWorkerError`` naming the limit).
 - Every call emits one ``flowstone.worker.call`` telemetry event.
 """
 
@@ -45,9 +50,13 @@ from flowstone_dagster.errors import (
     PythonWorkerError,
     truncate,
 )
-from flowstone_dagster.resilience import ResilienceResource, current_deadline
+from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
 from flowstone_dagster.resources import _python_worker_main as wire
-from flowstone_dagster.resources.python_worker_errors import WorkerDataError, WorkerPoolBusy
+from flowstone_dagster.resources.python_worker_errors import (
+    WorkerDataError,
+    WorkerMemoryExceeded,
+    WorkerPoolBusy,
+)
 from flowstone_dagster.resources.python_worker_output import fallback_logger
 from flowstone_dagster.resources.python_worker_process import WorkerProcess, WorkerSpec
 
@@ -179,6 +188,7 @@ class WorkerPool:
         self.sink = sink
         self.resilience = resilience
         self.service = service
+        self._path = resolve(resilience)  # the one resilience path (ONCE without a resource)
         self._cond = threading.Condition()
         self._workers: list[WorkerProcess | None] = [None] * size
         self._idle: deque[int] = deque()
@@ -299,12 +309,16 @@ class WorkerPool:
                 raise
         return index, worker, time.monotonic() - queued_since
 
-    def _release(self, index: int, worker: WorkerProcess) -> None:
+    def _release(self, index: int, worker: WorkerProcess, *, damaged: bool = False) -> None:
         replacement: WorkerProcess | None = worker
         recycle = (
             self.max_calls_per_worker is not None and worker.calls >= self.max_calls_per_worker
         )
-        if worker.alive and recycle:
+        if worker.alive and damaged:
+            # Past its memory limit a native library failed half-way (threads it could not
+            # start, a library it could not load): a fresh worker, not a crippled one.
+            worker.stop("memory")
+        elif worker.alive and recycle:
             worker.stop("recycled")
         if not worker.alive and not self._closed:
             try:
@@ -420,17 +434,7 @@ class WorkerPool:
         # telemetry.span() would do; by hand it costs a few microseconds less per call.
         started = time.perf_counter()
         try:
-            if self.resilience is None:
-                result = self._call_once(
-                    encoded,
-                    self._timeout_for(timeout),
-                    span,
-                    admitted=admitted,
-                    queued_since=queued_since,
-                    log=log,
-                )
-            else:
-                result = self.resilience.call(self.service, attempt, dagster_errors=False)
+            result = self._path.call(self.service, attempt, dagster_errors=False)
         except BaseException as exc:
             telemetry.emit(
                 span.name,
@@ -462,13 +466,16 @@ class WorkerPool:
         span.set(pid=worker.pid, queue_ms=round(waited * 1000, 3))
         if log is not None:
             worker.output.sink = log  # this call's output goes to its step's log
+        damaged = False
         try:
             frame = worker.request(encoded.parts, what=encoded.what, timeout=timeout)
+            if frame.kind == wire.ERROR:
+                damaged = _read_error(frame).get("memory_reason") in _DAMAGING_MEMORY_ERRORS
             if worker.output.has_output():  # the call's prints and logs, before its result
                 worker.output.drain()
         finally:
             worker.output.sink = self.sink or fallback_logger
-            self._release(index, worker)
+            self._release(index, worker, damaged=damaged)
         span.set(bytes_out=frame.size, buffers_out=len(frame.buffers))
         return self._decode(encoded, frame, worker.pid)
 
@@ -508,9 +515,21 @@ class WorkerPool:
                 value_type=value_type,
                 service=self.service,
             )
-        failure = PythonWorkerError(
-            remote_type, truncate(message, 2000), remote_traceback, service=self.service
-        )
+        failure: PythonWorkerError
+        if error.get("memory_limit_mb"):
+            failure = WorkerMemoryExceeded(
+                remote_type,
+                truncate(message, 2000),
+                remote_traceback,
+                memory_limit_mb=int(error["memory_limit_mb"]),
+                reason=str(error.get("memory_reason") or "allocation"),
+                address_space_mb=_int_or_none(error.get("address_space_mb")),
+                service=self.service,
+            )
+        else:
+            failure = PythonWorkerError(
+                remote_type, truncate(message, 2000), remote_traceback, service=self.service
+            )
         if stage == wire.STAGE_IMPORT:
             failure.add_note(
                 f"{encoded.what} could not be found in the worker (pid {pid}): add the directory "
@@ -640,6 +659,17 @@ class WorkerPool:
             executor.shutdown(wait=True, cancel_futures=True)
         with self._cond:  # busy workers are stopped by _give_back as their calls end
             self._cond.wait_for(lambda: all(w is None for w in self._workers), timeout=None)
+
+
+#: Memory errors after which a worker is replaced (a plain MemoryError leaves it sound).
+_DAMAGING_MEMORY_ERRORS = frozenset({"thread", "map"})
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_error(frame: wire.Frame) -> dict[str, Any]:

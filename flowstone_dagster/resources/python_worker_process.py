@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -42,7 +43,13 @@ try:
 except ImportError:  # pragma: no cover - not on Windows, which the pool does not support
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["WORKER_SCRIPT", "WorkerProcess", "WorkerSpec", "describe_exit"]
+__all__ = [
+    "DEFAULT_MEMORY_LIMIT_MB",
+    "WORKER_SCRIPT",
+    "WorkerProcess",
+    "WorkerSpec",
+    "describe_exit",
+]
 
 #: The worker program, run by the configured interpreter.
 WORKER_SCRIPT = os.path.abspath(wire.__file__)
@@ -57,11 +64,21 @@ _LIVENESS_SLICE = 0.2
 
 _SIGNAL_HINTS = {
     signal.SIGKILL: "SIGKILL usually means the kernel's OOM killer (check the call's memory "
-    "use; memory_limit_mb turns a blow-up into a MemoryError) or another process killed it",
+    "use; memory_limit_mb turns a blow-up into WorkerMemoryExceeded) or another process killed it",
     signal.SIGSEGV: "a crash in native code (a C extension, a library built for another "
     "numpy, ...); its Python traceback, if any, is in the stderr lines",
     signal.SIGABRT: "a native library called abort()",
 }
+
+
+#: Default address-space limit of a worker, in MiB (RLIMIT_AS): a blow-up costs one call
+#: (``WorkerMemoryExceeded``) instead of waking the kernel's OOM killer.
+DEFAULT_MEMORY_LIMIT_MB = 4096
+
+
+#: Stderr words of a native library that could not allocate (OpenBLAS: "Memory allocation
+#: still failed after 10 retries, giving up") before exiting.
+_MEMORY_WORDS = re.compile(r"(?i)\b(memory allocation|out of memory|cannot allocate|bad_alloc)")
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,8 @@ class WorkerSpec:
     """How to start a worker.
 
     ``env`` is the complete environment (``None``: inherit this process's); ``paths`` go first
-    on the worker's ``sys.path``.
+    on the worker's ``sys.path``; ``memory_limit_mb`` limits each worker's address space
+    (``None``: no limit).
     """
 
     python: str
@@ -77,7 +95,7 @@ class WorkerSpec:
     env: Mapping[str, str] | None = None
     cwd: str | None = None
     log_level: str = "INFO"
-    memory_limit_mb: int | None = None
+    memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB
     start_timeout: float = 60.0
 
 
@@ -288,6 +306,12 @@ class WorkerProcess:
             message += "; check `python`, `paths` and `env`"
         else:
             message += "; the pool starts a fresh worker (WorkerCrashed is retryable)"
+        limit = self.spec.memory_limit_mb
+        if limit and any(_MEMORY_WORDS.search(line) for line in self.output.tail):
+            message += (
+                f"; its stderr speaks of memory: the worker probably exceeded its memory limit "
+                f"of {limit} MB (memory_limit_mb), and a native library gave up"
+            )
         if self.output.tail:
             message += "\nlast stderr lines:\n" + truncate("\n".join(self.output.tail), 2000)
         return WorkerCrashed(

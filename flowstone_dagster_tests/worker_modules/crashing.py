@@ -63,3 +63,22 @@ def crash_once(marker: str) -> str:
         path.write_text("crashed once")
         os._exit(9)
     return "second attempt"
+
+
+_held: list[threading.Thread] = []
+
+
+def starve_threads_then_sigint() -> int:
+    """What OpenBLAS does when ``pthread_create`` fails (its ``blas_thread_init``): start
+    threads until the address space has no room for another stack, keep them, then raise
+    SIGINT on itself."""
+    hold = threading.Event()
+    while True:
+        thread = threading.Thread(target=hold.wait, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't start new thread"
+            break
+        _held.append(thread)
+    signal.raise_signal(signal.SIGINT)
+    return len(_held)  # not reached: the SIGINT raised KeyboardInterrupt
