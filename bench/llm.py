@@ -3,13 +3,15 @@
     .venv/bin/python bench/llm.py [--calls 1000] [--rpm 6000] [--overhead-calls 300]
 
 (a) Rate: ``--calls`` calls from 2 processes x 8 threads, each process with its own
-``LLMClient(rpm_limit=--rpm)`` on one SQLite store, against an OpenAI-shaped server in its own
-process that itself enforces ``--rpm`` (per 1-second window, as providers do) and answers 429
-beyond it. Reported: the sustained rate against the limit (aim >= 95 %), the most requests the
-server saw in any 1-second and 60-second window (never above the limit), and the 429s (aim 0).
-(b) Overhead: the same call through ``LLMClient`` (breaker on the SQLite store; then also with
-an rpm limit that never binds) and through a bare ``openai.OpenAI(max_retries=0)`` client, in
-alternating rounds against one server; the figure is each side's median round, per call.
+``LLMClient(rpm_limit=--rpm)`` through a ``ResilienceResource`` on one SQLite store, against
+an OpenAI-shaped server in its own process that itself enforces ``--rpm`` (per 1-second
+window, as providers do) and answers 429 beyond it. Reported: the sustained rate against the
+limit (aim >= 95 %), the most requests the server saw in any 1-second and 60-second window
+(never above the limit), and the 429s (aim 0).
+(b) Overhead: the same call through ``LLMClient`` (the one resilience path: retries and a
+breaker on the SQLite store; then also with an rpm limit that never binds) and through a bare
+``openai.OpenAI(max_retries=0)`` client, in alternating rounds against one server; the figure
+is each side's median round, per call.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import openai  # noqa: E402
 
 from flowstone_dagster import telemetry  # noqa: E402
+from flowstone_dagster.resilience import ResilienceResource  # noqa: E402
 from flowstone_dagster.resources.llm import LLMClient  # noqa: E402
 from flowstone_dagster_tests.support.llm_servers import llm_server_process  # noqa: E402
 
@@ -42,6 +45,11 @@ THREADS = 8
 PROCESSES = 2
 
 
+def _resilience(store_url: str) -> ResilienceResource:
+    """The default policy (3 attempts, breaker) on the shared store, the taxonomy's errors."""
+    return ResilienceResource(store_url=store_url, dagster_errors=False)
+
+
 def _client_process(base_url: str, store_url: str, rpm: float, calls: int, start_at: float) -> dict:
     """One client process: ``calls`` calls over ``THREADS`` threads; returns what it saw."""
     client = LLMClient(
@@ -49,9 +57,9 @@ def _client_process(base_url: str, store_url: str, rpm: float, calls: int, start
         model=MODEL,
         api_key=KEY,
         base_url=base_url,
-        store=store_url,
         rpm_limit=rpm,
         rate_limit_max_wait=120,
+        resilience=_resilience(store_url),
     )
     seen_429 = 0
     lock = threading.Lock()
@@ -160,13 +168,14 @@ def bench_overhead(calls: int, rounds: int) -> None:
     ):
         store_url = f"sqlite://{Path(tmp) / 'limits.sqlite3'}"
         bare = openai.OpenAI(api_key=KEY, base_url=base_url, max_retries=0)
-        ours = LLMClient("openai", model=MODEL, api_key=KEY, base_url=base_url, store=store_url)
+        guard = _resilience(store_url)
+        ours = LLMClient("openai", model=MODEL, api_key=KEY, base_url=base_url, resilience=guard)
         limited = LLMClient(
             "openai",
             model=MODEL,
             api_key=KEY,
             base_url=base_url,
-            store=store_url,
+            resilience=guard,
             rpm_limit=1e9,
             service="llm:bench-limited",
         )

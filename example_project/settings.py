@@ -146,7 +146,7 @@ def llm_resource() -> LLMResource | dg.ResourceDefinition:
             provider="openai_compatible",
             base_url=os.environ["FLOWSTONE_LLM_BASE_URL"],
             model=model or "llama3.2",
-            store_url=f"sqlite:///{data_dir() / 'resilience.sqlite3'}",
+            resilience=resilience(),
         )
     if os.environ.get("ANTHROPIC_API_KEY"):
         return LLMResource(
@@ -154,6 +154,7 @@ def llm_resource() -> LLMResource | dg.ResourceDefinition:
             model=model or "claude-sonnet-4-5",
             api_key=dg.EnvVar("ANTHROPIC_API_KEY"),
             rpm_limit=50,
+            resilience=resilience(),
         )
     if os.environ.get("OPENAI_API_KEY"):
         return LLMResource(
@@ -161,6 +162,7 @@ def llm_resource() -> LLMResource | dg.ResourceDefinition:
             model=model or "gpt-4o-mini",
             api_key=dg.EnvVar("OPENAI_API_KEY"),
             rpm_limit=500,
+            resilience=resilience(),
         )
     return dg.ResourceDefinition.none_resource(description=f"No LLM: {LLM_HINT}.")
 

@@ -23,6 +23,12 @@ from flowstone_dagster.errors import (
     TransportError,
     Unauthorized,
 )
+from flowstone_dagster.resilience import (
+    CircuitBreakerConfig,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+)
 from flowstone_dagster.resources.llm import (
     InvalidJSON,
     LLMClient,
@@ -53,25 +59,55 @@ def store() -> str:
     return f"memory://llm-{uuid.uuid4().hex[:8]}"
 
 
+def resilience(
+    *,
+    attempts: int = 3,
+    max_delay: float = 10.0,
+    threshold: int | None = 5,
+    open_for: float = 30.0,
+    store_url: str | None = None,
+) -> ResilienceResource:
+    """The one resilience path, on a private store, raising the taxonomy's errors."""
+    return ResilienceResource(
+        store_url=store_url or store(),
+        default_policy=ServicePolicy(
+            retry=RetryConfig(max_attempts=attempts, base_delay=0.05, max_delay=max_delay),
+            circuit_breaker=(
+                CircuitBreakerConfig(threshold=threshold, timeout=open_for)
+                if threshold is not None
+                else None
+            ),
+        ),
+        dagster_errors=False,
+    )
+
+
+RESILIENCE_OPTIONS = ("attempts", "max_delay", "threshold", "open_for", "store_url")
+
+
+def _split(options: dict[str, Any]) -> ResilienceResource:
+    return resilience(**{k: options.pop(k) for k in RESILIENCE_OPTIONS if k in options})
+
+
 def anthropic_client(server: AnthropicServer, **options: Any) -> LLMClient:
-    options.setdefault("retry_base_delay", 0.05)
+    guard = _split(options)
     return LLMClient(
         "anthropic",
         model="claude-3-sonnet-20240229",
         api_key=KEY,
         base_url=server.base_url,
-        store=store(),
+        resilience=guard,
         **options,
     )
 
 
 def openai_client(server: OpenAIServer, **options: Any) -> LLMClient:
-    options.setdefault("retry_base_delay", 0.05)
+    guard = _split(options)
     options.setdefault("provider", "openai")
     provider = options.pop("provider")
     options.setdefault("api_key", OPENAI_KEY)
     return LLMClient(
-        provider, model="gpt-4o-mini", base_url=server.base_url, store=store(), **options
+        provider, model="gpt-4o-mini", base_url=server.base_url, resilience=guard, **options
     )
 
 
@@ -86,7 +122,7 @@ def test_calls_anthropic_api_successfully(anthropic_api: AnthropicServer) -> Non
         api_key=KEY,
         base_url=anthropic_api.base_url,
         rpm_limit=100,
-        store_url=store(),
+        resilience=resilience(),
     )
     assert llm.call("Test prompt") == "Test response"
     [request] = anthropic_api.requests
@@ -97,7 +133,7 @@ def test_calls_anthropic_api_successfully(anthropic_api: AnthropicServer) -> Non
 def test_handles_rate_limiting_with_retry(anthropic_api: AnthropicServer) -> None:
     anthropic_api.fail(429, "rate_limit_error", "Rate limit exceeded", headers={"retry-after": "1"})
     anthropic_api.reply("Success after retry")
-    client = anthropic_client(anthropic_api, max_retries=3, rpm_limit=100)
+    client = anthropic_client(anthropic_api, attempts=4, rpm_limit=100)
     response = client.chat("Test prompt")
     assert response.text == "Success after retry"
     assert response.attempts == 2
@@ -108,7 +144,7 @@ def test_handles_rate_limiting_with_retry(anthropic_api: AnthropicServer) -> Non
 def test_handles_timeout_errors(anthropic_api: AnthropicServer) -> None:
     release = threading.Event()
     anthropic_api.stall(release)
-    client = anthropic_client(anthropic_api, max_retries=0)
+    client = anthropic_client(anthropic_api, attempts=1, threshold=None)
     try:
         with pytest.raises(CallTimeout) as raised:
             client.call("Test", timeout=0.1)
@@ -211,7 +247,7 @@ def test_openai_compatible_sends_max_tokens_and_no_stray_key(
     assert "Authorization" not in request.headers
     assert request.body["max_tokens"] == 5
     assert "max_completion_tokens" not in request.body
-    assert client.service.startswith("llm:openai_compatible@127.0.0.1:")
+    assert client.service == f"llm:openai_compatible:http://127.0.0.1:{openai_api.server.port}"
 
 
 def test_anthropic_has_no_temperature(anthropic_api: AnthropicServer) -> None:
@@ -290,7 +326,7 @@ def test_a_wrong_key_is_unauthorized_with_the_servers_message(
         model="m",
         api_key="sk-wrong-key-000000",
         base_url=anthropic_api.base_url,
-        store=store(),
+        resilience=resilience(),
     )
     with pytest.raises(Unauthorized, match="authentication_error: invalid x-api-key") as raised:
         client.call("Hi")
@@ -301,7 +337,7 @@ def test_retries_exhausted_name_the_last_error(anthropic_api: AnthropicServer) -
     for _ in range(3):
         anthropic_api.fail(529, "overloaded_error", "Overloaded")
     with pytest.raises(MaxAttemptsExceeded) as raised:
-        anthropic_client(anthropic_api, max_retries=2, breaker_threshold=None).call("Hi")
+        anthropic_client(anthropic_api, attempts=3, threshold=None).call("Hi")
     assert raised.value.attempts == 3
     assert isinstance(raised.value.last_error, HTTPError)
     assert raised.value.last_error.status == 529
@@ -337,7 +373,7 @@ def test_openai_reset_headers_are_honoured(openai_api: OpenAIServer) -> None:
 def test_a_long_retry_after_ends_the_retries(anthropic_api: AnthropicServer) -> None:
     anthropic_api.fail(429, "rate_limit_error", "slow down", headers={"retry-after": "120"})
     with pytest.raises(MaxAttemptsExceeded) as raised:
-        anthropic_client(anthropic_api, retry_max_delay=10).call("Hi")
+        anthropic_client(anthropic_api, max_delay=10).call("Hi")
     assert isinstance(raised.value.last_error, RateLimited)
     assert raised.value.last_error.retry_after == 120
     assert len(anthropic_api.requests) == 1
@@ -381,9 +417,7 @@ def test_a_refused_connection_is_a_transport_error() -> None:
         model="m",
         api_key=KEY,
         base_url=f"http://127.0.0.1:{free_port()}",
-        max_retries=1,
-        retry_base_delay=0.01,
-        store=store(),
+        resilience=resilience(attempts=2),
     )
     with pytest.raises(MaxAttemptsExceeded) as raised:
         client.call("Hi")
@@ -406,15 +440,57 @@ def test_a_timeout_is_retried_then_succeeds(anthropic_api: AnthropicServer) -> N
 
 
 def test_the_breaker_opens_after_repeated_failures(anthropic_api: AnthropicServer) -> None:
-    client = anthropic_client(anthropic_api, max_retries=0, breaker_threshold=2, breaker_timeout=60)
+    client = anthropic_client(anthropic_api, attempts=1, threshold=2, open_for=60)
     for _ in range(2):
         anthropic_api.fail(503, "api_error", "down")
-        with pytest.raises(HTTPError):
+        with pytest.raises(MaxAttemptsExceeded) as failed:
             client.call("Hi")
+        assert isinstance(failed.value.last_error, HTTPError)
     with pytest.raises(CircuitOpen) as raised:
         client.call("Hi")
-    assert raised.value.name == "llm:anthropic"
+    # The breaker covers what fails together: the provider at one origin.
+    assert raised.value.name == f"llm:anthropic:http://127.0.0.1:{anthropic_api.server.port}"
     assert len(anthropic_api.requests) == 2  # the third call never reached the server
+
+
+def test_a_429_never_opens_the_breaker(anthropic_api: AnthropicServer) -> None:
+    client = anthropic_client(anthropic_api, attempts=1, threshold=1)
+    anthropic_api.fail(429, "rate_limit_error", "slow down", headers={"retry-after": "0"})
+    with pytest.raises(MaxAttemptsExceeded):
+        client.call("Hi")
+    anthropic_api.reply("still open for business")
+    assert client.call("Hi") == "still open for business"
+
+
+def test_two_resources_on_different_base_urls_do_not_share_a_breaker() -> None:
+    shared = store()
+    with (
+        llm_server("anthropic", api_key=KEY) as failing,
+        llm_server("anthropic", api_key=KEY) as healthy,
+    ):
+
+        def resource(server: AnthropicServer) -> LLMResource:
+            return LLMResource(
+                provider="anthropic",
+                model="claude-sonnet-5-5",
+                api_key=KEY,
+                base_url=server.base_url,
+                resilience=resilience(attempts=1, threshold=2, open_for=60, store_url=shared),
+            )
+
+        down, up = resource(failing), resource(healthy)
+        assert down.client().service != up.client().service
+        for _ in range(2):
+            failing.fail(503, "api_error", "down")
+            with pytest.raises(MaxAttemptsExceeded):
+                down.call("Hi")
+        with pytest.raises(CircuitOpen):
+            down.call("Hi")
+        for n in range(3):
+            healthy.reply(f"fine {n}")
+            assert up.call("Hi") == f"fine {n}"
+    assert len(failing.requests) == 2
+    assert len(healthy.requests) == 3  # its breaker is its own: every request went out
 
 
 def test_each_configured_provider_has_its_own_breaker(
@@ -426,21 +502,17 @@ def test_each_configured_provider_has_its_own_breaker(
         model="m",
         api_key=KEY,
         base_url=anthropic_api.base_url,
-        store=shared,
-        max_retries=0,
-        breaker_threshold=1,
+        resilience=resilience(attempts=1, threshold=1, store_url=shared),
     )
     gpt = LLMClient(
         "openai",
         model="m",
         api_key=OPENAI_KEY,
         base_url=openai_api.base_url,
-        store=shared,
-        max_retries=0,
-        breaker_threshold=1,
+        resilience=resilience(attempts=1, threshold=1, store_url=shared),
     )
     anthropic_api.fail(529, "overloaded_error", "Overloaded")
-    with pytest.raises(HTTPError):
+    with pytest.raises(MaxAttemptsExceeded):
         claude.call("Hi")
     with pytest.raises(CircuitOpen):
         claude.call("Hi")
@@ -529,7 +601,9 @@ def test_openai_stream_delivers_deltas_then_usage(
 def test_a_dropped_stream_raises_with_the_text_so_far(kind: str) -> None:
     with llm_server(kind, api_key=KEY) as server:
         server.reply("alpha beta gamma delta", drop_after=2, chunk_size=5)
-        client = LLMClient(kind, model="m", api_key=KEY, base_url=server.base_url, store=store())
+        client = LLMClient(
+            kind, model="m", api_key=KEY, base_url=server.base_url, resilience=resilience()
+        )
         stream = client.stream("Hi")
         with pytest.raises(StreamInterrupted) as raised:
             list(stream)
@@ -543,7 +617,9 @@ def test_a_dropped_stream_raises_with_the_text_so_far(kind: str) -> None:
 def test_a_stream_without_its_final_event_is_not_a_silent_truncation(kind: str) -> None:
     with llm_server(kind, api_key=KEY) as server:
         server.reply("alpha beta", end_early=True)
-        client = LLMClient(kind, model="m", api_key=KEY, base_url=server.base_url, store=store())
+        client = LLMClient(
+            kind, model="m", api_key=KEY, base_url=server.base_url, resilience=resilience()
+        )
         with pytest.raises(StreamInterrupted, match="ended without its final event") as raised:
             list(client.stream("Hi"))
     assert raised.value.partial_text == "alpha beta"
@@ -591,9 +667,8 @@ def test_rpm_limit_queues_instead_of_earning_429s() -> None:
             model="m",
             api_key=OPENAI_KEY,
             base_url=server.base_url,
-            store=store(),
+            resilience=resilience(attempts=1),
             rpm_limit=120,
-            max_retries=0,
             # Admission is measured here, arrival at the server: under a loaded CI machine the
             # delay between them varies by more than the default 3% of the window.
             rate_limit_margin=0.25,
@@ -625,13 +700,15 @@ def test_tokens_are_estimated_before_and_corrected_after() -> None:
             model="m",
             api_key=KEY,
             base_url=server.base_url,
-            store=store(),
+            resilience=resilience(),
             tpm_limit=10_000,
         )
         server.reply("long answer", input_tokens=30, output_tokens=470)
         client.call("x" * 80)  # estimated at 24 tokens before sending
-    assert client.tpm is not None
-    assert client.tpm.usage() == pytest.approx(500)  # what the provider counted
+    tpm = client.limiter("tpm")
+    assert tpm is not None
+    assert tpm.name == f"llm:anthropic:{client.origin}:m:tpm"
+    assert tpm.usage() == pytest.approx(500)  # what the provider counted
 
 
 def test_the_tpm_limit_waits_for_tokens_to_leave_the_window() -> None:
@@ -641,16 +718,33 @@ def test_the_tpm_limit_waits_for_tokens_to_leave_the_window() -> None:
             model="m",
             api_key=KEY,
             base_url=server.base_url,
-            store=store(),
+            resilience=resilience(attempts=1),
             tpm_limit=100,
             rate_limit_max_wait=0.5,
-            max_retries=0,
         )
         server.reply("big", input_tokens=20, output_tokens=80)
         client.call("Hi")
-        with pytest.raises(RateLimited, match="tpm"):
+        with pytest.raises(MaxAttemptsExceeded) as raised:
             client.call("Hi")  # the window is full for a minute: refused after 0.5 s
+    assert isinstance(raised.value.last_error, RateLimited)
+    assert ":m:tpm" in str(raised.value.last_error)
     assert len(server.requests) == 1
+
+
+def test_two_models_on_one_endpoint_have_separate_rpm_limits(openai_api: OpenAIServer) -> None:
+    # 60 rpm: one request per second per model, and no waiting for capacity.
+    client = openai_client(openai_api, attempts=1, rpm_limit=60, rate_limit_max_wait=0)
+    assert client.call("Hi", model="gpt-a") == "ok"
+    assert client.call("Hi", model="gpt-b") == "ok"  # another model: its own quota
+    with pytest.raises(MaxAttemptsExceeded) as raised:
+        client.call("Hi", model="gpt-a")  # the same model within the second: refused
+    assert isinstance(raised.value.last_error, RateLimited)
+    assert f"llm:openai:{client.origin}:gpt-a:rpm" in str(raised.value.last_error)
+    assert [request.body["model"] for request in openai_api.requests] == ["gpt-a", "gpt-b"]
+    for model in ("gpt-a", "gpt-b"):
+        limiter = client.limiter("rpm", model)
+        assert limiter is not None
+        assert limiter.usage() == 1
 
 
 # -- configuration and secrets -------------------------------------------------------------------
@@ -675,7 +769,7 @@ def test_the_key_defaults_to_the_providers_environment_variable(
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     openai_api.reply("from env")
     resource = LLMResource(
-        provider="openai", model="m", base_url=openai_api.base_url, store_url=store()
+        provider="openai", model="m", base_url=openai_api.base_url, resilience=resilience()
     )
     assert resource.call("Hi") == "from env"
     assert openai_api.requests[0].headers["Authorization"] == f"Bearer {OPENAI_KEY}"
@@ -683,7 +777,7 @@ def test_the_key_defaults_to_the_providers_environment_variable(
 
 def test_openai_compatible_needs_a_base_url() -> None:
     with pytest.raises(ConfigurationError, match="base_url: is required for openai_compatible"):
-        LLMClient("openai_compatible", model="llama3.2", store=store())
+        LLMClient("openai_compatible", model="llama3.2")
 
 
 @pytest.mark.parametrize(
@@ -691,13 +785,14 @@ def test_openai_compatible_needs_a_base_url() -> None:
     [
         ({"rpm_limit": 0}, "rpm_limit"),
         ({"timeout": -1}, "timeout"),
-        ({"max_retries": -1}, "max_retries"),
+        ({"rate_limit_margin": -1}, "rate_limit_margin"),
+        ({"service": " "}, "service"),
         ({"max_tokens": 0}, "max_tokens"),
     ],
 )
 def test_bad_settings_name_the_field(options: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
-        LLMClient("anthropic", model="m", api_key=KEY, store=store(), **options)
+        LLMClient("anthropic", model="m", api_key=KEY, **options)
     assert raised.value.field == field
 
 
@@ -709,7 +804,7 @@ def test_the_key_never_shows(
         model="m",
         api_key=KEY,
         base_url=anthropic_api.base_url,
-        store_url=store(),
+        resilience=resilience(),
     )
     anthropic_api.reply("fine")
     resource.call("my secret prompt text")
@@ -735,7 +830,7 @@ def test_each_call_emits_one_event(
     assert event.duration_s > 0
     assert dict(event.measures) == {
         "provider": "anthropic",
-        "service": "llm:anthropic",
+        "service": f"llm:anthropic:http://127.0.0.1:{anthropic_api.server.port}",
         "model": "claude-3-sonnet-20240229",
         "prompt_chars": 12,
         "stream": False,
@@ -753,3 +848,24 @@ def test_a_failed_call_emits_an_error_event(
         anthropic_client(anthropic_api).call("Hi")
     [event] = [e for e in events if e.name == "flowstone.llm.call"]
     assert (event.outcome, event.error_type, event.attempts) == ("error", "HTTPError", 1)
+
+
+# -- scope and the default policy ----------------------------------------------------------------
+
+
+def test_default_names_follow_what_fails_together_and_what_shares_a_quota() -> None:
+    gpt = LLMClient("openai", model="gpt-4o-mini", api_key=OPENAI_KEY)
+    assert gpt.service == "llm:openai:https://api.openai.com"
+    assert gpt.limit_name("rpm") == "llm:openai:https://api.openai.com:gpt-4o-mini:rpm"
+    assert gpt.limit_name("tpm", "o3") == "llm:openai:https://api.openai.com:o3:tpm"
+    claude = LLMClient("anthropic", model="m", api_key=KEY, service="claude-prod")
+    assert claude.service == "claude-prod"  # the breaker's name, chosen by the user
+    assert claude.limit_name("rpm") == "llm:anthropic:https://api.anthropic.com:m:rpm"
+
+
+def test_without_a_resilience_resource_the_llm_default_policy_applies() -> None:
+    client = LLMClient("anthropic", model="m", api_key=KEY)
+    policy = client.resilience.policy_for(client.service)
+    assert policy.retry.max_attempts == 4
+    assert policy.circuit_breaker is not None
+    assert client.resilience.resolved_store_url().startswith("memory://")  # in-process

@@ -2,11 +2,18 @@
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import pytest
 
 from flowstone_dagster import telemetry
+from flowstone_dagster.resilience import (
+    CircuitBreakerConfig,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+)
 from flowstone_dagster.resources.llm import LLMResource
 from flowstone_dagster_tests.support.llm_servers import AnthropicServer, llm_server
 
@@ -21,15 +28,27 @@ def anthropic_api() -> Iterator[AnthropicServer]:
         yield server
 
 
-def claude(server: AnthropicServer, **options: object) -> LLMResource:
+def resilience(
+    *, attempts: int = 3, breaker: CircuitBreakerConfig | None = None
+) -> ResilienceResource:
+    """The one resilience path on a private store; Dagster errors on (the default)."""
+    return ResilienceResource(
+        store_url=f"memory://llm-{uuid.uuid4().hex[:8]}",
+        default_policy=ServicePolicy(
+            retry=RetryConfig(max_attempts=attempts, base_delay=0.05),
+            circuit_breaker=breaker or CircuitBreakerConfig(),
+        ),
+    )
+
+
+def claude(server: AnthropicServer, **options: Any) -> LLMResource:
+    options.setdefault("resilience", resilience())
     return LLMResource(
         provider="anthropic",
         model="claude-sonnet-5-5",
         api_key=KEY,
         base_url=server.base_url,
-        store_url=f"memory://llm-{uuid.uuid4().hex[:8]}",
-        retry_base_delay=0.05,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -105,10 +124,9 @@ def test_an_error_retrying_cannot_fix_fails_the_step_without_step_retries(
 def test_an_open_circuit_asks_dagster_to_retry_the_step_later(
     anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
 ) -> None:
-    from flowstone_dagster.resilience import CircuitBreakerConfig
-
     llm = claude(
-        anthropic_api, max_retries=0, circuit_breaker=CircuitBreakerConfig(threshold=2, timeout=1)
+        anthropic_api,
+        resilience=resilience(attempts=1, breaker=CircuitBreakerConfig(threshold=2, timeout=1)),
     )
     breaker = llm.client().breaker
     assert breaker is not None
@@ -150,7 +168,7 @@ def test_several_providers_in_one_definitions(
                     provider="openai_compatible",
                     model="llama3.2",
                     base_url=local.base_url,
-                    store_url="memory://llm-local",
+                    resilience=resilience(),
                 ),
             },
         )
@@ -158,3 +176,49 @@ def test_several_providers_in_one_definitions(
             instance=dagster_instance
         )
     assert result.output_for_node("both") == ["from claude", "from llama"]
+
+
+def _error_texts(error: Any) -> Iterator[str]:
+    """Every message and stack line of a serialized error, its causes and contexts."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        info = pending.pop()
+        if info is None or id(info) in seen:
+            continue
+        seen.add(id(info))
+        yield info.message
+        yield info.cls_name or ""
+        yield from info.stack
+        pending += [info.cause, info.context]
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_a_key_echoed_by_the_server_never_reaches_the_event_log(
+    kind: str, dagster_instance: dg.DagsterInstance
+) -> None:
+    sent = f"sk-{kind}-wrong-9f8e7d6c5b4a39281706"
+    with llm_server(kind, api_key=KEY, echo_credentials=True) as server:
+        llm = LLMResource(
+            provider=kind,  # type: ignore[arg-type]
+            model="m",
+            api_key=sent,
+            base_url=server.base_url,
+            resilience=resilience(),
+        )
+        result = dg.materialize(
+            [labelled], resources={"llm": llm}, instance=dagster_instance, raise_on_error=False
+        )
+        assert len(server.requests) == 1  # a 401 is not retried, neither call nor step
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    data = failure.step_failure_data
+    assert data.error is not None
+    texts = list(_error_texts(data.error))
+    assert any("invalid" in text.lower() for text in texts)  # the server's message is there
+    assert all(sent not in text for text in texts)
+    assert sent not in str(failure.event_specific_data)
+    assert sent not in str(data.user_failure_data)
+    for record in dagster_instance.all_logs(result.run_id):
+        assert sent not in record.user_message
+        assert sent not in str(record.dagster_event)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
 from flowstone_dagster.resources.llm import LLMClient
 from flowstone_dagster_tests.support.llm_servers import llm_server
 
@@ -24,9 +25,12 @@ def make_calls(base_url: str, store_url: str, calls: int, start_at: float) -> in
         model="gpt-4o-mini",
         api_key=KEY,
         base_url=base_url,
-        store=store_url,
         rpm_limit=RPM,
-        max_retries=0,
+        resilience=ResilienceResource(
+            store_url=store_url,
+            default_policy=ServicePolicy(retry=RetryConfig(max_attempts=1)),
+            dagster_errors=False,
+        ),
     )
     time.sleep(max(start_at - time.time(), 0))  # both processes start together
     done = sum(client.call(f"call {n}") == "ok" for n in range(calls))

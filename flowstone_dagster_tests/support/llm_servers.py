@@ -111,9 +111,13 @@ class LLMServer:
         default_text: str = "ok",
         rpm_limit: float | None = None,
         rpm_window: float = 1.0,
+        echo_credentials: bool = False,
     ) -> None:
         self.server = server
         self.api_key = api_key
+        # A 401 that quotes the credentials it was sent, as some gateways do: what must never
+        # reach an error message, a log or Dagster's event log.
+        self.echo_credentials = echo_credentials
         self.default_text = default_text
         self.requests: list[Recorded] = []
         self.rejected: list[Recorded] = []  # answered 429 by the server's own rate limit
@@ -362,7 +366,10 @@ class AnthropicServer(LLMServer):
             given = request.headers.get("x-api-key")
             bearer = request.headers.get("authorization", "")
             if given != self.api_key and bearer != f"Bearer {self.api_key}":
-                return self.error(401, "authentication_error", "invalid x-api-key")
+                message = "invalid x-api-key"
+                if self.echo_credentials:
+                    message += f": {bearer or given}"
+                return self.error(401, "authentication_error", message)
         version = request.headers.get("anthropic-version")
         if version is None:
             return self._invalid("anthropic-version: header is required")
@@ -573,8 +580,9 @@ class OpenAIServer(LLMServer):
             return self.error(
                 401,
                 "invalid_request_error",
-                "Incorrect API key provided. You can find your API key at "
-                "https://platform.openai.com/account/api-keys.",
+                "Incorrect API key provided"
+                + (f": {bearer}" if self.echo_credentials else "")
+                + ". You can find your API key at https://platform.openai.com/account/api-keys.",
             )
         if request.mimetype != "application/json":
             return self._invalid("Content-Type must be application/json")

@@ -8,8 +8,9 @@
                       api_key=dg.EnvVar("ANTHROPIC_API_KEY"), rpm_limit=50)
 
 - :mod:`.resource`: :class:`LLMResource`, the Dagster resource;
-- :mod:`.client`: :class:`LLMClient` (retries, limits, breaker, telemetry) and
-  :class:`LLMStream`;
+- :mod:`.client`: :class:`LLMClient` (each request through
+  :class:`~flowstone_dagster.resilience.ResilienceResource`, with per-model rpm/tpm limits;
+  telemetry) and :class:`LLMStream`;
 - :mod:`.providers`: one adapter per provider over the official SDKs;
 - :mod:`.messages`: prompts, :class:`LLMResponse`, :class:`Usage`, token estimates,
   :class:`InvalidJSON`;

@@ -1,12 +1,14 @@
-"""``LLMClient``: one configured model endpoint, called with retries, limits and a breaker.
+"""``LLMClient``: one configured model endpoint, called through the one resilience path.
 
 ::
 
+    from flowstone_dagster.resilience import ResilienceResource
     from flowstone_dagster.resources.llm import LLMClient
 
     claude = LLMClient(
         "anthropic", model="claude-sonnet-5-5", api_key=os.environ["ANTHROPIC_API_KEY"],
-        rpm_limit=50, tpm_limit=40_000, store="sqlite:////var/lib/dagster/flowstone.sqlite3",
+        rpm_limit=50, tpm_limit=40_000,
+        resilience=ResilienceResource(store_url="sqlite:////var/lib/dagster/flowstone.sqlite3"),
     )
     claude.call("Classify: 'free money!!!'", system="Answer spam or ham.")   # -> 'spam'
     claude.chat([{"role": "user", "content": "Hi"}]).usage                  # Usage(12, 5)
@@ -15,19 +17,24 @@
             print(delta, end="")
     stream.usage                                                             # at the end
 
-Each attempt of a call goes, in this order, through (the resilience package's order)::
+Every request goes through :meth:`ResilienceResource.call
+<flowstone_dagster.resilience.ResilienceResource.call>`, the package's one resilience path::
 
-    retry( circuit_breaker( rpm_limit( tpm_limit( SDK request with timeout ) ) ) )
+    retry( circuit_breaker( rate_limits( SDK request with timeout ) ) )
 
-- retries: :func:`~flowstone_dagster.resilience.with_retry`, only what
-  :func:`~flowstone_dagster.errors.is_retryable` accepts (429, 500, 502, 503, 504, 529,
-  timeouts, connection errors), never sooner than ``retry-after`` or the provider's rate-limit
-  reset headers ask (:func:`~.failures.rate_limit_wait`);
-- the breaker: one :class:`~flowstone_dagster.resilience.CircuitBreaker` named ``service``;
-- the limits: :class:`~flowstone_dagster.resilience.RateLimiter` in wait mode, ``<service>:rpm``
-  (one unit per request) and ``<service>:tpm`` (the prompt's estimated tokens before the request;
-  after it, the tokens the provider reports beyond the estimate are recorded too);
-- every limiter and breaker lives in ``store``, shared by every process that opens it.
+- retries, the breaker and the policy's per-attempt ``timeout`` are the policy of ``service``
+  in ``resilience`` (without one: :data:`DEFAULT_POLICY`, on an in-process store). Retries are
+  decided by :func:`~flowstone_dagster.errors.is_retryable` (429, 500, 502, 503, 504, 529,
+  timeouts, connection errors) and never start sooner than the error's ``retry_after``: the
+  SDK's errors are turned into the taxonomy's by :func:`~.failures.to_taxonomy`, which reads
+  ``retry-after``, ``retry-after-ms`` and the providers' rate-limit reset headers;
+- the breaker is named ``service``: by default ``llm:<provider>:<origin of base_url>`` (what
+  fails together). A provider's 429 is ignored by it (the provider is healthy; we were fast);
+- the limits are passed as ``limits=`` of the call: ``llm:<provider>:<origin>:<model>:rpm``
+  (one unit per request) and ``...:tpm`` (the prompt's estimated tokens before the request;
+  after it, the tokens the provider reports beyond the estimate are recorded too): what shares
+  a quota is the provider's account at one endpoint for one model;
+- breaker and limits live in ``resilience``'s store, shared by every process that opens it.
 
 Each call emits one ``flowstone.llm.call`` event (provider, model, service, attempts,
 input/output tokens, stop reason, prompt length in characters, outcome, duration). The prompt
@@ -36,25 +43,30 @@ text and the key never leave the call.
 
 from __future__ import annotations
 
-import contextvars
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar, overload
+from urllib.parse import urlsplit
+
+import dagster as dg
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import ConfigurationError, RateLimited
+from flowstone_dagster.errors import ConfigurationError, FlowstoneError
+from flowstone_dagster.redaction import redact_exception_chain, register_secret
 from flowstone_dagster.resilience import (
     CircuitBreaker,
+    CircuitBreakerConfig,
+    RateLimitConfig,
     RateLimiter,
-    StateStore,
-    classify,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
     current_deadline,
-    open_store,
-    with_retry,
+    resolve,
 )
-from flowstone_dagster.resilience.breaker import Outcome
 from flowstone_dagster.resources.llm.failures import StreamInterrupted, to_taxonomy
 from flowstone_dagster.resources.llm.messages import (
     LLMResponse,
@@ -75,15 +87,21 @@ from flowstone_dagster.resources.llm.providers import (
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "DEFAULT_POLICY",
     "DEFAULT_RATE_LIMIT_MARGIN",
     "DEFAULT_RPM_WINDOW",
     "DEFAULT_TIMEOUT",
     "EVENT",
     "LLMClient",
     "LLMStream",
+    "default_service",
+    "limit_name",
+    "origin_of",
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 EVENT = "flowstone.llm.call"
 DEFAULT_MAX_TOKENS = 1024
@@ -100,13 +118,39 @@ DEFAULT_RATE_LIMIT_MARGIN = 0.03
 #: for 6,000 rpm) rather than in bursts of a whole second's budget, so that requests reach the
 #: provider evenly spread and its count is not thrown off by queueing.
 DEFAULT_RPM_WINDOW = 0.1
+#: Longest wait for rpm/tpm capacity (seconds) before ``RateLimited``.
+DEFAULT_RATE_LIMIT_MAX_WAIT = 60.0
 
-
-#: The admission an attempt still has to take: ``[client, estimated tokens, taken]``. Set by
-#: the attempt, taken by the SDK's request hook in the same thread.
-_pending_admission: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
-    "flowstone_llm_admission", default=None
+#: The policy of LLM calls when no :class:`ResilienceResource` is given: 4 attempts, 1 s
+#: doubling backoff (a provider's ``retry-after`` or reset headers are honoured, up to 60 s),
+#: a 600 s retry deadline, and a breaker of 5 failures / 30 s. Without a resource the breaker
+#: and the rpm/tpm limits live in this process's memory (they protect the calls of one
+#: process only); pass ``resilience=ResilienceResource(...)`` to share them across processes.
+DEFAULT_POLICY = ServicePolicy(
+    retry=RetryConfig(max_attempts=4, base_delay=1.0, max_delay=60.0, deadline=600.0),
+    circuit_breaker=CircuitBreakerConfig(threshold=5, timeout=30.0, probe_lease=180.0),
 )
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of ``url`` (lower case): what fails together."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url.rstrip("/")
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return f"{parts.scheme.lower()}://{netloc.lower()}"
+
+
+def default_service(provider: str, base_url: str) -> str:
+    """The breaker's default name: ``llm:<provider>:<origin>``, e.g.
+    ``llm:openai:https://api.openai.com``."""
+    return f"llm:{provider}:{origin_of(base_url)}"
+
+
+def limit_name(provider: str, base_url: str, model: str, kind: str) -> str:
+    """A rate limit's name: ``llm:<provider>:<origin>:<model>:<kind>`` (``rpm`` or ``tpm``)."""
+    return f"llm:{provider}:{origin_of(base_url)}:{model}:{kind}"
 
 
 def _rpm_window(rpm_limit: float, window: float) -> tuple[float, float]:
@@ -120,30 +164,40 @@ def _rpm_window(rpm_limit: float, window: float) -> tuple[float, float]:
     return rpm_limit * seconds / 60.0, seconds
 
 
+def _reported(exc: BaseException) -> BaseException:
+    """The error a telemetry event names: the failure behind a Dagster control-flow error."""
+    if isinstance(exc, (dg.Failure, dg.RetryRequested)) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 class LLMClient:
     """Calls one model endpoint; see the module docs. Thread-safe.
 
     Args:
         provider: ``anthropic``, ``openai`` or ``openai_compatible``.
         model: the default model; each call may name another.
-        api_key: the key (required for ``anthropic`` and ``openai``).
+        api_key: the key (required for ``anthropic`` and ``openai``); registered with
+            :func:`~flowstone_dagster.redaction.register_secret`, so that no redaction in the
+            process lets it through.
         base_url: the endpoint (required for ``openai_compatible``, e.g.
             ``http://localhost:11434/v1`` for Ollama).
         max_tokens, temperature: defaults of every call.
-        timeout: seconds per request (for a stream, between chunks).
-        max_retries: retries after the first attempt (0 = one request only).
-        retry_base_delay, retry_max_delay: the backoff; a server asking to wait longer than
-            ``retry_max_delay`` ends the call's retries (inside Dagster: a step retry).
-        retry_deadline: total seconds a call may spend on attempts and waits.
+        timeout: seconds per request, the SDK's timeout (for a stream, between chunks); cut
+            to the policy's per-attempt ``timeout`` when that is sooner.
         rpm_limit, rpm_window: requests per minute, enforced per ``rpm_window`` seconds.
         tpm_limit: tokens (input + output) per minute, over a sliding minute.
         rate_limit_max_wait: the longest wait for the limits before ``RateLimited``.
         rate_limit_margin: how much longer our windows are than the provider's (a fraction),
             to absorb the varying delay between our admission and the provider's count.
-        breaker_threshold, breaker_timeout: the circuit breaker (``None`` threshold: none).
-        store: the store (or URL) shared by the limits and the breaker.
-        service: the name of the breaker, limits, errors and telemetry (default
-            ``llm:<provider>``, or ``llm:openai_compatible@<host>``).
+        service: the breaker's name, and the name of errors and telemetry (default
+            ``llm:<provider>:<origin of base_url>``); also the policy looked up in
+            ``resilience``.
+        resilience: the :class:`~flowstone_dagster.resilience.ResilienceResource` every
+            request goes through; ``None``: :data:`DEFAULT_POLICY` in this process's memory.
+        dagster_errors: turn failures into Dagster control flow (``RetryRequested``,
+            ``Failure``); ``None``: ``resilience``'s own setting. Default ``False``: the
+            taxonomy's errors, as fits a client used outside Dagster.
     """
 
     def __init__(
@@ -156,24 +210,20 @@ class LLMClient:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        max_retries: int = 3,
-        retry_base_delay: float = 1.0,
-        retry_max_delay: float = 60.0,
-        retry_deadline: float | None = 600.0,
         rpm_limit: float | None = None,
         rpm_window: float = DEFAULT_RPM_WINDOW,
         tpm_limit: float | None = None,
-        rate_limit_max_wait: float = 60.0,
+        rate_limit_max_wait: float = DEFAULT_RATE_LIMIT_MAX_WAIT,
         rate_limit_margin: float = DEFAULT_RATE_LIMIT_MARGIN,
-        breaker_threshold: int | None = 5,
-        breaker_timeout: float = 30.0,
-        store: StateStore | str | None = None,
         service: str | None = None,
+        resilience: ResilienceResource | None = None,
+        dagster_errors: bool | None = False,
     ) -> None:
         if provider not in PROVIDERS:
             raise ConfigurationError(f"must be one of {', '.join(PROVIDERS)}", field="provider")
         if not model:
             raise ConfigurationError("must name a model", field="model")
+        register_secret(api_key)
         if provider != "openai_compatible" and not api_key:
             raise ConfigurationError(
                 f"no API key for {provider}: pass api_key (in Dagster: "
@@ -189,16 +239,12 @@ class LLMClient:
         checks: list[tuple[bool, str, str]] = [
             (max_tokens >= 1, "max_tokens", "must be at least 1"),
             (timeout > 0, "timeout", "must be positive"),
-            (max_retries >= 0, "max_retries", "must not be negative"),
-            (retry_base_delay >= 0, "retry_base_delay", "must not be negative"),
-            (retry_max_delay >= retry_base_delay, "retry_max_delay", "must be >= base delay"),
-            (retry_deadline is None or retry_deadline > 0, "retry_deadline", "must be positive"),
             (rpm_limit is None or rpm_limit > 0, "rpm_limit", "must be positive"),
             (rpm_window > 0, "rpm_window", "must be positive"),
             (tpm_limit is None or tpm_limit >= 1, "tpm_limit", "must be at least 1"),
             (rate_limit_max_wait >= 0, "rate_limit_max_wait", "must not be negative"),
             (rate_limit_margin >= 0, "rate_limit_margin", "must not be negative"),
-            (breaker_threshold is None or breaker_threshold >= 1, "circuit_breaker", ">= 1"),
+            (service is None or bool(service.strip()), "service", "must not be empty"),
         ]
         for ok, field, message in checks:
             if not ok:
@@ -207,59 +253,33 @@ class LLMClient:
         self.provider = provider
         self.model = model
         self.base_url = base_url
+        self.origin = origin_of(base_url)
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self.retry_base_delay = retry_base_delay
-        self.retry_max_delay = retry_max_delay
-        self.retry_deadline = retry_deadline
-        self.service = service or (
-            f"llm:{provider}@{_host(base_url)}"
-            if provider == "openai_compatible"
-            else f"llm:{provider}"
-        )
+        self.service = service or default_service(provider, base_url)
+        self.resilience: ResilienceResource = resolve(resilience, default_policy=DEFAULT_POLICY)
+        self.dagster_errors = dagster_errors
         self._secrets = [api_key] if api_key else []
-        self.store: StateStore = (
-            store if store is not None and not isinstance(store, str) else (open_store(store))
-        )
-        self.rpm: RateLimiter | None = None
+        self.rpm: RateLimitConfig | None = None
         if rpm_limit is not None:
             per_window, seconds = _rpm_window(float(rpm_limit), rpm_window)
-            self.rpm = RateLimiter(
-                f"{self.service}:rpm",
-                per_window,
-                seconds * (1 + rate_limit_margin),
+            self.rpm = RateLimitConfig(
+                limit=per_window,
+                period=seconds * (1 + rate_limit_margin),
                 mode="wait",
                 max_wait=rate_limit_max_wait,
-                store=self.store,
             )
-        self.tpm: RateLimiter | None = None
+        self.tpm: RateLimitConfig | None = None
         if tpm_limit is not None:
-            self.tpm = RateLimiter(
-                f"{self.service}:tpm",
-                float(tpm_limit),
-                60.0 * (1 + rate_limit_margin),
+            self.tpm = RateLimitConfig(
+                limit=float(tpm_limit),
+                period=60.0 * (1 + rate_limit_margin),
                 mode="wait",
                 max_wait=rate_limit_max_wait,
-                store=self.store,
-            )
-        self.breaker: CircuitBreaker | None = None
-        if breaker_threshold is not None:
-            self.breaker = CircuitBreaker(
-                self.service,
-                threshold=breaker_threshold,
-                timeout=breaker_timeout,
-                probe_lease=max(60.0, self.timeout + rate_limit_max_wait),
-                store=self.store,
-                classifier=breaker_outcome,
             )
         self._adapter: ProviderAdapter = make_adapter(
-            provider,
-            api_key=api_key,
-            base_url=base_url,
-            timeout=self.timeout,
-            on_request=self._on_request,
+            provider, api_key=api_key, base_url=base_url, timeout=self.timeout
         )
         self._closed = threading.Event()
 
@@ -273,6 +293,61 @@ class LLMClient:
         """Close the SDK's connections (the client is unusable afterwards)."""
         self._closed.set()
         self._adapter.close()
+
+    # -- what the one path protects ------------------------------------------------------------
+
+    def limit_name(self, kind: Literal["rpm", "tpm"], model: str | None = None) -> str:
+        """The store name of ``model``'s (default: the client's) ``rpm`` or ``tpm`` limit."""
+        return limit_name(self.provider, self.base_url, model or self.model, kind)
+
+    def limiter(self, kind: Literal["rpm", "tpm"], model: str | None = None) -> RateLimiter | None:
+        """``model``'s ``rpm`` or ``tpm`` limiter on the resilience store (``None`` when no
+        such limit is set), e.g. to read its ``usage()``."""
+        config = self.rpm if kind == "rpm" else self.tpm
+        if config is None:
+            return None
+        return self.resilience.limiter(self.limit_name(kind, model), config=config)
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The endpoint's circuit breaker (``None`` when the service's policy has none)."""
+        return self.resilience.breaker(self.service)
+
+    def _limits(self, model: str, estimate: int) -> list[tuple[str, RateLimitConfig, float]]:
+        limits: list[tuple[str, RateLimitConfig, float]] = []
+        if self.rpm is not None:
+            limits.append((self.limit_name("rpm", model), self.rpm, 1.0))
+        if self.tpm is not None:
+            assert self.tpm.limit is not None
+            limits.append(
+                (
+                    self.limit_name("tpm", model),
+                    self.tpm,
+                    float(max(min(estimate, self.tpm.limit), 1)),
+                )
+            )
+        return limits
+
+    def _to_dagster(self) -> bool:
+        if self.dagster_errors is None:
+            return self.resilience.dagster_errors
+        return self.dagster_errors
+
+    def _guarded(self, model: str, estimate: int, attempt: Callable[[], T]) -> T:
+        """``attempt`` (one request) through the one resilience path."""
+        return self.resilience.call(
+            self.service,
+            attempt,
+            limits=self._limits(model, estimate),
+            dagster_errors=self._to_dagster(),
+        )
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What to raise for ``exc`` raised outside the resilience call (invalid JSON, a
+        broken stream): the Dagster mapping when it is on, else ``exc``."""
+        if not self._to_dagster():
+            return exc
+        return self.resilience.dagster_error(exc, service=self.service)
 
     # -- the three calls -----------------------------------------------------------------------
 
@@ -363,27 +438,44 @@ class LLMClient:
             timeout=timeout,
         )
         estimate = estimate_tokens(request.messages, request.system)
+        measures = self._measures(request, stream=False)
         attempts = 0
 
         def attempt() -> LLMResponse:
             nonlocal attempts
             attempts += 1
-            return self._guarded(request, estimate, self._adapter.create)
+            return self._send(request, self._adapter.create)
 
-        with telemetry.span(EVENT, **self._measures(request, stream=False)) as call:
-            try:
-                response = self._retrying(attempt)
-            finally:
-                call.attempts = max(attempts, 1)
-            call.set(
+        started = time.perf_counter()
+        try:
+            response = self._guarded(request.model, estimate, attempt)
+            measures.update(
                 model=response.model or request.model,
                 input_tokens=response.usage.input_tokens,
                 output_tokens=response.usage.output_tokens,
                 stop_reason=response.stop_reason,
             )
-            self._record_actual(estimate, response.usage)
+            self._record_actual(request.model, estimate, response.usage)
             if json:
-                response.json()  # raises InvalidJSON, with the text, inside the event
+                try:
+                    response.json()  # InvalidJSON, with the text, inside the event
+                except Exception as exc:
+                    mapped = self._failure(exc)
+                    if mapped is exc:
+                        raise
+                    raise mapped  # noqa: B904 - carries its own (redacted) cause
+        except BaseException as exc:
+            telemetry.emit(
+                EVENT,
+                duration_s=time.perf_counter() - started,
+                attempts=max(attempts, 1),
+                error=_reported(exc),
+                **measures,
+            )
+            raise
+        telemetry.emit(
+            EVENT, duration_s=time.perf_counter() - started, attempts=attempts, **measures
+        )
         return LLMResponse(
             text=response.text,
             model=response.model,
@@ -468,38 +560,8 @@ class LLMClient:
             "stream": stream,
         }
 
-    def _retrying(self, attempt: Callable[[], T]) -> T:
-        if self.max_retries == 0:  # one request, its error unchanged
-            return attempt()
-        return with_retry(
-            attempt,
-            max_attempts=self.max_retries + 1,
-            base_delay=self.retry_base_delay,
-            max_delay=self.retry_max_delay,
-            deadline=self.retry_deadline,
-            name=self.service,
-        )
-
-    def _admit(self, estimate: int) -> None:
-        if self.rpm is not None:
-            self.rpm.acquire(1)
-        if self.tpm is not None:
-            self.tpm.acquire(min(estimate, self.tpm.limit))
-
-    def _on_request(self, request: Any) -> None:
-        """The SDK's HTTP client calls this just before sending: take the admission now.
-
-        Admitting here rather than before the SDK builds the request keeps what the provider
-        counts in a window close to what the limiter admitted (the SDK's first call in a
-        process can spend a tenth of a second importing and building before it sends).
-        """
-        pending = _pending_admission.get()
-        if pending is not None and pending[0] is self and not pending[2]:
-            pending[2] = True
-            self._admit(pending[1])
-
     def _timed(self, request: LLMRequest) -> LLMRequest:
-        """``request`` with its timeout cut to the enclosing deadline, if there is one."""
+        """``request`` with its timeout cut to the policy's per-attempt deadline, if sooner."""
         deadline = current_deadline()
         if deadline is None:
             return request
@@ -508,68 +570,42 @@ class LLMClient:
             return request
         return LLMRequest(**{**request.__dict__, "timeout": remaining})
 
-    def _guarded(self, request: LLMRequest, estimate: int, send: Callable[[LLMRequest], T]) -> T:
-        """One attempt through the breaker and the limits; SDK errors become the taxonomy's."""
-        result, _ = self._attempt(request, estimate, send, hold=False)
-        return result
-
-    def _attempt(
-        self,
-        request: LLMRequest,
-        estimate: int,
-        send: Callable[[LLMRequest], T],
-        *,
-        hold: bool,
-    ) -> tuple[T, Any]:
-        """``send`` once, passing the breaker and the limits first.
-
-        With ``hold`` the breaker's ticket is returned instead of closed (a stream closes it
-        with :meth:`_close_ticket` when it ends, so that a stream breaking counts).
-        """
-        ticket = self.breaker.enter() if self.breaker is not None else None
-        pending = _pending_admission.set([self, estimate, False])
+    def _send(self, request: LLMRequest, send: Callable[[LLMRequest], T]) -> T:
+        """One request; an SDK error becomes the taxonomy's, raised from a redacted chain
+        (never from the SDK error itself, whose message may echo the key)."""
+        timed = self._timed(request)
         try:
-            timed = self._timed(request)
-            try:
-                result = send(timed)
-            except Exception as exc:
-                mapped = self._map(exc, timed.timeout)
-                if mapped is exc:
-                    raise
-                raise mapped from exc
-            finally:
-                _pending_admission.reset(pending)
-        except BaseException as exc:
-            self._close_ticket(ticket, exc)
-            raise
-        if hold:
-            return result, ticket
-        self._close_ticket(ticket, None)
-        return result, None
-
-    def _close_ticket(self, ticket: Any, error: BaseException | None) -> None:
-        if self.breaker is None or ticket is None:
-            return
-        if error is None:
-            self.breaker.exit(ticket)
-        else:
-            self.breaker.exit(ticket, error)
+            return send(timed)
+        except Exception as exc:
+            mapped = self._map(exc, timed.timeout)
+            if mapped is exc:
+                raise
+            cause = redact_exception_chain(exc, is_ours=FlowstoneError)
+        # Raised outside the except block: no implicit __context__ pointing at the SDK error.
+        raise mapped from cause
 
     def _map(self, exc: BaseException, timeout: float | None) -> BaseException:
         return to_taxonomy(exc, service=self.service, secrets=self._secrets, timeout=timeout)
 
-    def _record_actual(self, estimate: int, usage: Usage) -> None:
+    def _record_actual(self, model: str, estimate: int, usage: Usage) -> None:
         """Record the tokens the provider counted beyond the estimate taken before sending.
 
         They were spent already, so they are recorded at once (never waited for); callers that
         come next, in any process, wait for them to leave the window. Overestimates are not
-        given back (the store has no refunds); the estimate is kept close instead.
+        given back (the store has no refunds); the estimate is kept close instead. A store
+        failure here is logged, never raised: the call itself succeeded.
         """
-        if self.tpm is None:
+        if self.tpm is None or self.tpm.limit is None:
             return
-        extra = usage.total_tokens - min(estimate, self.tpm.limit)
-        if extra > 0:
-            self.tpm.store.reserve(self.tpm.name, float(extra), math.inf, self.tpm.period)
+        extra = usage.total_tokens - max(min(estimate, self.tpm.limit), 1)
+        if extra <= 0:
+            return
+        try:
+            self.resilience.store.reserve(
+                self.limit_name("tpm", model), float(extra), math.inf, self.tpm.period
+            )
+        except Exception as exc:
+            logger.warning("could not record %d tokens of %s: %s", extra, self.service, exc)
 
 
 class LLMStream:
@@ -586,6 +622,11 @@ class LLMStream:
     :class:`LLMResponse`) are set. A stream that breaks, or ends without the provider's final
     event, raises :class:`~.failures.StreamInterrupted` with ``partial_text``. Leaving the
     ``with`` block (or :meth:`close`) early closes the connection.
+
+    Opening the stream (sending the request and reading until the first text) is one attempt
+    of the resilience path, retried like any call; once text has been handed out, nothing is
+    retried or replayed. The breaker therefore records the opening: a stream that breaks later
+    raises ``StreamInterrupted`` but is not counted by the breaker.
     """
 
     def __init__(self, client: LLMClient, request: LLMRequest) -> None:
@@ -620,14 +661,11 @@ class LLMStream:
         if self._iterator is not None:
             self._iterator.close()  # type: ignore[attr-defined]
 
-    def _open(
-        self, state_box: list[StreamState], estimate: int
-    ) -> tuple[tuple[Iterator[str], str | None], Any]:
+    def _open(self) -> tuple[Iterator[str], str | None, StreamState]:
         """One attempt: send the request and read until the first text (or the end)."""
         client = self._client
         self.attempts += 1
         state = StreamState()
-        state_box[:] = [state]
 
         def first(request: LLMRequest) -> tuple[Iterator[str], str | None]:
             deltas = client._adapter.stream(request, state)
@@ -639,19 +677,42 @@ class LLMStream:
                 state.close()
                 raise
 
-        return client._attempt(self._request, estimate, first, hold=True)
+        deltas, head = client._send(self._request, first)
+        return deltas, head, state
+
+    def _broken(self, exc: BaseException | None) -> StreamInterrupted:
+        client = self._client
+        if exc is None:
+            return StreamInterrupted(
+                f"the stream from {client.service} ended without its final event after "
+                f"{len(self.text)} characters; the text so far is in partial_text",
+                partial_text=self.text,
+                service=client.service,
+            )
+        mapped = client._map(exc, self._request.timeout)
+        if mapped is not exc:
+            mapped.__cause__ = redact_exception_chain(exc, is_ours=FlowstoneError)
+        interrupted = StreamInterrupted(
+            f"the stream from {client.service} broke after {len(self.text)} characters: "
+            f"{type(mapped).__name__}: {mapped}",
+            partial_text=self.text,
+            error=mapped,
+            service=client.service,
+        )
+        interrupted.__cause__ = mapped
+        return interrupted
 
     def _run(self) -> Iterator[str]:
         client, request = self._client, self._request
         estimate = estimate_tokens(request.messages, request.system)
         measures = client._measures(request, stream=True)
         started = time.perf_counter()
-        state_box: list[StreamState] = []
-        ticket: Any = None
+        opened = False
         outcome, error = "ok", None
         try:
-            (deltas, head), ticket = client._retrying(lambda: self._open(state_box, estimate))
-            state = state_box[0]
+            deltas, head, state = client._guarded(request.model, estimate, self._open)
+            opened = True
+            broken: StreamInterrupted | None = None
             try:
                 if head is not None:
                     self._parts.append(head)
@@ -660,36 +721,22 @@ class LLMStream:
                     self._parts.append(delta)
                     yield delta
                 if not state.complete:
-                    raise StreamInterrupted(
-                        f"the stream from {client.service} ended without its final event after "
-                        f"{len(self.text)} characters; the text so far is in partial_text",
-                        partial_text=self.text,
-                        service=client.service,
-                    )
+                    broken = self._broken(None)
             except GeneratorExit:
                 outcome = "cancelled"
                 state.close()
                 raise
-            except StreamInterrupted:
-                raise
             except Exception as exc:
-                mapped = client._map(exc, request.timeout)
-                raise StreamInterrupted(
-                    f"the stream from {client.service} broke after {len(self.text)} characters: "
-                    f"{type(mapped).__name__}: {mapped}",
-                    partial_text=self.text,
-                    error=mapped,
-                    service=client.service,
-                ) from mapped
+                broken = self._broken(exc)
+            if broken is not None:
+                # Raised outside the except block: no implicit __context__ (the SDK's error).
+                raise client._failure(broken)
         except GeneratorExit:
-            client._close_ticket(ticket, None)
             raise
         except BaseException as exc:
-            outcome, error = "error", exc
-            client._close_ticket(ticket, exc)
+            outcome, error = "error", _reported(exc)
             raise
         else:
-            client._close_ticket(ticket, None)
             usage = Usage(
                 state.input_tokens if state.input_tokens is not None else estimate,
                 state.output_tokens
@@ -707,7 +754,7 @@ class LLMStream:
                 provider=client.provider,
                 attempts=self.attempts,
             )
-            client._record_actual(estimate, usage)
+            client._record_actual(request.model, estimate, usage)
             measures.update(
                 model=self.model,
                 input_tokens=usage.input_tokens,
@@ -715,7 +762,7 @@ class LLMStream:
                 stop_reason=self.stop_reason,
             )
         finally:
-            if outcome != "ok" and state_box:
+            if outcome != "ok" and opened:
                 measures.update(output_chars=len(self.text))
             telemetry.emit(
                 EVENT,
@@ -727,19 +774,6 @@ class LLMStream:
             )
 
 
-def breaker_outcome(exc: BaseException) -> Outcome:
-    """How the provider's breaker counts a failed call: as the resilience package's
-    :func:`~flowstone_dagster.resilience.classify`, except that a provider's 429 is *ignored*.
-
-    A rate limit says the provider is healthy and we are too fast: the limits and
-    ``retry-after`` deal with it; opening the circuit would stop a whole deployment for
-    ``timeout`` seconds because of one burst.
-    """
-    if isinstance(exc, RateLimited):
-        return "ignore"
-    return classify(exc)
-
-
 def _check_temperature(provider: str, temperature: float | None) -> None:
     if provider == "anthropic" and temperature is not None:
         raise ConfigurationError(
@@ -747,9 +781,3 @@ def _check_temperature(provider: str, temperature: float | None) -> None:
             "unset for provider anthropic",
             field="temperature",
         )
-
-
-def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).netloc or url

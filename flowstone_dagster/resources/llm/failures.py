@@ -199,13 +199,14 @@ def _url_of(exc: Any) -> str | None:
 def to_taxonomy(
     exc: BaseException, *, service: str, secrets: Iterable[str] = (), timeout: float | None = None
 ) -> BaseException:
-    """The taxonomy exception for ``exc`` raised by an SDK (others are returned unchanged)."""
+    """The taxonomy exception for ``exc`` raised by an SDK (others are returned unchanged).
+
+    The result carries what the provider said (``retry_after`` from :func:`rate_limit_wait`,
+    the status, the provider's message) with ``secrets`` and every registered secret redacted;
+    raise it from a redacted chain, never from ``exc`` (whose message may echo the key).
+    """
     if isinstance(exc, FlowstoneError):
         return exc
-    if isinstance(exc.__cause__, FlowstoneError) and isinstance(
-        exc, (anthropic.APIConnectionError, openai.APIConnectionError)
-    ):
-        return exc.__cause__  # raised by our own request hook (a rate limit), not the network
     secrets = [secret for secret in secrets if secret]
     if isinstance(
         exc, (anthropic.APITimeoutError, openai.APITimeoutError, httpx2.TimeoutException)

@@ -2,8 +2,10 @@
 
 The adapters make exactly one HTTP request per call, through the official SDK with its own
 retries off (``max_retries=0``); retrying, rate limiting and circuit breaking are the job of
-:class:`~flowstone_dagster.resources.llm.client.LLMClient`. SDK exceptions leave the adapters
-unchanged (the client maps them with :func:`~.failures.to_taxonomy`).
+the one resilience path (:class:`~flowstone_dagster.resilience.ResilienceResource`), through
+which :class:`~flowstone_dagster.resources.llm.client.LLMClient` sends each request. SDK
+exceptions leave the adapters unchanged (the client maps them with
+:func:`~.failures.to_taxonomy`).
 
 =====================  ============================  =========================================
 provider               endpoint                      request
@@ -54,6 +56,11 @@ DEFAULT_BASE_URLS: dict[str, str] = {
     "anthropic": "https://api.anthropic.com",
     "openai": "https://api.openai.com/v1",
 }
+
+# _WARM_UP: the adapters resolve the SDK's lazily imported resources (``client.messages``,
+# ``client.chat.completions``) when they are built. The rate-limit admission is taken by the
+# resilience path before the SDK builds the request; a first request that spent ~15 ms
+# importing after its admission would reach the provider late, bunched with the next ones.
 
 #: Added to the system prompt when ``json=True`` (OpenAI's JSON mode also requires the word
 #: "JSON" to appear in the messages).
@@ -127,6 +134,7 @@ class AnthropicAdapter:
             max_retries=0,
             http_client=anthropic.DefaultHttpxClient(event_hooks={"request": [on_request]}),
         )
+        _ = self.client.messages  # see _WARM_UP
 
     def _params(self, request: LLMRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -205,6 +213,7 @@ class OpenAIAdapter:
             max_retries=0,
             http_client=openai.DefaultHttpxClient(event_hooks={"request": [on_request]}),
         )
+        _ = self.client.chat.completions  # see _WARM_UP
 
     def _params(self, request: LLMRequest) -> dict[str, Any]:
         messages: list[Message] = []

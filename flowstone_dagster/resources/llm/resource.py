@@ -4,12 +4,15 @@
 
     import dagster as dg
     from flowstone_dagster import telemetry
+    from flowstone_dagster.resilience import RECOMMENDED_RETRY_POLICY, ResilienceResource
     from flowstone_dagster.resources.llm import LLMResource
 
     @dg.asset(retry_policy=RECOMMENDED_RETRY_POLICY)
     def ticket_labels(context: dg.AssetExecutionContext, llm: LLMResource) -> list[str]:
         with telemetry.observe(context):  # flowstone/llm.call/input_tokens, ... on the output
             return [llm.call(f"Label this ticket: {t}", max_tokens=5) for t in TICKETS]
+
+    resilience = ResilienceResource()  # breakers and limits shared by every step process
 
     defs = dg.Definitions(
         assets=[ticket_labels],
@@ -20,6 +23,7 @@
                 api_key=dg.EnvVar("ANTHROPIC_API_KEY"),
                 rpm_limit=50,
                 tpm_limit=40_000,
+                resilience=resilience,
             ),
             "local_llm": LLMResource(
                 provider="openai_compatible",
@@ -30,31 +34,38 @@
     )
 
 The resource is a thin, configurable front of :class:`~.client.LLMClient` (which does the
-work and documents it). Configuration errors (no key, no ``base_url`` for a local server, a
+work and documents it). Every request goes through ``resilience``
+(:meth:`ResilienceResource.call <flowstone_dagster.resilience.ResilienceResource.call>`, the
+package's one resilience path): its policy for the resource's ``service`` (retries, breaker,
+per-attempt timeout), with the rpm/tpm limits passed to it per call. Without ``resilience``,
+:data:`~.client.DEFAULT_POLICY` applies on an in-process store (the breaker and the limits then
+protect one process only). Configuration errors (no key, no ``base_url`` for a local server, a
 negative limit) fail at resource set-up, before any request, naming the field.
 
-Inside a run (``dagster_errors``, the default), what escapes a call becomes Dagster control
-flow (:func:`~flowstone_dagster.resilience.to_dagster_error`): an open circuit or a long
-rate-limit wait becomes ``RetryRequested``, a failure that retrying cannot fix
-``Failure(allow_retries=False)``. Called outside a run, the resource raises the taxonomy's
-errors unchanged.
+What escapes a call is mapped to Dagster control flow by the resilience resource
+(:meth:`~flowstone_dagster.resilience.ResilienceResource.dagster_error`) when its
+``dagster_errors`` is on (the default): an open circuit or a long rate-limit wait becomes
+``RetryRequested``, a failure that retrying cannot fix ``Failure(allow_retries=False)``. With
+``ResilienceResource(dagster_errors=False)`` the taxonomy's errors come unchanged.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeVar
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.resilience import CircuitBreakerConfig, default_store_url, to_dagster_error
+from flowstone_dagster.redaction import register_secret
+from flowstone_dagster.resilience import ResilienceResource
 from flowstone_dagster.resources.llm.client import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_RATE_LIMIT_MARGIN,
+    DEFAULT_RATE_LIMIT_MAX_WAIT,
     DEFAULT_RPM_WINDOW,
     DEFAULT_TIMEOUT,
     LLMClient,
@@ -63,8 +74,6 @@ from flowstone_dagster.resources.llm.client import (
 from flowstone_dagster.resources.llm.messages import LLMResponse, Prompt
 
 __all__ = ["API_KEY_ENV", "LLMResource"]
-
-T = TypeVar("T")
 
 #: The environment variable read when ``api_key`` is not set.
 API_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
@@ -103,29 +112,15 @@ class LLMResource(dg.ConfigurableResource):
     )
     timeout: float = Field(
         default=DEFAULT_TIMEOUT,
-        description="Seconds one request may take (a stream: the longest silence between "
-        "chunks). A call's `timeout=` overrides it.",
-    )
-    max_retries: int = Field(
-        default=3,
-        description="Retries after the first request, for 429, 5xx, 529, timeouts and "
-        "connection errors (the SDKs' own retries are off).",
-    )
-    retry_base_delay: float = Field(
-        default=1.0, description="Wait before the first retry in seconds; doubles each time."
-    )
-    retry_max_delay: float = Field(
-        default=60.0,
-        description="Longest wait between attempts. A provider asking (retry-after, reset "
-        "headers) to wait longer ends the retries: a step retry in Dagster.",
-    )
-    retry_deadline: float | None = Field(
-        default=600.0, description="Total seconds a call may spend on attempts and waits."
+        description="Seconds one request may take, the SDK's timeout (a stream: the longest "
+        "silence between chunks); cut to the resilience policy's per-attempt timeout when that "
+        "is sooner. A call's `timeout=` overrides it.",
     )
     rpm_limit: float | None = Field(
         default=None,
-        description="Requests per minute for every process sharing the store; callers wait "
-        "for their turn instead of earning 429s. Null: no limit.",
+        description="Requests per minute for this endpoint and model, for every process "
+        "sharing the resilience store; callers wait for their turn instead of earning 429s. "
+        "Null: no limit.",
     )
     rpm_window: float = Field(
         default=DEFAULT_RPM_WINDOW,
@@ -135,12 +130,15 @@ class LLMResource(dg.ConfigurableResource):
     )
     tpm_limit: float | None = Field(
         default=None,
-        description="Tokens (input + output) per minute for every process sharing the store; "
-        "estimated from the prompt before sending, corrected from usage after. Null: no limit.",
+        description="Tokens (input + output) per minute for this endpoint and model, for every "
+        "process sharing the resilience store; estimated from the prompt before sending, "
+        "corrected from usage after. Null: no limit.",
     )
     rate_limit_max_wait: float = Field(
-        default=60.0,
-        description="Longest wait for rpm/tpm capacity in seconds, then RateLimited.",
+        default=DEFAULT_RATE_LIMIT_MAX_WAIT,
+        description="Longest wait for rpm/tpm capacity in seconds, then RateLimited (also "
+        "bounded by the policy's retry deadline and, with Dagster errors on, by the resilience "
+        "resource's retry_requested_after).",
     )
     rate_limit_margin: float = Field(
         default=DEFAULT_RATE_LIMIT_MARGIN,
@@ -148,36 +146,24 @@ class LLMResource(dg.ConfigurableResource):
         "(0.03 = 3 %): absorbs the varying delay between our admission and the provider's "
         "count, at the price of running that much below the limit.",
     )
-    circuit_breaker: CircuitBreakerConfig | None = Field(
-        default_factory=CircuitBreakerConfig,
-        description="The provider's circuit breaker (consecutive failures, open seconds); "
-        "null disables it.",
-    )
-    store_url: str | None = Field(
-        default=None,
-        repr=False,  # a postgresql:// URL carries its password
-        description="Where the limits and the breaker are shared: sqlite:///<path>, "
-        "postgresql://..., memory://<name>. Null: $FLOWSTONE_RESILIENCE_STORE, else SQLite in "
-        "$DAGSTER_HOME/flowstone/ (as ResilienceResource).",
-    )
     service: str | None = Field(
         default=None,
-        description="Name of the breaker, the limits, errors and telemetry. Resources with the "
-        "same service share limits. Null: llm:<provider> (llm:openai_compatible@<host>).",
+        description="Name of the circuit breaker and of the policy in `resilience`, errors and "
+        "telemetry. Null: llm:<provider>:<origin of base_url> (e.g. "
+        "llm:openai:https://api.openai.com), so that endpoints never share a breaker.",
     )
-    dagster_errors: bool = Field(
-        default=True,
-        description="Inside a run, turn failures into RetryRequested (open circuit, long rate "
-        "limit) or Failure(allow_retries=False) (errors retrying cannot fix).",
+    resilience: ResilienceResource | None = Field(
+        default=None,
+        description="The resilience resource every request goes through (policy `service`; "
+        "its store holds the breaker and the rpm/tpm limits). Null: 4 attempts honouring "
+        "retry-after, a breaker of 5 failures / 30 s, both in this process's memory.",
     )
 
     _client: LLMClient | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _in_run: bool = PrivateAttr(default=False)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Build the client now, so that a missing key or bad field fails before any request."""
-        self._in_run = True
         self.client()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -203,41 +189,26 @@ class LLMResource(dg.ConfigurableResource):
         """The :class:`~.client.LLMClient` this resource configures (built once)."""
         with self._lock:
             if self._client is None:
-                breaker = self.circuit_breaker
+                api_key = self.resolved_api_key()
+                register_secret(api_key)  # every redaction in the process hides it from now on
                 self._client = LLMClient(
                     self.provider,
                     model=self.model,
-                    api_key=self.resolved_api_key(),
+                    api_key=api_key,
                     base_url=self.base_url,
                     max_tokens=self.max_tokens,
                     temperature=self.temperature,
                     timeout=self.timeout,
-                    max_retries=self.max_retries,
-                    retry_base_delay=self.retry_base_delay,
-                    retry_max_delay=self.retry_max_delay,
-                    retry_deadline=self.retry_deadline,
                     rpm_limit=self.rpm_limit,
                     rpm_window=self.rpm_window,
                     tpm_limit=self.tpm_limit,
                     rate_limit_max_wait=self.rate_limit_max_wait,
                     rate_limit_margin=self.rate_limit_margin,
-                    breaker_threshold=breaker.threshold if breaker is not None else None,
-                    breaker_timeout=breaker.timeout if breaker is not None else 30.0,
-                    store=self.store_url or default_store_url(),
                     service=self.service,
+                    resilience=self.resilience,
+                    dagster_errors=None,  # the resilience resource's setting
                 )
             return self._client
-
-    def _dagster(self, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except Exception as exc:
-            if not (self._in_run and self.dagster_errors):
-                raise
-            mapped = to_dagster_error(exc, service=self.client().service)
-            if mapped is exc:
-                raise
-            raise mapped from exc
 
     def call(
         self,
@@ -277,18 +248,15 @@ class LLMResource(dg.ConfigurableResource):
         timeout: float | None = None,
     ) -> LLMResponse:
         """The whole reply as an :class:`LLMResponse`; see :meth:`LLMClient.chat`."""
-        client = self.client()
-        return self._dagster(
-            lambda: client.chat(
-                messages,
-                system=system,
-                model=model,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                stop=stop,
-                json=json,
-                timeout=timeout,
-            )
+        return self.client().chat(
+            messages,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            json=json,
+            timeout=timeout,
         )
 
     def stream(
@@ -314,12 +282,6 @@ class LLMResource(dg.ConfigurableResource):
         )
 
     def stream_text(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
-        """Like :meth:`stream`, with failures mapped to Dagster control flow inside a run."""
-        stream = self.stream(prompt, **kwargs)
-        iterator = iter(stream)
-        while True:
-            try:
-                delta = self._dagster(lambda: next(iterator))
-            except StopIteration:
-                return
-            yield delta
+        """The text deltas of :meth:`stream` (failures mapped as any call's)."""
+        with self.stream(prompt, **kwargs) as stream:
+            yield from stream
