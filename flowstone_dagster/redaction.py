@@ -75,6 +75,9 @@ SECRET_HEADERS = frozenset(
 #: destroy messages and hide nothing.
 MIN_SECRET_LENGTH = 6
 
+#: The shortest path tail of a registered URL that is redacted on its own.
+MIN_PATH_TAIL = 16
+
 _registered: set[str] = set()
 _registered_lock = threading.Lock()
 
@@ -96,6 +99,13 @@ def register_secret(value: str | None) -> None:
             parts, password = None, None
         if parts is not None:
             values.update(p for p in (parts.path, parts.query, password) if p)
+            # A server may echo only the end of the path (a Slack webhook's T.../B.../token):
+            # every tail of at least MIN_PATH_TAIL characters is a secret too.
+            segments = [segment for segment in parts.path.split("/") if segment]
+            for start in range(1, len(segments)):
+                tail = "/".join(segments[start:])
+                if len(tail) >= MIN_PATH_TAIL:
+                    values.add(tail)
     values = {v for v in values if len(v) >= MIN_SECRET_LENGTH}
     with _registered_lock:
         _registered.update(values)
@@ -108,8 +118,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Provider-style API keys: sk-..., sk-ant-..., xoxb-/xoxp- Slack tokens
     (re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_-]{8,}"), "***"),
     (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{8,}"), "***"),
-    # Slack incoming-webhook paths: the path is the secret
-    (re.compile(r"(/services/)T[A-Za-z0-9]+/B[A-Za-z0-9]+/[A-Za-z0-9]+"), r"\1***"),
+    # Slack incoming-webhook paths (the path is the secret), with or without /services/
+    (re.compile(r"\bT[A-Z0-9]{6,}/B[A-Z0-9]{6,}/[A-Za-z0-9]{12,}"), "***"),
 )
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\")<>]+")

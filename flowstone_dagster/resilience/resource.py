@@ -549,18 +549,17 @@ class ResilienceResource(dg.ConfigurableResource):
             and policy.retry.max_attempts == 1
             and policy.timeout is None
         ):
-            # Nothing to guard: one call, the same telemetry and the same Dagster mapping.
+            # Nothing to guard: one call and the same Dagster mapping. The integration's own
+            # event (flowstone.http.request, flowstone.worker.call, ...) is the call's one
+            # telemetry event; a flowstone.resilience.call event would only repeat it.
             try:
-                result = fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             except Exception as exc:
-                self._ended(service, started, 1, exc)
                 if to_dagster:
                     mapped = self.dagster_error(exc, service=service)
                     if mapped is not exc:
                         raise mapped  # noqa: B904 - carries its own (redacted) cause
                 raise
-            self._ended(service, started, 1, None)
-            return result
         guarded = _GuardedCall(
             self,
             service,
