@@ -101,6 +101,18 @@ class FlowstoneError(Exception):
     def __str__(self) -> str:
         return f"[{self.service}] {self.message}" if self.service else self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take keyword-only arguments, so the default (``cls(*args)``) cannot
+        # rebuild them: errors must survive pickling between worker processes and Dagster's.
+        return (_rebuild_error, (type(self), self.args, self.__dict__.copy()))
+
+
+def _rebuild_error(cls: type[FlowstoneError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigurationError(FlowstoneError, ValueError):
     """A resource or call was configured wrongly; fix the named field. Never retried."""

@@ -10,16 +10,29 @@
   URL of each kind (memory, SQLite, PostgreSQL).
 - ``dagster_instance``: an ephemeral Dagster instance; ``dagster_home_instance`` a persistent one
   in a temporary ``DAGSTER_HOME`` (needed by the multiprocess executor).
+
+The default resilience store of the whole session is a SQLite file in a temporary directory
+(``$FLOWSTONE_RESILIENCE_STORE``), so that no test reads or leaves breaker state in the user's
+own default store.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+
+# hypothesis's pytest plugin imports (and pytest rewrites) these modules at the end of the
+# session when no test module imported them; on CPython 3.11.7 that compile failed with
+# "SystemError: AST constructor recursion depth mismatch" after the LLM tests ran (measured:
+# test_llm.py then test_llm_dagster.py, never in the other order). Importing them first
+# avoids the late compile.
+import hypothesis.internal.reflection  # noqa: F401
 import psycopg2
 import pytest
 import trustme
@@ -27,8 +40,12 @@ from psycopg2 import sql
 from pytest_httpserver import HTTPServer
 
 from flowstone_dagster import telemetry
+from flowstone_dagster.resilience.stores import STORE_URL_ENV
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 from flowstone_dagster_tests.support.smtp import SmtpSink
+
+_SESSION_STORE_DIR = tempfile.mkdtemp(prefix="flowstone-test-store-")
+os.environ.setdefault(STORE_URL_ENV, f"sqlite://{_SESSION_STORE_DIR}/resilience.sqlite3")
 
 
 @pytest.fixture

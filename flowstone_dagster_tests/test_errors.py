@@ -267,3 +267,20 @@ def test_no_secret_survives_in_any_link_of_a_mapped_chain() -> None:
     assert isinstance(cause, Unauthorized)  # our own error keeps its type
     assert isinstance(cause.__cause__, RedactedError)
     assert cause.__cause__.original_type.endswith("SDKError")
+
+
+def test_errors_survive_pickling_between_processes() -> None:
+    import pickle
+
+    from flowstone_dagster.errors import StoreUnavailable
+
+    last = RateLimited("HTTP 429", retry_after=3.0, status=429, service="api")
+    for error in (
+        MaxAttemptsExceeded(2, last, service="api"),
+        StoreUnavailable("sqlite:///x", "reserve", "database is locked"),
+        NotFound("HTTP 404", status=404, url="https://api/x"),
+    ):
+        copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert copy.__dict__.keys() == error.__dict__.keys()

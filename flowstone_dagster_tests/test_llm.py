@@ -868,4 +868,6 @@ def test_without_a_resilience_resource_the_llm_default_policy_applies() -> None:
     policy = client.resilience.policy_for(client.service)
     assert policy.retry.max_attempts == 4
     assert policy.circuit_breaker is not None
-    assert client.resilience.resolved_store_url().startswith("memory://")  # in-process
+    # A breaker and limits protect something only when every step process shares them: the
+    # default shared store (here the session's, from $FLOWSTONE_RESILIENCE_STORE).
+    assert client.resilience.resolved_store_url().startswith("sqlite://")

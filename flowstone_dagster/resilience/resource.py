@@ -786,8 +786,9 @@ def resolve(
     resource: ResilienceResource | None, default_policy: ServicePolicy | None = None
 ) -> ResilienceResource:
     """The resilience resource an integration calls through: ``resource`` when the user
-    configured one, else an in-process one whose every service gets ``default_policy``
-    (default :data:`ONCE`: one attempt, no breaker, no limit). Either way the call has the same
+    configured one, else one whose every service gets ``default_policy`` (default
+    :data:`ONCE`: one attempt, no breaker, no limit), on the default shared store when that
+    policy has a breaker or a rate limit, in process memory otherwise. Either way the call has the same
     telemetry and the same mapping to Dagster::
 
         self._resilience = resolve(self.resilience)
@@ -799,8 +800,12 @@ def resolve(
     key = (policy.model_dump_json(),)
     found = _once_resources.get(key)
     if found is None:
+        # A policy with a breaker or a rate limit needs the shared default store (what protects
+        # one process only protects nothing under Dagster's multiprocess executor); one without
+        # either never touches a store.
+        shared = policy.circuit_breaker is not None or policy.rate_limit is not None
         found = _once_resources[key] = ResilienceResource(
-            store_url=RESOLVED_STORE_URL, default_policy=policy
+            store_url=None if shared else RESOLVED_STORE_URL, default_policy=policy
         )
     return found
 
