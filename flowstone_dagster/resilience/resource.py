@@ -788,8 +788,8 @@ def resolve(
     """The resilience resource an integration calls through: ``resource`` when the user
     configured one, else one whose every service gets ``default_policy`` (default
     :data:`ONCE`: one attempt, no breaker, no limit), on the default shared store when that
-    policy has a breaker or a rate limit, in process memory otherwise. Either way the call has the same
-    telemetry and the same mapping to Dagster::
+    policy has a breaker or a rate limit, in process memory otherwise. Either way the call has
+    the same mapping to Dagster::
 
         self._resilience = resolve(self.resilience)
         rows = self._resilience.call(self.service, fetch, day, dagster_errors=False)
