@@ -28,7 +28,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-from flowstone_dagster.resources.dbt import DbtResource  # noqa: E402
+from flowstone_dagster.dbt import DbtResource  # noqa: E402
 
 FIXTURE = ROOT / "flowstone_dagster_tests" / "dbt_project"
 MODEL = "customer_revenue"

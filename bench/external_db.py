@@ -38,7 +38,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import dagster as dg  # noqa: E402
 
-from flowstone_dagster.io_managers.external_db import ExternalDBIOManager  # noqa: E402
+from flowstone_dagster.external_db import ExternalDBIOManager  # noqa: E402
 from flowstone_dagster_tests.support.postgres import PostgresCluster  # noqa: E402
 
 PSQL = "/usr/bin/psql"

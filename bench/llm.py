@@ -35,8 +35,8 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import openai  # noqa: E402
 
 from flowstone_dagster import telemetry  # noqa: E402
+from flowstone_dagster.llm import LLMClient  # noqa: E402
 from flowstone_dagster.resilience import ResilienceResource  # noqa: E402
-from flowstone_dagster.resources.llm import LLMClient  # noqa: E402
 from flowstone_dagster_tests.support.llm_servers import llm_server_process  # noqa: E402
 
 KEY = "sk-bench-000000000000"

@@ -42,11 +42,11 @@ import dagster as dg  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowstone_dagster import telemetry  # noqa: E402
+from flowstone_dagster.python_worker import PythonWorkerResource  # noqa: E402
+from flowstone_dagster.python_worker import _main as wire  # noqa: E402
+from flowstone_dagster.python_worker.pool import WorkerPool  # noqa: E402
+from flowstone_dagster.python_worker.process import WorkerSpec  # noqa: E402
 from flowstone_dagster.resilience import resolve  # noqa: E402
-from flowstone_dagster.resources import _python_worker_main as wire  # noqa: E402
-from flowstone_dagster.resources.python_worker import PythonWorkerResource  # noqa: E402
-from flowstone_dagster.resources.python_worker_pool import WorkerPool  # noqa: E402
-from flowstone_dagster.resources.python_worker_process import WorkerSpec  # noqa: E402
 
 WORKER_MODULES = str(ROOT / "flowstone_dagster_tests" / "worker_modules")
 SPEC = WorkerSpec(python=sys.executable, paths=(WORKER_MODULES,))

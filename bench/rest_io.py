@@ -27,7 +27,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import dagster as dg  # noqa: E402
 import requests  # noqa: E402
 
-from flowstone_dagster.io_managers import RestIOManager  # noqa: E402
+from flowstone_dagster import RestIOManager  # noqa: E402
 from flowstone_dagster_tests.support.loopback import serve_bodies  # noqa: E402
 
 SMALL = json.dumps({"day": "2025-01-15", "rows": [{"id": i, "v": i * 1.5} for i in range(10)]})

@@ -36,9 +36,16 @@ import dagster as dg
 from dagster_dbt import DbtProject
 
 from example_project.source_api import start_source_api
-from flowstone_dagster import LLMResource, NotificationsResource, ResilienceResource
-from flowstone_dagster.notifications import EmailConfig, SlackWebhookConfig
-from flowstone_dagster.resilience import CircuitBreakerConfig, RetryConfig, ServicePolicy
+from flowstone_dagster import (
+    CircuitBreakerConfig,
+    EmailConfig,
+    LLMResource,
+    NotificationsResource,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+    SlackWebhookConfig,
+)
 
 HERE = Path(__file__).resolve().parent
 DBT_DIR = HERE / "dbt_project"

@@ -1,12 +1,31 @@
 """flowstone-dagster: resilient, observable Dagster integrations for a pipeline's edges.
 
-The public API is re-exported here::
+Everything a user needs is importable from here, and this is the one canonical path used in
+the docs::
 
-    from flowstone_dagster import RestIOManager, ResilienceResource, create_session, telemetry
+    from flowstone_dagster import (
+        ResilienceResource, ServicePolicy, RetryConfig, RestIOManager, LLMResource,
+    )
+
+Each integration is a subpackage (``resilience``, ``rest``, ``llm``, ``python_worker``,
+``dbt``, ``notifications``, ``external_db``) over the shared ``errors``, ``http``,
+``telemetry`` and ``redaction`` modules; their lower-level pieces stay importable from there.
+``flowstone_dagster_tests/test_exported_members.py`` pins this surface.
 """
 
 from flowstone_dagster import telemetry
 from flowstone_dagster._version import __version__
+from flowstone_dagster.dbt import (
+    DbtExecutableNotFound,
+    DbtNothingSelected,
+    DbtProfileNotFound,
+    DbtProjectNotFound,
+    DbtResource,
+    DbtResult,
+    DbtWarehouseUnreachable,
+    parse_dbt_output,
+    stream_dbt,
+)
 from flowstone_dagster.errors import (
     CallTimeout,
     CircuitOpen,
@@ -23,53 +42,83 @@ from flowstone_dagster.errors import (
     PythonWorkerError,
     RateLimited,
     ResponseTooLarge,
+    StoreUnavailable,
     TransportError,
     Unauthorized,
     WorkerCrashed,
     is_retryable,
 )
+from flowstone_dagster.external_db import (
+    ConstraintViolation,
+    DatabaseError,
+    ExternalDB,
+    ExternalDBIOManager,
+    SchemaMismatch,
+)
 from flowstone_dagster.http import HttpSession, create_session
-from flowstone_dagster.io_managers import ExternalDB, ExternalDBIOManager, RestClient, RestIOManager
+from flowstone_dagster.llm import (
+    InvalidJSON,
+    LLMClient,
+    LLMResource,
+    LLMResponse,
+    StreamInterrupted,
+    Usage,
+)
 from flowstone_dagster.notifications import (
     AllChannelsFailed,
     EmailConfig,
     NotificationsResource,
+    SlackApiRejected,
     SlackWebhookConfig,
+    SmtpRejected,
     format_email_body,
     format_slack_message,
+    make_notification_sensor,
 )
+from flowstone_dagster.python_worker import (
+    PythonWorkerResource,
+    WorkerDataError,
+    WorkerMemoryExceeded,
+    WorkerPool,
+    WorkerPoolBusy,
+)
+from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import (
     RECOMMENDED_RETRY_POLICY,
     CircuitBreaker,
+    CircuitBreakerConfig,
+    RateLimitConfig,
     RateLimiter,
+    RateLimitExceeded,
+    RateWindow,
     ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+    to_dagster_error,
     with_circuit_breaker,
     with_retry,
     with_timeout,
 )
-from flowstone_dagster.resources import (
-    DbtResource,
-    DbtResult,
-    LLMClient,
-    LLMResource,
-    LLMResponse,
-    PythonWorkerResource,
-    WorkerDataError,
-    WorkerPoolBusy,
-    parse_dbt_output,
-    stream_dbt,
-)
-from flowstone_dagster.sensors import make_notification_sensor
+from flowstone_dagster.rest import RestClient, RestIOManager
 
 __all__ = [
+    "RECOMMENDED_RETRY_POLICY",
     "AllChannelsFailed",
     "CallTimeout",
     "CircuitBreaker",
+    "CircuitBreakerConfig",
     "CircuitOpen",
     "ConfigurationError",
+    "ConstraintViolation",
+    "DatabaseError",
+    "DbtExecutableNotFound",
     "DbtFailed",
+    "DbtNothingSelected",
+    "DbtProfileNotFound",
+    "DbtProjectNotFound",
     "DbtResource",
     "DbtResult",
+    "DbtWarehouseUnreachable",
     "DecodeError",
     "EmailConfig",
     "ExternalDB",
@@ -79,6 +128,7 @@ __all__ = [
     "Forbidden",
     "HTTPError",
     "HttpSession",
+    "InvalidJSON",
     "LLMClient",
     "LLMResource",
     "LLMResponse",
@@ -88,18 +138,30 @@ __all__ = [
     "PartialFailure",
     "PythonWorkerError",
     "PythonWorkerResource",
-    "RECOMMENDED_RETRY_POLICY",
+    "RateLimitConfig",
+    "RateLimitExceeded",
     "RateLimited",
     "RateLimiter",
+    "RateWindow",
     "ResilienceResource",
     "ResponseTooLarge",
     "RestClient",
     "RestIOManager",
+    "RetryConfig",
+    "SchemaMismatch",
+    "ServicePolicy",
+    "SlackApiRejected",
     "SlackWebhookConfig",
+    "SmtpRejected",
+    "StoreUnavailable",
+    "StreamInterrupted",
     "TransportError",
     "Unauthorized",
+    "Usage",
     "WorkerCrashed",
     "WorkerDataError",
+    "WorkerMemoryExceeded",
+    "WorkerPool",
     "WorkerPoolBusy",
     "__version__",
     "create_session",
@@ -108,8 +170,10 @@ __all__ = [
     "is_retryable",
     "make_notification_sensor",
     "parse_dbt_output",
+    "register_secret",
     "stream_dbt",
     "telemetry",
+    "to_dagster_error",
     "with_circuit_breaker",
     "with_retry",
     "with_timeout",

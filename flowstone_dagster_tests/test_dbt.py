@@ -18,6 +18,14 @@ import dagster as dg
 import pytest
 
 from flowstone_dagster import telemetry
+from flowstone_dagster.dbt import DbtResource, DbtResult
+from flowstone_dagster.dbt.errors import (
+    DbtExecutableNotFound,
+    DbtNothingSelected,
+    DbtProfileNotFound,
+    DbtProjectNotFound,
+)
+from flowstone_dagster.dbt.resource import _effective_timeout
 from flowstone_dagster.errors import (
     CallTimeout,
     ConfigurationError,
@@ -29,13 +37,6 @@ from flowstone_dagster.resilience import (
     RetryConfig,
     ServicePolicy,
     deadline_scope,
-)
-from flowstone_dagster.resources.dbt import DbtResource, DbtResult, _effective_timeout
-from flowstone_dagster.resources.dbt_errors import (
-    DbtExecutableNotFound,
-    DbtNothingSelected,
-    DbtProfileNotFound,
-    DbtProjectNotFound,
 )
 
 pytestmark = pytest.mark.dbt

@@ -13,8 +13,8 @@ import pytest
 from dagster_dbt import DbtCliResource, dbt_assets
 
 from flowstone_dagster import telemetry
+from flowstone_dagster.dbt import DbtResource, stream_dbt
 from flowstone_dagster.errors import CallTimeout
-from flowstone_dagster.resources.dbt import DbtResource, stream_dbt
 
 pytestmark = [pytest.mark.dbt, pytest.mark.dagster]
 

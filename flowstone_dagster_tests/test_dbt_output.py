@@ -5,7 +5,7 @@ The ``*_OUTPUT`` constants are verbatim captures of dbt-core 1.11.16 running the
 (``flowstone_dagster_tests/dbt_project``), colours included where dbt wrote them.
 """
 
-from flowstone_dagster.resources.dbt_output import parse_dbt_output
+from flowstone_dagster.dbt.output import parse_dbt_output
 
 # fmt: off
 RUN_OUTPUT = (

@@ -18,10 +18,10 @@ import pytest
 from dagster_dbt import dbt_assets
 
 from flowstone_dagster import telemetry
+from flowstone_dagster.dbt import DbtResource
+from flowstone_dagster.dbt.errors import DbtWarehouseUnreachable
 from flowstone_dagster.errors import MaxAttemptsExceeded, is_retryable
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
-from flowstone_dagster.resources.dbt import DbtResource
-from flowstone_dagster.resources.dbt_errors import DbtWarehouseUnreachable
 from flowstone_dagster_tests.support.net import free_port
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 

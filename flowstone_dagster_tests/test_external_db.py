@@ -15,8 +15,8 @@ import pytest
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import CallTimeout, is_retryable
-from flowstone_dagster.io_managers.external_db import ExternalDB
-from flowstone_dagster.io_managers.external_db_errors import (
+from flowstone_dagster.external_db import ExternalDB
+from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
     SchemaMismatch,

@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.io_managers.external_db import ExternalDBIOManager
+from flowstone_dagster.external_db import ExternalDBIOManager
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.dagster

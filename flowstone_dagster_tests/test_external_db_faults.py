@@ -12,8 +12,8 @@ import pytest
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import MaxAttemptsExceeded, TransportError, is_retryable
-from flowstone_dagster.io_managers.external_db import ExternalDB
-from flowstone_dagster.io_managers.external_db_errors import DatabaseError
+from flowstone_dagster.external_db import ExternalDB
+from flowstone_dagster.external_db.errors import DatabaseError
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
 from flowstone_dagster_tests.support.net import free_port
 from flowstone_dagster_tests.support.postgres import PostgresCluster, postgres_bindir

@@ -23,20 +23,20 @@ from flowstone_dagster.errors import (
     TransportError,
     Unauthorized,
 )
-from flowstone_dagster.resilience import (
-    CircuitBreakerConfig,
-    ResilienceResource,
-    RetryConfig,
-    ServicePolicy,
-)
-from flowstone_dagster.resources.llm import (
+from flowstone_dagster.llm import (
     InvalidJSON,
     LLMClient,
     LLMResource,
     StreamInterrupted,
     rate_limit_wait,
 )
-from flowstone_dagster.resources.llm.failures import parse_duration
+from flowstone_dagster.llm.failures import parse_duration
+from flowstone_dagster.resilience import (
+    CircuitBreakerConfig,
+    ResilienceResource,
+    RetryConfig,
+    ServicePolicy,
+)
 from flowstone_dagster_tests.support.llm_servers import AnthropicServer, OpenAIServer, llm_server
 
 KEY = "sk-ant-test-5ecr3t-0123456789"

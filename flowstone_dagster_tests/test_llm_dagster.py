@@ -8,13 +8,13 @@ import dagster as dg
 import pytest
 
 from flowstone_dagster import telemetry
+from flowstone_dagster.llm import LLMResource
 from flowstone_dagster.resilience import (
     CircuitBreakerConfig,
     ResilienceResource,
     RetryConfig,
     ServicePolicy,
 )
-from flowstone_dagster.resources.llm import LLMResource
 from flowstone_dagster_tests.support.llm_servers import AnthropicServer, llm_server
 
 pytestmark = pytest.mark.dagster

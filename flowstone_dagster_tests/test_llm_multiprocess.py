@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from flowstone_dagster.llm import LLMClient
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
-from flowstone_dagster.resources.llm import LLMClient
 from flowstone_dagster_tests.support.llm_servers import llm_server
 
 pytestmark = pytest.mark.multiprocess

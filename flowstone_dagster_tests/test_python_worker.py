@@ -18,10 +18,10 @@ from flowstone_dagster.errors import (
     WorkerCrashed,
     is_retryable,
 )
+from flowstone_dagster.python_worker import PythonWorkerResource
+from flowstone_dagster.python_worker.pool import WorkerPool
+from flowstone_dagster.python_worker.process import WorkerSpec
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
-from flowstone_dagster.resources.python_worker import PythonWorkerResource
-from flowstone_dagster.resources.python_worker_pool import WorkerPool
-from flowstone_dagster.resources.python_worker_process import WorkerSpec
 
 pytestmark = pytest.mark.workers
 

@@ -9,8 +9,8 @@ import pytest
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import PythonWorkerError
+from flowstone_dagster.python_worker import PythonWorkerResource
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
-from flowstone_dagster.resources.python_worker import PythonWorkerResource
 
 pytestmark = [pytest.mark.workers, pytest.mark.dagster]
 

@@ -18,9 +18,9 @@ import pytest
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import is_retryable
-from flowstone_dagster.resources.python_worker import WorkerDataError
-from flowstone_dagster.resources.python_worker_pool import WorkerPool
-from flowstone_dagster.resources.python_worker_process import WorkerSpec
+from flowstone_dagster.python_worker import WorkerDataError
+from flowstone_dagster.python_worker.pool import WorkerPool
+from flowstone_dagster.python_worker.process import WorkerSpec
 
 pytestmark = pytest.mark.workers
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from flowstone_dagster.errors import PythonWorkerError
-from flowstone_dagster.resources.python_worker import PythonWorkerResource
-from flowstone_dagster.resources.python_worker_pool import WorkerPool
-from flowstone_dagster.resources.python_worker_process import WorkerSpec
+from flowstone_dagster.python_worker import PythonWorkerResource
+from flowstone_dagster.python_worker.pool import WorkerPool
+from flowstone_dagster.python_worker.process import WorkerSpec
 
 pytestmark = pytest.mark.workers
 

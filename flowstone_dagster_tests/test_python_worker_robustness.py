@@ -14,13 +14,13 @@ import dagster as dg
 import pytest
 
 from flowstone_dagster.errors import CallTimeout, PythonWorkerError, WorkerCrashed, is_retryable
-from flowstone_dagster.resources.python_worker import (
+from flowstone_dagster.python_worker import (
     PythonWorkerResource,
     WorkerMemoryExceeded,
     WorkerPoolBusy,
 )
-from flowstone_dagster.resources.python_worker_pool import WorkerPool
-from flowstone_dagster.resources.python_worker_process import DEFAULT_MEMORY_LIMIT_MB, WorkerSpec
+from flowstone_dagster.python_worker.pool import WorkerPool
+from flowstone_dagster.python_worker.process import DEFAULT_MEMORY_LIMIT_MB, WorkerSpec
 
 pytestmark = pytest.mark.workers
 
@@ -296,8 +296,8 @@ def test_workers_exit_by_themselves_when_the_parent_dies(tmp_path: Path) -> None
         textwrap.dedent(
             f"""
             import sys
-            from flowstone_dagster.resources.python_worker_pool import WorkerPool
-            from flowstone_dagster.resources.python_worker_process import WorkerSpec
+            from flowstone_dagster.python_worker.pool import WorkerPool
+            from flowstone_dagster.python_worker.process import WorkerSpec
 
             pool = WorkerPool(WorkerSpec(python=sys.executable, paths=({WORKER_MODULES!r},)),
                               size=2)

@@ -15,14 +15,14 @@ from slack_sdk.models.blocks import Block
 
 from flowstone_dagster.errors import ConfigurationError
 from flowstone_dagster.notifications import NotificationsResource, SlackWebhookConfig
-from flowstone_dagster.resilience import ONCE, ServicePolicy
-from flowstone_dagster.sensors import (
+from flowstone_dagster.notifications.sensor import (
     AlertStorm,
     NotificationSensorCursor,
     StormEntry,
     describe_run_failure,
     make_notification_sensor,
 )
+from flowstone_dagster.resilience import ONCE, ServicePolicy
 
 pytestmark = pytest.mark.dagster
 

@@ -14,8 +14,10 @@
   :class:`AllChannelsFailed`);
 - :mod:`.resource`: :class:`NotificationsResource`, the Dagster resource.
 
-Sensors that notify on failed runs and asset checks: :mod:`flowstone_dagster.sensors`. The
-guide is ``docs/notifications.md``.
+- :mod:`.sensor`: :func:`make_notification_sensor`, a sensor that notifies on failed runs and
+  asset checks (filtered by job or asset selection, with an alert-storm window).
+
+The guide is ``docs/notifications.md``.
 """
 
 from flowstone_dagster.notifications.formatting import (
@@ -38,6 +40,11 @@ from flowstone_dagster.notifications.resource import (
     NotificationsResource,
     SlackWebhookConfig,
 )
+from flowstone_dagster.notifications.sensor import (
+    AlertStorm,
+    NotificationSensorCursor,
+    make_notification_sensor,
+)
 from flowstone_dagster.notifications.slack import (
     SlackApiChannel,
     SlackApiRejected,
@@ -51,6 +58,9 @@ from flowstone_dagster.notifications.smtp import (
 )
 
 __all__ = [
+    "AlertStorm",
+    "NotificationSensorCursor",
+    "make_notification_sensor",
     "AllChannelsFailed",
     "Channel",
     "EmailBody",

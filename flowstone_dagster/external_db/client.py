@@ -3,7 +3,7 @@
 ::
 
     import dagster as dg
-    from flowstone_dagster.io_managers.external_db import ExternalDBIOManager
+    from flowstone_dagster.external_db.client import ExternalDBIOManager
 
     daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
 
@@ -29,7 +29,7 @@ A store replaces the partition's rows (DELETE of the partition, then COPY of the
 transaction: re-running a partition never duplicates it, and a failure anywhere (a constraint
 violated by row 50,001, a dropped connection, a timeout) leaves the table exactly as it was.
 Tables are created from the data's types when missing (see
-:mod:`~flowstone_dagster.io_managers.external_db_types`); an existing table's schema is used as
+:mod:`~flowstone_dagster.external_db.types`); an existing table's schema is used as
 it is, and data that does not fit it is a :class:`SchemaMismatch` before anything is written.
 
 For custom SQL, :class:`ExternalDB` is the lower-level form (the brief's)::
@@ -49,17 +49,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import dagster as dg
-from pydantic import Field, PrivateAttr
-
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.io_managers.external_db_adapters import (
+from flowstone_dagster.external_db.adapters import (
     UNDEFINED_TABLE,
     Adapter,
     ColumnInfo,
@@ -67,16 +63,15 @@ from flowstone_dagster.io_managers.external_db_adapters import (
     SQLiteAdapter,
     Where,
 )
-from flowstone_dagster.io_managers.external_db_errors import (
+from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
     SchemaMismatch,
 )
-from flowstone_dagster.io_managers.external_db_partitions import (
+from flowstone_dagster.external_db.partitions import (
     PartitionSelection,
-    select_partitions,
 )
-from flowstone_dagster.io_managers.external_db_types import (
+from flowstone_dagster.external_db.types import (
     POSTGRES_TYPES,
     SQLITE_TYPES,
     Columns,
@@ -87,7 +82,7 @@ from flowstone_dagster.io_managers.external_db_types import (
     rows_size,
     to_columns,
 )
-from flowstone_dagster.io_managers.formats import is_dataframe, require_pandas, wants_dataframe
+from flowstone_dagster.formats import is_dataframe, require_pandas
 from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
 
 __all__ = [
@@ -95,7 +90,6 @@ __all__ = [
     "ConstraintViolation",
     "DatabaseError",
     "ExternalDB",
-    "ExternalDBIOManager",
     "SchemaMismatch",
     "TableStoreResult",
 ]
@@ -645,213 +639,3 @@ def _params_size(params: Sequence[Any]) -> int:
 
 
 # -- the I/O manager ---------------------------------------------------------------------------
-
-
-class ExternalDBIOManager(dg.ConfigurableIOManager):
-    """Stores each asset output as rows of a table and loads inputs from it.
-
-    The table is the asset key's last part, in the schema named by the key's prefix (the part
-    before the last), else ``schema``, else ``public`` (SQLite: no schemas). Asset definition
-    metadata overrides: ``table``, ``schema``, ``partition_expr`` (the column holding the
-    partition; for multi-partitions ``{dimension: column}``) and ``write_mode``.
-
-    Output metadata: ``dagster/table_name``, ``dagster/column_schema``,
-    ``dagster/partition_row_count`` (partitioned) or ``dagster/row_count``, ``db/rows``,
-    ``db/rows_replaced``, ``db/bytes``, ``db/partition``, ``db/table_created``, and the step's
-    ``flowstone/db.store/...`` telemetry totals.
-    """
-
-    adapter: Literal["postgres", "sqlite"] = Field(
-        default="sqlite",
-        description="postgres (host, port, database, user, password, sslmode) or sqlite (path).",
-    )
-    path: str | None = Field(
-        default=None, description="SQLite: the database file (created when missing)."
-    )
-    host: str = Field(default="localhost", description="PostgreSQL: server host.")
-    port: int = Field(default=5432, description="PostgreSQL: server port.")
-    database: str | None = Field(default=None, description="PostgreSQL: database name.")
-    user: str | None = Field(default=None, description="PostgreSQL: user name.")
-    password: str | None = Field(
-        default=None, repr=False, description="PostgreSQL: password. Use EnvVar('...')."
-    )
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
-        default="prefer", description="PostgreSQL: libpq sslmode."
-    )
-    sslrootcert: str | None = Field(
-        default=None, description="PostgreSQL: PEM file of the CAs to trust (verify-ca/-full)."
-    )
-    schema_: str | None = Field(
-        default=None,
-        alias="schema",
-        description="PostgreSQL schema of tables whose asset key has no prefix (default "
-        "public); created when missing. SQLite: leave unset.",
-    )
-    write_mode: WriteMode = Field(
-        default="replace",
-        description="Unpartitioned outputs: replace the table's rows, or append to them. "
-        "Partitioned outputs always replace their partition's rows.",
-    )
-    create_tables: bool = Field(
-        default=True,
-        description="Create a missing table from the data's types; if false a missing table is "
-        "an error.",
-    )
-    statement_timeout: float | None = Field(
-        default=DEFAULT_STATEMENT_TIMEOUT,
-        description="Seconds a statement may run before it is cancelled (CallTimeout). Null: no "
-        "limit.",
-    )
-    connect_timeout: float = Field(
-        default=DEFAULT_CONNECT_TIMEOUT, description="PostgreSQL: seconds to connect."
-    )
-    busy_timeout: float = Field(
-        default=30.0, description="SQLite: seconds a write waits for another writer's lock."
-    )
-    service: str | None = Field(
-        default=None,
-        description="Service name in errors, telemetry and the resilience policy. Null: the "
-        "database server, db:postgresql://host:port/database (no user or password) or "
-        "db:sqlite:<absolute path>.",
-    )
-    resilience: ResilienceResource | None = Field(
-        default=None,
-        description="Retry/breaker/rate-limit policy for each database call (policy `service`), "
-        "and whether errors become Dagster control flow (its dagster_errors). Without it, each "
-        "call is made once and errors are mapped to Dagster.",
-    )
-
-    _db: ExternalDB | None = PrivateAttr(default=None)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._check_config()
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    def _check_config(self) -> None:
-        if self.adapter == "sqlite":
-            if not self.path:
-                raise ConfigurationError("is required for the sqlite adapter", field="path")
-            if self.schema_ not in (None, "main"):
-                raise ConfigurationError("SQLite has no schemas: leave it unset", field="schema")
-        else:
-            for name in ("database", "user"):
-                if not getattr(self, name):
-                    raise ConfigurationError("is required for the postgres adapter", field=name)
-        if self.statement_timeout is not None and self.statement_timeout <= 0:
-            raise ConfigurationError("must be positive (or null)", field="statement_timeout")
-        if self.connect_timeout <= 0:
-            raise ConfigurationError("must be positive", field="connect_timeout")
-
-    @property
-    def db(self) -> ExternalDB:
-        """The :class:`ExternalDB` this manager stores through (one per process)."""
-        if self._db is None:
-            self._check_config()
-            options: dict[str, Any] = {
-                "statement_timeout": self.statement_timeout,
-                "resilience": self.resilience,
-                "service": self.service,
-            }
-            if self.adapter == "sqlite":
-                self._db = ExternalDB.sqlite(
-                    str(self.path), busy_timeout=self.busy_timeout, **options
-                )
-            else:
-                self._db = ExternalDB.postgres(
-                    host=self.host,
-                    port=self.port,
-                    database=str(self.database),
-                    user=str(self.user),
-                    password=self.password,
-                    sslmode=self.sslmode,
-                    sslrootcert=self.sslrootcert,
-                    connect_timeout=self.connect_timeout,
-                    **options,
-                )
-        return self._db
-
-    def _table(self, asset_key: dg.AssetKey, metadata: Mapping[str, Any]) -> tuple[str | None, str]:
-        table = metadata.get("table") or asset_key.path[-1]
-        schema = metadata.get("schema") or self.schema_
-        if schema is None and len(asset_key.path) > 1 and self.adapter == "postgres":
-            schema = asset_key.path[-2]
-        for field, value in (("table", table), ("schema", schema)):
-            if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"must be a string, got {value!r}", field=field)
-        return schema, str(table)
-
-    def _dagster_errors(self, call: Callable[[], T]) -> T:
-        """The one mapping to Dagster (``resolve(resilience).dagster_retries``): an open circuit
-        becomes RetryRequested, a failure Failure(allow_retries=<retryable>), unless the
-        resilience resource's ``dagster_errors`` is off."""
-        with resolve(self.resilience).dagster_retries(service=self.db.service):
-            return call()
-
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if obj is None and context.dagster_type.typing_type is type(None):
-            return  # an asset annotated "-> None" stores nothing
-        metadata = context.definition_metadata or {}
-        schema, table = self._table(context.asset_key, metadata)
-        selection = select_partitions(context, metadata.get("partition_expr"))
-        mode = metadata.get("write_mode") or self.write_mode
-        started = time.perf_counter()
-        with telemetry.observe(context):
-            result = self._dagster_errors(
-                lambda: self.db.store_table(
-                    table,
-                    obj,
-                    schema=schema,
-                    mode=mode,
-                    selection=selection,
-                    create=self.create_tables,
-                )
-            )
-        output: dict[str, Any] = {
-            "dagster/table_name": result.table,
-            "db/rows": result.rows,
-            "db/rows_replaced": result.deleted,
-            "db/bytes": result.bytes,
-            "db/table_created": result.created,
-            "db/duration_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-        if result.columns:
-            output["dagster/column_schema"] = dg.TableSchema(
-                columns=[dg.TableColumn(name, type_) for name, type_ in result.columns]
-            )
-        if selection is not None:
-            output["dagster/partition_row_count"] = result.rows
-            output["db/partition"] = selection.describe()
-        elif mode == "replace":
-            output["dagster/row_count"] = result.rows
-        context.add_output_metadata(output)
-
-    def load_input(self, context: dg.InputContext) -> Any:
-        upstream = context.upstream_output
-        metadata = (upstream.definition_metadata if upstream is not None else None) or {}
-        schema, table = self._table(context.asset_key, metadata)
-        selection = select_partitions(context, metadata.get("partition_expr"))
-        as_dataframe = wants_dataframe(context)
-        # Dagster takes input metadata for one partition only; several are still logged.
-        single = not context.has_asset_partitions or len(context.asset_partition_keys) == 1
-
-        def load() -> Any:
-            try:
-                return self.db.load_table(
-                    table, schema=schema, selection=selection, as_dataframe=as_dataframe
-                )
-            except DatabaseError as exc:
-                if exc.sqlstate != UNDEFINED_TABLE:
-                    raise
-                raise DatabaseError(
-                    f"no table for asset {context.asset_key.to_user_string()}: {exc.message}",
-                    sqlstate=exc.sqlstate,
-                    table=exc.table,
-                    service=exc.service,
-                ) from None
-
-        with telemetry.observe(context, attach_metadata=single):
-            return self._dagster_errors(load)

@@ -1,10 +1,10 @@
-"""The Python worker: runs functions for :class:`~flowstone_dagster.resources.PythonWorkerResource`.
+"""The Python worker: runs functions for :class:`~flowstone_dagster.PythonWorkerResource`.
 
 This file is both the worker program and the definition of the wire protocol (the parent imports
 it for :func:`send_frame`, :func:`receive_frame` and the constants). It uses the **standard
 library only** and Python 3.8 syntax, so that any interpreter or virtualenv can run it::
 
-    /opt/ml-venv/bin/python _python_worker_main.py '{"request_fd": 5, "response_fd": 8, ...}'
+    /opt/ml-venv/bin/python _main.py '{"request_fd": 5, "response_fd": 8, ...}'
 
 The parent starts it with four dedicated pipes (never stdin/stdout, so that user code printing
 cannot corrupt the protocol):

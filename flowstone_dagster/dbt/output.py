@@ -1,10 +1,10 @@
 """``parse_dbt_output``: the numbers and errors in dbt's plain console output.
 
-dbt's console text is written for people; :class:`~flowstone_dagster.resources.dbt.DbtResource`
+dbt's console text is written for people; :class:`~flowstone_dagster.dbt.DbtResource`
 takes its results from ``run_results.json`` instead. This parser is for text you only have as
 text (a CI log, a captured ``dbt run`` from elsewhere)::
 
-    from flowstone_dagster.resources.dbt_output import parse_dbt_output
+    from flowstone_dagster.dbt.output import parse_dbt_output
 
     summary = parse_dbt_output('''
     12:00:01  Running with dbt=1.11.16

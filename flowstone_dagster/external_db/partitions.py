@@ -30,8 +30,8 @@ from typing import Any
 import dagster as dg
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.io_managers.external_db_adapters import Condition, Where
-from flowstone_dagster.io_managers.external_db_types import Columns, Kind, infer_kind
+from flowstone_dagster.external_db.adapters import Condition, Where
+from flowstone_dagster.external_db.types import Columns, Kind, infer_kind
 
 __all__ = ["DimensionValue", "PartitionSelection", "select_partitions"]
 

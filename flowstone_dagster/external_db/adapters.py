@@ -2,7 +2,7 @@
 
 Each adapter knows how to connect, run a transaction's statements, describe, create, delete
 from, copy into and select from a table, and how to turn its driver's exceptions into the
-package's taxonomy. :class:`~flowstone_dagster.io_managers.external_db.ExternalDB` drives them;
+package's taxonomy. :class:`~flowstone_dagster.external_db.ExternalDB` drives them;
 they hold no connection themselves::
 
     adapter = PostgresAdapter(host="db", port=5432, database="analytics", user="etl",
@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flowstone_dagster.errors import CallTimeout, FlowstoneError, TransportError, truncate
-from flowstone_dagster.http import redact_text
-from flowstone_dagster.io_managers.external_db_errors import (
+from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
 )
-from flowstone_dagster.io_managers.external_db_types import (
+from flowstone_dagster.external_db.types import (
     POSTGRES_TYPES,
     SQLITE_TYPES,
     Columns,
@@ -48,6 +47,7 @@ from flowstone_dagster.io_managers.external_db_types import (
     sqlite_param,
     sqlite_values,
 )
+from flowstone_dagster.http import redact_text
 
 __all__ = [
     "Adapter",

@@ -23,7 +23,7 @@ import select
 import threading
 from contextlib import suppress
 
-from flowstone_dagster.resources._python_worker_main import LOG_LENGTH
+from flowstone_dagster.python_worker._main import LOG_LENGTH
 
 __all__ = ["OutputPump"]
 

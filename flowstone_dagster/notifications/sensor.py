@@ -4,7 +4,7 @@
 
     import dagster as dg
     from flowstone_dagster.notifications import NotificationsResource, SlackWebhookConfig
-    from flowstone_dagster.sensors import make_notification_sensor
+    from flowstone_dagster.notifications.sensor import make_notification_sensor
 
     defs = dg.Definitions(
         jobs=[daily_job],

@@ -3,7 +3,7 @@
 ``run_results.json`` is the truth about what dbt did (dbt's console text is for people); the
 ``manifest.json`` next to it adds each node's name, kind and compiled SQL path::
 
-    from flowstone_dagster.resources.dbt_artifacts import read_node_results
+    from flowstone_dagster.dbt.artifacts import read_node_results
 
     nodes = read_node_results(Path("target/run-1234"), project_dir=Path("my_project"))
     [(n.name, n.status, n.execution_time, n.rows_affected) for n in nodes]

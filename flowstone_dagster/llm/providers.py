@@ -3,7 +3,7 @@
 The adapters make exactly one HTTP request per call, through the official SDK with its own
 retries off (``max_retries=0``); retrying, rate limiting and circuit breaking are the job of
 the one resilience path (:class:`~flowstone_dagster.resilience.ResilienceResource`), through
-which :class:`~flowstone_dagster.resources.llm.client.LLMClient` sends each request. SDK
+which :class:`~flowstone_dagster.llm.client.LLMClient` sends each request. SDK
 exceptions leave the adapters unchanged (the client maps them with
 :func:`~.failures.to_taxonomy`).
 
@@ -30,7 +30,7 @@ import anthropic
 import httpx2
 import openai
 
-from flowstone_dagster.resources.llm.messages import LLMResponse, Message, Usage
+from flowstone_dagster.llm.messages import LLMResponse, Message, Usage
 
 __all__ = [
     "DEFAULT_BASE_URLS",

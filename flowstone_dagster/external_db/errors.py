@@ -4,7 +4,7 @@ Connection failures are :class:`~flowstone_dagster.errors.TransportError` (retry
 statement timeouts :class:`~flowstone_dagster.errors.CallTimeout` (retryable); everything the
 database refuses is a :class:`DatabaseError` carrying the SQLSTATE::
 
-    from flowstone_dagster.io_managers.external_db_errors import ConstraintViolation
+    from flowstone_dagster.external_db.errors import ConstraintViolation
 
     try:
         db.store_table("orders", rows)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flowstone_dagster.io_managers.formats import gc_paused, is_dataframe, json_default
+from flowstone_dagster.formats import gc_paused, is_dataframe, json_default
 
 __all__ = [
     "POSTGRES_TYPES",

@@ -5,7 +5,7 @@
     import dagster as dg
     from flowstone_dagster import telemetry
     from flowstone_dagster.resilience import RECOMMENDED_RETRY_POLICY, ResilienceResource
-    from flowstone_dagster.resources.llm import LLMResource
+    from flowstone_dagster.llm import LLMResource
 
     @dg.asset(retry_policy=RECOMMENDED_RETRY_POLICY)
     def ticket_labels(context: dg.AssetExecutionContext, llm: LLMResource) -> list[str]:
@@ -60,9 +60,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.redaction import register_secret
-from flowstone_dagster.resilience import ResilienceResource
-from flowstone_dagster.resources.llm.client import (
+from flowstone_dagster.llm.client import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_RATE_LIMIT_MARGIN,
     DEFAULT_RATE_LIMIT_MAX_WAIT,
@@ -71,7 +69,9 @@ from flowstone_dagster.resources.llm.client import (
     LLMClient,
     LLMStream,
 )
-from flowstone_dagster.resources.llm.messages import LLMResponse, Prompt
+from flowstone_dagster.llm.messages import LLMResponse, Prompt
+from flowstone_dagster.redaction import register_secret
+from flowstone_dagster.resilience import ResilienceResource
 
 __all__ = ["API_KEY_ENV", "LLMResource"]
 

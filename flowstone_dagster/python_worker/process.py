@@ -8,7 +8,7 @@
     worker.stop()
 
 :class:`WorkerProcess` knows nothing of pickling: the pool encodes calls into frames
-(:mod:`._python_worker_main`) and decodes the answers. What it guarantees:
+(:mod:`._main`) and decodes the answers. What it guarantees:
 
 - the worker runs in its own session and process group (``start_new_session``), so killing the
   group kills the user's child processes too;
@@ -35,8 +35,8 @@ from typing import Any
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import CallTimeout, ConfigurationError, WorkerCrashed, truncate
-from flowstone_dagster.resources import _python_worker_main as wire
-from flowstone_dagster.resources.python_worker_output import OutputPump
+from flowstone_dagster.python_worker import _main as wire
+from flowstone_dagster.python_worker.output import OutputPump
 
 try:
     import fcntl

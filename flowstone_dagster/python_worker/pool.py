@@ -1,10 +1,10 @@
 """A pool of warm Python worker processes: call a function in one, many across all.
 
-The plain class behind :class:`~flowstone_dagster.resources.PythonWorkerResource`, usable
+The plain class behind :class:`~flowstone_dagster.PythonWorkerResource`, usable
 without Dagster::
 
-    from flowstone_dagster.resources.python_worker_pool import WorkerPool
-    from flowstone_dagster.resources.python_worker_process import WorkerSpec
+    from flowstone_dagster.python_worker.pool import WorkerPool
+    from flowstone_dagster.python_worker.process import WorkerSpec
 
     spec = WorkerSpec(python="/opt/ml/bin/python", paths=("/srv/models",))
     with WorkerPool(spec, size=2) as pool:
@@ -50,15 +50,15 @@ from flowstone_dagster.errors import (
     PythonWorkerError,
     truncate,
 )
-from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
-from flowstone_dagster.resources import _python_worker_main as wire
-from flowstone_dagster.resources.python_worker_errors import (
+from flowstone_dagster.python_worker import _main as wire
+from flowstone_dagster.python_worker.errors import (
     WorkerDataError,
     WorkerMemoryExceeded,
     WorkerPoolBusy,
 )
-from flowstone_dagster.resources.python_worker_output import fallback_logger
-from flowstone_dagster.resources.python_worker_process import WorkerProcess, WorkerSpec
+from flowstone_dagster.python_worker.output import fallback_logger
+from flowstone_dagster.python_worker.process import WorkerProcess, WorkerSpec
+from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
 
 __all__ = [
     "DEFAULT_MAX_QUEUED",

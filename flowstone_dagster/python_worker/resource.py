@@ -3,7 +3,7 @@
 ::
 
     import dagster as dg
-    from flowstone_dagster.resources.python_worker import PythonWorkerResource
+    from flowstone_dagster.python_worker.resource import PythonWorkerResource
 
     @dg.asset
     def scores(workers: PythonWorkerResource) -> list[int]:
@@ -41,19 +41,19 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.resilience import ResilienceResource, resolve
-from flowstone_dagster.resources.python_worker_errors import (
+from flowstone_dagster.python_worker.errors import (
     WorkerDataError,
     WorkerMemoryExceeded,
     WorkerPoolBusy,
 )
-from flowstone_dagster.resources.python_worker_pool import (
+from flowstone_dagster.python_worker.pool import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_TIMEOUT,
     WorkerPool,
 )
-from flowstone_dagster.resources.python_worker_process import DEFAULT_MEMORY_LIMIT_MB, WorkerSpec
+from flowstone_dagster.python_worker.process import DEFAULT_MEMORY_LIMIT_MB, WorkerSpec
+from flowstone_dagster.resilience import ResilienceResource, resolve
 
 __all__ = [
     "PythonWorkerResource",

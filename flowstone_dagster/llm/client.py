@@ -3,7 +3,7 @@
 ::
 
     from flowstone_dagster.resilience import ResilienceResource
-    from flowstone_dagster.resources.llm import LLMClient
+    from flowstone_dagster.llm import LLMClient
 
     claude = LLMClient(
         "anthropic", model="claude-sonnet-5-5", api_key=os.environ["ANTHROPIC_API_KEY"],
@@ -55,6 +55,23 @@ import dagster as dg
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError, FlowstoneError
+from flowstone_dagster.llm.failures import StreamInterrupted, to_taxonomy
+from flowstone_dagster.llm.messages import (
+    LLMResponse,
+    Prompt,
+    Usage,
+    estimate_tokens,
+    normalize_messages,
+    prompt_chars,
+    split_system,
+)
+from flowstone_dagster.llm.providers import (
+    DEFAULT_BASE_URLS,
+    LLMRequest,
+    ProviderAdapter,
+    StreamState,
+    make_adapter,
+)
 from flowstone_dagster.redaction import redact_exception_chain, register_secret
 from flowstone_dagster.resilience import (
     CircuitBreaker,
@@ -66,23 +83,6 @@ from flowstone_dagster.resilience import (
     ServicePolicy,
     current_deadline,
     resolve,
-)
-from flowstone_dagster.resources.llm.failures import StreamInterrupted, to_taxonomy
-from flowstone_dagster.resources.llm.messages import (
-    LLMResponse,
-    Prompt,
-    Usage,
-    estimate_tokens,
-    normalize_messages,
-    prompt_chars,
-    split_system,
-)
-from flowstone_dagster.resources.llm.providers import (
-    DEFAULT_BASE_URLS,
-    LLMRequest,
-    ProviderAdapter,
-    StreamState,
-    make_adapter,
 )
 
 __all__ = [

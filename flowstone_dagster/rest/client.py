@@ -3,7 +3,7 @@
 ::
 
     import dagster as dg
-    from flowstone_dagster.io_managers import RestIOManager
+    from flowstone_dagster import RestIOManager
 
     daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
 
@@ -42,18 +42,13 @@ path, no credentials). Two I/O managers on different origins never share a break
 
 from __future__ import annotations
 
-import base64
 import email.message
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal, TypeVar
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
-import dagster as dg
 import requests
-from pydantic import Field, PrivateAttr
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
@@ -63,6 +58,13 @@ from flowstone_dagster.errors import (
     FlowstoneError,
     NotFound,
 )
+from flowstone_dagster.formats import (
+    FORMATS,
+    MEDIA_TYPES,
+    decode,
+    encode,
+    require_pandas,
+)
 from flowstone_dagster.http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
@@ -70,22 +72,12 @@ from flowstone_dagster.http import (
     HttpSession,
     create_session,
 )
-from flowstone_dagster.io_managers.formats import (
-    FORMATS,
-    MEDIA_TYPES,
-    RestFormat,
-    decode,
-    encode,
-    require_pandas,
-    wants_dataframe,
-)
 from flowstone_dagster.resilience import ResilienceResource, resolve
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "HeadInfo",
     "RestClient",
-    "RestIOManager",
     "StoreResult",
     "rest_service",
 ]
@@ -488,302 +480,3 @@ class RestClient:
 
 
 # -- the I/O manager --------------------------------------------------------------------------
-
-
-def _asset_path(asset_key: dg.AssetKey) -> str:
-    return "/".join(quote(part, safe="") for part in asset_key.path)
-
-
-def _partition_fields(definition: dg.PartitionsDefinition | None, key: str) -> dict[str, str]:
-    """Placeholders for a partition: ``partition_key`` and, for multi-partitions, one per
-    dimension (``{date}``, ``{region}``, ...), all URL-encoded."""
-    fields = {"partition_key": quote(key, safe="")}
-    multi: dg.MultiPartitionKey | None = None
-    if isinstance(key, dg.MultiPartitionKey):
-        multi = key
-    elif isinstance(definition, dg.MultiPartitionsDefinition):
-        multi = definition.get_partition_key_from_str(key)
-    if multi is not None:
-        for dimension, value in multi.keys_by_dimension.items():
-            fields[dimension] = quote(value, safe="")
-    return fields
-
-
-class RestIOManager(dg.ConfigurableIOManager):
-    """Stores each asset output with an HTTP request and loads inputs with ``GET``.
-
-    The URL is ``base_url`` + ``path_template`` (unpartitioned assets) or
-    ``partition_path_template`` (partitioned ones), with ``{asset_key}`` (the key's parts joined
-    by ``/``), ``{partition_key}`` and, for multi-partitioned assets, one placeholder per
-    dimension, all URL-encoded. An asset overrides these with definition metadata:
-    ``rest/path`` (a template), ``rest/format`` and ``rest/method``.
-
-    After a store, ``HEAD`` on the same URL records status, content type, length, ETag and
-    Last-Modified as output metadata (``record_head``), beside the request's own figures and the
-    step's ``flowstone/...`` telemetry totals.
-    """
-
-    base_url: str = Field(
-        repr=False,  # may carry credentials (user:password@, a signed query)
-        description="Base URL of the API, e.g. https://api.example.com/v1.",
-    )
-    path_template: str = Field(
-        default="/{asset_key}",
-        description="Path of an unpartitioned asset, appended to base_url. Placeholders: "
-        "{asset_key}.",
-    )
-    partition_path_template: str = Field(
-        default="/{asset_key}/{partition_key}",
-        description="Path of a partitioned asset. Placeholders: {asset_key}, {partition_key}, "
-        "and one per dimension of a multi-partitioned asset (e.g. {date}, {region}).",
-    )
-    format: RestFormat = Field(
-        default="json",
-        description="Body format: json, ndjson, csv (list of dicts, or a DataFrame when the "
-        "input is annotated pd.DataFrame), text or bytes. Sets Content-Type and Accept.",
-    )
-    method: StoreMethod = Field(default="POST", description="HTTP method of stores.")
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        repr=False,  # may carry credentials
-        description="Extra headers sent with every request.",
-    )
-    auth: Literal["none", "bearer", "basic", "api_key"] = Field(
-        default="none",
-        description="none; bearer (token); basic (username, password); api_key (api_key sent "
-        "in the api_key_header header).",
-    )
-    token: str | None = Field(
-        default=None, repr=False, description="Bearer token. Use EnvVar('...')."
-    )
-    username: str | None = Field(default=None, description="User for basic auth.")
-    password: str | None = Field(
-        default=None, repr=False, description="Password for basic auth. Use EnvVar('...')."
-    )
-    api_key: str | None = Field(
-        default=None, repr=False, description="API key for api_key auth. Use EnvVar('...')."
-    )
-    api_key_header: str = Field(default="X-API-Key", description="Header carrying api_key.")
-    connect_timeout: float = Field(
-        default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="Seconds to connect."
-    )
-    read_timeout: float = Field(
-        default=DEFAULT_READ_TIMEOUT, gt=0, description="Seconds to wait between bytes."
-    )
-    max_body_bytes: int = Field(
-        default=DEFAULT_MAX_BODY_BYTES,
-        gt=0,
-        description="Largest response body accepted; larger ones fail with ResponseTooLarge.",
-    )
-    max_redirects: int = Field(default=10, ge=0, description="Redirects followed.")
-    pagination: Pagination = Field(
-        default="none",
-        description="Loads: none; link (RFC 8288 Link rel=next); cursor (next cursor from "
-        "the body at cursor_path, sent as the cursor_param query parameter).",
-    )
-    cursor_path: str | None = Field(
-        default=None, description="Dotted path of the next cursor in a page, e.g. meta.next."
-    )
-    cursor_param: str = Field(default="cursor", description="Query parameter of the cursor.")
-    items_path: str | None = Field(
-        default=None,
-        description="Dotted path of a page's items (e.g. data); default: the page is a list.",
-    )
-    max_pages: int = Field(
-        default=100, ge=1, description="More pages than this fails the load (never truncates)."
-    )
-    verify_tls: bool = Field(default=True, description="Verify TLS certificates.")
-    ca_bundle: str | None = Field(default=None, description="PEM file of CAs to trust.")
-    record_head: bool = Field(
-        default=True,
-        description="After a store, HEAD the URL and record its status, type, length, ETag and "
-        "Last-Modified as output metadata.",
-    )
-    service: str | None = Field(
-        default=None,
-        description="Service name in errors, telemetry and the resilience policy. Null: the "
-        "origin of base_url, e.g. rest:https://api.example.com (what fails together).",
-    )
-    resilience: ResilienceResource | None = Field(
-        default=None,
-        description="Retry/breaker/rate-limit policy for each request (policy `service`), and "
-        "whether errors become Dagster control flow (its dagster_errors). Without it, each "
-        "request is made exactly once and errors are mapped to Dagster.",
-    )
-
-    # One client (so one connection pool) per asset configuration, for the manager's lifetime.
-    _clients: dict[tuple[Any, ...], RestClient] = PrivateAttr(default_factory=dict)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._auth_headers()  # fail at set-up on incomplete auth, naming the field
-        self.resolved_service()
-
-    def resolved_service(self) -> str:
-        """``service``, else the origin of ``base_url`` (:func:`rest_service`)."""
-        return self.service or rest_service(self.base_url)
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        for client in self._clients.values():
-            client.session.close()
-        self._clients.clear()
-
-    def _auth_headers(self) -> tuple[dict[str, str], list[str]]:
-        if self.auth == "none":
-            return {}, []
-        if self.auth == "bearer":
-            if not self.token:
-                raise ConfigurationError("is required for bearer auth", field="token")
-            return {"Authorization": f"Bearer {self.token}"}, [self.token]
-        if self.auth == "basic":
-            if not self.username or self.password is None:
-                raise ConfigurationError(
-                    "username and password are required for basic auth", field="password"
-                )
-            encoded = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-            return {"Authorization": f"Basic {encoded}"}, [self.password, encoded]
-        if not self.api_key:
-            raise ConfigurationError("is required for api_key auth", field="api_key")
-        return {self.api_key_header: self.api_key}, [self.api_key]
-
-    def _client(
-        self, context: dg.InputContext | dg.OutputContext, metadata: Mapping[str, Any]
-    ) -> RestClient:
-        partitioned = context.has_asset_partitions
-        template = metadata.get("rest/path") or (
-            self.partition_path_template if partitioned else self.path_template
-        )
-        fmt = str(metadata.get("rest/format") or self.format)
-        method = str(metadata.get("rest/method") or self.method)
-        cache_key = (context.asset_key, partitioned, template, fmt, method)
-        client = self._clients.get(cache_key)
-        if client is None:
-            client = self._clients[cache_key] = self._new_client(
-                context, str(template), fmt, method
-            )
-        return client
-
-    def _new_client(
-        self,
-        context: dg.InputContext | dg.OutputContext,
-        template: str,
-        fmt: str,
-        method: str,
-    ) -> RestClient:
-        asset_path = _asset_path(context.asset_key)
-        partitions_def = context.asset_partitions_def if context.has_asset_partitions else None
-        base = self.base_url.rstrip("/")
-
-        def url_fn(partition: Any) -> str:
-            fields = {"asset_key": asset_path}
-            if partition is not None:
-                fields |= _partition_fields(partitions_def, partition)
-            try:
-                path = template.format(**fields)
-            except KeyError as exc:
-                raise ConfigurationError(
-                    f"template {template!r} uses {{{exc.args[0]}}}, which asset "
-                    f"{context.asset_key.to_user_string()} does not have "
-                    f"(available: {', '.join(sorted(fields))})",
-                    field="path_template",
-                ) from None
-            return base + (path if path.startswith("/") else "/" + path)
-
-        auth_headers, secrets = self._auth_headers()
-        return RestClient(
-            url_fn,
-            format=fmt,
-            method=method,
-            headers=self.headers,
-            auth_headers=auth_headers,
-            secrets=secrets,
-            timeout=(self.connect_timeout, self.read_timeout),
-            max_body_bytes=self.max_body_bytes,
-            max_redirects=self.max_redirects,
-            pagination=self.pagination,
-            cursor_path=self.cursor_path,
-            cursor_param=self.cursor_param,
-            items_path=self.items_path,
-            max_pages=self.max_pages,
-            verify=self.verify_tls,
-            ca_bundle=self.ca_bundle,
-            resilience=self.resilience,
-            service=self.resolved_service(),
-        )
-
-    def _dagster_errors(self, call: Callable[[], T]) -> T:
-        """The one mapping to Dagster (``resolve(resilience).dagster_retries``): an open circuit
-        becomes RetryRequested, a failure Failure(allow_retries=<retryable>), unless the
-        resilience resource's ``dagster_errors`` is off."""
-        with resolve(self.resilience).dagster_retries(service=self.resolved_service()):
-            return call()
-
-    def _head(
-        self, context: dg.OutputContext, client: RestClient, partition: str | None
-    ) -> HeadInfo | None:
-        """HEAD after a store is for metadata only: its failure must not fail a step whose
-        store succeeded (a step retry would store again)."""
-        try:
-            return client.head(partition)
-        except Exception as exc:
-            context.log.warning(f"HEAD after the store failed, metadata skipped: {exc}")
-            return None
-
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        metadata = context.definition_metadata or {}
-        client = self._client(context, metadata)
-        asset = context.asset_key.to_user_string()
-        keys: list[str | None] = (
-            list(context.asset_partition_keys) if context.has_asset_partitions else [None]
-        )
-        if len(keys) > 1:
-            raise ConfigurationError(
-                f"asset {asset} wrote {len(keys)} partitions in one run; the REST I/O manager "
-                "stores one partition per request: run them as separate partitions",
-                field="partitions",
-            )
-        partition = keys[0]
-        started = time.perf_counter()
-        with telemetry.observe(context):
-            result = self._dagster_errors(lambda: client.store(obj, partition, asset=asset))
-            head = self._head(context, client, partition) if self.record_head else None
-        output: dict[str, Any] = {
-            "url": dg.MetadataValue.url(result.url),
-            "rest/method": result.method,
-            "rest/status": result.status,
-            "rest/bytes": result.bytes,
-            "rest/duration_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-        if result.location:
-            output["rest/location"] = client.session.redact(result.location)
-        if head is not None:
-            output["rest/head_status"] = head.status
-            for key, value in (
-                ("rest/content_type", head.content_type),
-                ("rest/content_length", head.content_length),
-                ("rest/etag", head.etag or result.etag),
-                ("rest/last_modified", head.last_modified),
-            ):
-                if value is not None:
-                    output[key] = value
-        elif result.etag:
-            output["rest/etag"] = result.etag
-        context.add_output_metadata(output)
-
-    def load_input(self, context: dg.InputContext) -> Any:
-        upstream = context.upstream_output
-        metadata = (upstream.definition_metadata if upstream is not None else None) or {}
-        client = self._client(context, metadata)
-        asset = context.asset_key.to_user_string()
-        as_dataframe = wants_dataframe(context)
-        keys: list[str | None] = (
-            list(context.asset_partition_keys) if context.has_asset_partitions else [None]
-        )
-        loaded: dict[str | None, Any] = {}
-        # Dagster takes input metadata for one partition only; several are still logged.
-        with telemetry.observe(context, attach_metadata=len(keys) == 1):
-            for key in keys:
-                loaded[key] = self._dagster_errors(
-                    partial(client.load, key, asset=asset, as_dataframe=as_dataframe)
-                )
-        # A downstream asset reading several upstream partitions gets {partition_key: value}.
-        return loaded[keys[0]] if len(keys) == 1 else loaded

@@ -2,7 +2,7 @@
 
 ::
 
-    from flowstone_dagster.resources.llm import LLMResource
+    from flowstone_dagster.llm import LLMResource
 
     llm = LLMResource(provider="anthropic", model="claude-sonnet-5-5",
                       api_key=dg.EnvVar("ANTHROPIC_API_KEY"), rpm_limit=50)
@@ -20,10 +20,10 @@
 The guide is ``docs/llm.md``.
 """
 
-from flowstone_dagster.resources.llm.client import LLMClient, LLMStream
-from flowstone_dagster.resources.llm.failures import StreamInterrupted, rate_limit_wait
-from flowstone_dagster.resources.llm.messages import InvalidJSON, LLMResponse, Usage
-from flowstone_dagster.resources.llm.resource import LLMResource
+from flowstone_dagster.llm.client import LLMClient, LLMStream
+from flowstone_dagster.llm.failures import StreamInterrupted, rate_limit_wait
+from flowstone_dagster.llm.messages import InvalidJSON, LLMResponse, Usage
+from flowstone_dagster.llm.resource import LLMResource
 
 __all__ = [
     "InvalidJSON",

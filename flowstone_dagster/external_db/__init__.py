@@ -1,0 +1,27 @@
+"""External SQL databases (PostgreSQL, SQLite): asset tables per partition, and custom SQL.
+
+- :mod:`.client`: :class:`ExternalDB` (transactions, COPY, schema checks; testable without
+  Dagster);
+- :mod:`.io_manager`: :class:`ExternalDBIOManager`, the Dagster I/O manager;
+- :mod:`.adapters`: one adapter per database; :mod:`.types`: column types and values;
+  :mod:`.partitions`: partition bounds; :mod:`.errors`: :class:`DatabaseError` and its kinds.
+
+The guide is ``docs/external_db.md``.
+"""
+
+from flowstone_dagster.external_db.client import ExternalDB, TableStoreResult
+from flowstone_dagster.external_db.errors import (
+    ConstraintViolation,
+    DatabaseError,
+    SchemaMismatch,
+)
+from flowstone_dagster.external_db.io_manager import ExternalDBIOManager
+
+__all__ = [
+    "ConstraintViolation",
+    "DatabaseError",
+    "ExternalDB",
+    "ExternalDBIOManager",
+    "SchemaMismatch",
+    "TableStoreResult",
+]

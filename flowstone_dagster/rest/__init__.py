@@ -1,0 +1,26 @@
+"""REST APIs: an asset's value per partition, loaded from and stored to an HTTP API.
+
+- :mod:`.client`: :class:`RestClient` (formats, auth, pagination, the outcome of every status;
+  testable without Dagster);
+- :mod:`.io_manager`: :class:`RestIOManager`, the Dagster I/O manager.
+
+The guide is ``docs/rest.md``.
+"""
+
+from flowstone_dagster.rest.client import (
+    DEFAULT_MAX_BODY_BYTES,
+    HeadInfo,
+    RestClient,
+    StoreResult,
+    rest_service,
+)
+from flowstone_dagster.rest.io_manager import RestIOManager
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "HeadInfo",
+    "RestClient",
+    "RestIOManager",
+    "StoreResult",
+    "rest_service",
+]
