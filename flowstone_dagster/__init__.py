@@ -13,19 +13,10 @@ Each integration is a subpackage (``resilience``, ``rest``, ``llm``, ``python_wo
 ``flowstone_dagster_tests/test_exported_members.py`` pins this surface.
 """
 
+import typing as _typing
+
 from flowstone_dagster import telemetry
 from flowstone_dagster._version import __version__
-from flowstone_dagster.dbt import (
-    DbtExecutableNotFound,
-    DbtNothingSelected,
-    DbtProfileNotFound,
-    DbtProjectNotFound,
-    DbtResource,
-    DbtResult,
-    DbtWarehouseUnreachable,
-    parse_dbt_output,
-    stream_dbt,
-)
 from flowstone_dagster.errors import (
     CallTimeout,
     CircuitOpen,
@@ -56,25 +47,6 @@ from flowstone_dagster.external_db import (
     SchemaMismatch,
 )
 from flowstone_dagster.http import HttpSession, create_session
-from flowstone_dagster.llm import (
-    InvalidJSON,
-    LLMClient,
-    LLMResource,
-    LLMResponse,
-    StreamInterrupted,
-    Usage,
-)
-from flowstone_dagster.notifications import (
-    AllChannelsFailed,
-    EmailConfig,
-    NotificationsResource,
-    SlackApiRejected,
-    SlackWebhookConfig,
-    SmtpRejected,
-    format_email_body,
-    format_slack_message,
-    make_notification_sensor,
-)
 from flowstone_dagster.python_worker import (
     PythonWorkerResource,
     WorkerDataError,
@@ -100,6 +72,87 @@ from flowstone_dagster.resilience import (
     with_timeout,
 )
 from flowstone_dagster.rest import RestClient, RestIOManager
+
+if _typing.TYPE_CHECKING:  # imported on first use (below): each needs its extra
+    from flowstone_dagster.dbt import (
+        DbtExecutableNotFound,
+        DbtNothingSelected,
+        DbtProfileNotFound,
+        DbtProjectNotFound,
+        DbtResource,
+        DbtResult,
+        DbtWarehouseUnreachable,
+        parse_dbt_output,
+        stream_dbt,
+    )
+    from flowstone_dagster.llm import (
+        InvalidJSON,
+        LLMClient,
+        LLMResource,
+        LLMResponse,
+        StreamInterrupted,
+        Usage,
+    )
+    from flowstone_dagster.notifications import (
+        AllChannelsFailed,
+        EmailConfig,
+        NotificationsResource,
+        SlackApiRejected,
+        SlackWebhookConfig,
+        SmtpRejected,
+        format_email_body,
+        format_slack_message,
+        make_notification_sensor,
+    )
+
+#: Names of integrations whose dependencies are an extra: imported on first use, so that
+#: ``import flowstone_dagster`` needs only the core (dagster, requests, backoff).
+_OPTIONAL: dict[str, tuple[str, str]] = {
+    "AllChannelsFailed": ("flowstone_dagster.notifications", "slack"),
+    "DbtExecutableNotFound": ("flowstone_dagster.dbt", "dbt"),
+    "DbtNothingSelected": ("flowstone_dagster.dbt", "dbt"),
+    "DbtProfileNotFound": ("flowstone_dagster.dbt", "dbt"),
+    "DbtProjectNotFound": ("flowstone_dagster.dbt", "dbt"),
+    "DbtResource": ("flowstone_dagster.dbt", "dbt"),
+    "DbtResult": ("flowstone_dagster.dbt", "dbt"),
+    "DbtWarehouseUnreachable": ("flowstone_dagster.dbt", "dbt"),
+    "EmailConfig": ("flowstone_dagster.notifications", "slack"),
+    "InvalidJSON": ("flowstone_dagster.llm", "llm"),
+    "LLMClient": ("flowstone_dagster.llm", "llm"),
+    "LLMResource": ("flowstone_dagster.llm", "llm"),
+    "LLMResponse": ("flowstone_dagster.llm", "llm"),
+    "NotificationsResource": ("flowstone_dagster.notifications", "slack"),
+    "SlackApiRejected": ("flowstone_dagster.notifications", "slack"),
+    "SlackWebhookConfig": ("flowstone_dagster.notifications", "slack"),
+    "SmtpRejected": ("flowstone_dagster.notifications", "slack"),
+    "StreamInterrupted": ("flowstone_dagster.llm", "llm"),
+    "Usage": ("flowstone_dagster.llm", "llm"),
+    "format_email_body": ("flowstone_dagster.notifications", "slack"),
+    "format_slack_message": ("flowstone_dagster.notifications", "slack"),
+    "make_notification_sensor": ("flowstone_dagster.notifications", "slack"),
+    "parse_dbt_output": ("flowstone_dagster.dbt", "dbt"),
+    "stream_dbt": ("flowstone_dagster.dbt", "dbt"),
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """Import an optional integration's name on first use, naming the extra it needs."""
+    if name not in _OPTIONAL:
+        raise AttributeError(f"module 'flowstone_dagster' has no attribute {name!r}")
+    module_name, extra = _OPTIONAL[name]
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"flowstone_dagster.{name} needs the [{extra}] extra: "
+            f"pip install 'flowstone-dagster[{extra}]' ({exc})"
+        ) from exc
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "RECOMMENDED_RETRY_POLICY",

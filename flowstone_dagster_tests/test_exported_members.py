@@ -80,6 +80,30 @@ def test_each_top_level_name_is_the_subpackage_object() -> None:
             assert getattr(module, name) is getattr(flowstone_dagster, name), name
 
 
+def test_the_core_imports_without_the_extras() -> None:
+    # Optional integrations load on first use: a fresh interpreter that imports the package
+    # has not imported dagster-dbt, the LLM SDKs or slack_sdk.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flowstone_dagster; "
+        "print(sorted(m for m in ('dagster_dbt', 'anthropic', 'openai', 'slack_sdk') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delattr(flowstone_dagster, "DbtResource", raising=False)
+    monkeypatch.setitem(sys.modules, "flowstone_dagster.dbt", None)  # as if not importable
+    with pytest.raises(ImportError, match=r"needs the \[dbt\] extra: pip install"):
+        _ = flowstone_dagster.DbtResource
+
+
 def test_no_private_dagster_imports() -> None:
     import pathlib
 
