@@ -71,7 +71,14 @@ from flowstone_dagster.resilience import (
     with_retry,
     with_timeout,
 )
-from flowstone_dagster.rest import RestClient, RestIOManager
+from flowstone_dagster.rest import (
+    ApiKeyAuth,
+    BasicAuth,
+    BearerAuth,
+    NoAuth,
+    RestClient,
+    RestIOManager,
+)
 
 if _typing.TYPE_CHECKING:  # imported on first use (below): each needs its extra
     from flowstone_dagster.dbt import (
@@ -159,6 +166,9 @@ __all__ = [
     "AllChannelsFailed",
     "CallTimeout",
     "CircuitBreaker",
+    "ApiKeyAuth",
+    "BasicAuth",
+    "BearerAuth",
     "CircuitBreakerConfig",
     "CircuitOpen",
     "ConfigurationError",
@@ -188,6 +198,7 @@ __all__ = [
     "MaxAttemptsExceeded",
     "NotFound",
     "NotificationsResource",
+    "NoAuth",
     "PartialFailure",
     "PythonWorkerError",
     "PythonWorkerResource",

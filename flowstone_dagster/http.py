@@ -288,24 +288,34 @@ _READ_CHUNK = 1024 * 1024
 
 
 class HeaderAuth(requests.auth.AuthBase):
-    """Credential headers sent only to one origin (scheme, host and port).
+    """Credential headers (and query parameters) sent only to one origin (scheme, host, port).
 
     A next-page link or a redirect to another host never receives them::
 
         session.get(url, auth=HeaderAuth({"X-API-Key": key}, origin="https://api.example.com"))
+        session.get(url, auth=HeaderAuth({}, origin=url, params={"api_key": key}))
     """
 
-    def __init__(self, headers: Mapping[str, str], origin: str) -> None:
+    def __init__(
+        self,
+        headers: Mapping[str, str],
+        origin: str,
+        *,
+        params: Mapping[str, str] | None = None,
+    ) -> None:
         self.headers = dict(headers)
+        self.params = dict(params or {})
         self.origin = origin_of(origin)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         if request.url and origin_of(request.url) == self.origin:
             request.headers.update(self.headers)
+            if self.params:
+                request.prepare_url(request.url, self.params)
         return request
 
     def __repr__(self) -> str:
-        return f"<HeaderAuth {sorted(self.headers)} for {self.origin}>"
+        return f"<HeaderAuth {sorted(self.headers)} {sorted(self.params)} for {self.origin}>"
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:

@@ -26,6 +26,7 @@ SUBPACKAGES = (
 
 #: The top-level surface, pinned.
 PUBLIC = {
+    "ApiKeyAuth", "BasicAuth", "BearerAuth", "NoAuth",
     "RECOMMENDED_RETRY_POLICY", "AllChannelsFailed", "CallTimeout", "CircuitBreaker",
     "CircuitBreakerConfig", "CircuitOpen", "ConfigurationError", "ConstraintViolation",
     "DatabaseError", "DbtExecutableNotFound", "DbtFailed", "DbtNothingSelected",

@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -13,7 +14,14 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from flowstone_dagster import RestClient, RestIOManager, telemetry
+from flowstone_dagster import (
+    ApiKeyAuth,
+    BasicAuth,
+    BearerAuth,
+    RestClient,
+    RestIOManager,
+    telemetry,
+)
 from flowstone_dagster.errors import (
     CallTimeout,
     ConfigurationError,
@@ -529,17 +537,18 @@ def test_hourly_and_multi_partition_urls_and_dataframes(
 
 
 @pytest.mark.parametrize(
-    ("auth", "fields", "header", "expected"),
+    ("make_auth", "header", "expected"),
     [
-        ("bearer", {"token": SECRET}, "Authorization", f"Bearer {SECRET}"),
+        (lambda secret: BearerAuth(token=secret), "Authorization", f"Bearer {SECRET}"),
         (
-            "basic",
-            {"username": "bot", "password": SECRET},
+            lambda secret: BasicAuth(username="bot", password=secret),
             "Authorization",
             "Basic " + base64.b64encode(f"bot:{SECRET}".encode()).decode(),
         ),
-        ("api_key", {"api_key": SECRET, "api_key_header": "X-Key"}, "X-Key", SECRET),
+        (lambda secret: ApiKeyAuth(key=secret, header="X-Key"), "X-Key", SECRET),
+        (lambda secret: ApiKeyAuth(key=secret, query_param="key"), "?key", SECRET),
     ],
+    ids=["bearer", "basic", "api_key_header", "api_key_query"],
 )
 @pytest.mark.dagster
 def test_auth_variants_and_the_secret_shows_nowhere(
@@ -547,16 +556,15 @@ def test_auth_variants_and_the_secret_shows_nowhere(
     dagster_instance: dg.DagsterInstance,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-    auth: str,
-    fields: dict[str, str],
+    make_auth: Callable[[Any], Any],
     header: str,
     expected: str,
 ) -> None:
     store = FakeStore(httpserver)
-    secret_field = next(k for k in ("token", "password", "api_key") if k in fields)
     monkeypatch.setenv("REST_SECRET", SECRET)
-    config = {**fields, secret_field: dg.EnvVar("REST_SECRET")}
-    manager = RestIOManager(base_url=httpserver.url_for("/api"), auth=auth, **config)  # type: ignore[arg-type]
+    manager = RestIOManager(
+        base_url=httpserver.url_for("/api"), auth=make_auth(dg.EnvVar("REST_SECRET"))
+    )
 
     @dg.asset(io_manager_key="rest")
     def private() -> dict:
@@ -583,8 +591,16 @@ def test_auth_variants_and_the_secret_shows_nowhere(
         )
     assert result.success
     assert not failed.success
-    assert all(headers.get(header) == expected for _, _, headers in store.requests)
-    visible = [repr(manager), caplog.text]
+    if header.startswith("?"):  # the key in the query string of every request
+        assert all(request.args.get(header[1:]) == expected for request, _ in httpserver.log)
+    else:
+        assert all(headers.get(header) == expected for _, _, headers in store.requests)
+    # The test server's access log is not the client's. A key in the query string is part of
+    # the URL urllib3 logs at DEBUG (docs/rest.md says so): that log is left out for it.
+    foreign = ("werkzeug", "urllib3") if header.startswith("?") else ("werkzeug",)
+    visible = [repr(manager)] + [
+        record.getMessage() for record in caplog.records if not record.name.startswith(foreign)
+    ]
     for run in (result, failed):
         for entry in dagster_instance.all_logs(run.run_id):
             visible.append(entry.user_message)
@@ -595,18 +611,55 @@ def test_auth_variants_and_the_secret_shows_nowhere(
     assert encoded not in "\n".join(visible)
 
 
-def test_incomplete_auth_fails_at_setup() -> None:
-    @dg.asset(io_manager_key="rest")
-    def anything() -> int:
-        return 1
+def test_incomplete_auth_fails_when_built_naming_the_field() -> None:
+    with pytest.raises(Exception, match="token"):
+        BearerAuth()  # type: ignore[call-arg]
+    with pytest.raises(Exception, match="password"):
+        BasicAuth(username="bot")  # type: ignore[call-arg]
+    with pytest.raises(Exception, match="key"):
+        ApiKeyAuth(key="")
 
-    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        dg.materialize(
-            [anything],
-            resources={"rest": RestIOManager(base_url="http://127.0.0.1:9", auth="bearer")},
-        )
-    assert isinstance(raised.value.__cause__, ConfigurationError)
-    assert str(raised.value.__cause__) == "token: is required for bearer auth"
+
+@pytest.mark.dagster
+def test_auth_is_a_selector_in_run_config(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FakeStore(httpserver)
+    monkeypatch.setenv("REST_SECRET", SECRET)
+
+    @dg.asset(io_manager_key="rest")
+    def configured() -> dict:
+        return {"ok": 1}
+
+    result = dg.materialize(
+        [configured],
+        resources={"rest": RestIOManager.configure_at_launch()},
+        instance=dagster_instance,
+        run_config={
+            "resources": {
+                "rest": {
+                    "config": {
+                        "base_url": httpserver.url_for("/api"),
+                        "auth": {"basic": {"username": "bot", "password": {"env": "REST_SECRET"}}},
+                        "record_head": False,
+                    }
+                }
+            }
+        },
+    )
+    assert result.success
+    encoded = base64.b64encode(f"bot:{SECRET}".encode()).decode()
+    assert [headers.get("Authorization") for _, _, headers in store.requests] == [
+        f"Basic {encoded}"
+    ]
+    unauthenticated = dg.materialize(
+        [configured],
+        resources={"rest": RestIOManager.configure_at_launch()},
+        instance=dagster_instance,
+        run_config={"resources": {"rest": {"config": {"base_url": httpserver.url_for("/api")}}}},
+    )
+    assert unauthenticated.success
+    assert "Authorization" not in store.requests[-1][2]
 
 
 regions_static = dg.StaticPartitionsDefinition(["north", "south"])
@@ -700,8 +753,7 @@ def test_repr_hides_every_secret() -> None:
     manager = RestIOManager(
         base_url=f"https://bot:{SECRET}@api.example.com",
         headers={"X-Tenant-Secret": SECRET},
-        auth="bearer",
-        token=SECRET,
+        auth=BearerAuth(token=SECRET),
         resilience=ResilienceResource(store_url=f"postgresql://d:{SECRET}@db/d"),
     )
     assert SECRET not in repr(manager)

@@ -2,11 +2,14 @@
 
 - :mod:`.client`: :class:`RestClient` (formats, auth, pagination, the outcome of every status;
   testable without Dagster);
+- :mod:`.auth`: the ``auth`` kinds, :class:`BearerAuth`, :class:`BasicAuth`,
+  :class:`ApiKeyAuth` and :class:`NoAuth` (Dagster config classes, chosen by ``kind``);
 - :mod:`.io_manager`: :class:`RestIOManager`, the Dagster I/O manager.
 
 The guide is ``docs/rest.md``.
 """
 
+from flowstone_dagster.rest.auth import ApiKeyAuth, BasicAuth, BearerAuth, NoAuth
 from flowstone_dagster.rest.client import (
     DEFAULT_MAX_BODY_BYTES,
     HeadInfo,
@@ -18,7 +21,11 @@ from flowstone_dagster.rest.io_manager import RestIOManager
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "ApiKeyAuth",
+    "BasicAuth",
+    "BearerAuth",
     "HeadInfo",
+    "NoAuth",
     "RestClient",
     "RestIOManager",
     "StoreResult",

@@ -3,7 +3,7 @@
 ::
 
     import dagster as dg
-    from flowstone_dagster import RestIOManager
+    from flowstone_dagster import BearerAuth, RestIOManager
 
     daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
 
@@ -19,7 +19,7 @@
         assets=[orders, order_totals],
         resources={"rest": RestIOManager(
             base_url="https://api.example.com/v1",
-            auth="bearer", token=dg.EnvVar("ORDERS_API_TOKEN"),
+            auth=BearerAuth(token=dg.EnvVar("ORDERS_API_TOKEN")),
         )},
     )
 
@@ -180,6 +180,8 @@ class RestClient:
         auth_headers: credential headers (``Authorization``, an API key): sent only to the
             origin of the URL a load or store starts at, never to a redirect or a next page on
             another host; their values are redacted like ``secrets``.
+        auth_params: credential query parameters (an API key sent as ``?api_key=...``), with
+            the same origin rule and redaction as ``auth_headers``.
         secrets: values never to show in errors (tokens, passwords).
         timeout: ``(connect, read)`` seconds.
         max_body_bytes: a larger response raises ``ResponseTooLarge``.
@@ -206,6 +208,7 @@ class RestClient:
         method: str = "POST",
         headers: Mapping[str, str] | None = None,
         auth_headers: Mapping[str, str] | None = None,
+        auth_params: Mapping[str, str] | None = None,
         secrets: Iterable[str] = (),
         timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -248,12 +251,13 @@ class RestClient:
         self.service = service
         self.headers = {"Accept": MEDIA_TYPES[format], **(headers or {})}
         self.auth_headers = dict(auth_headers or {})
+        self.auth_params = dict(auth_params or {})
         self.session = session or create_session(
             timeout=timeout,
             verify=verify,
             ca_bundle=ca_bundle,
             max_redirects=max_redirects,
-            secrets=[*secrets, *self.auth_headers.values()],
+            secrets=[*secrets, *self.auth_headers.values(), *self.auth_params.values()],
             service=service,
             telemetry_event=None,  # flowstone.rest.load / .store report each call
             secret_headers=self.auth_headers,
@@ -274,8 +278,8 @@ class RestClient:
     ) -> tuple[requests.Response, bytes]:
         """One request and its body, as one attempt of the resilience policy (so a connection
         that breaks while the body streams is retried like one that breaks before it)."""
-        if self.auth_headers:
-            kwargs["auth"] = HeaderAuth(self.auth_headers, origin)
+        if self.auth_headers or self.auth_params:
+            kwargs["auth"] = HeaderAuth(self.auth_headers, origin, params=self.auth_params)
 
         service = self.service_for(url)
 

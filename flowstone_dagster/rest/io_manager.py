@@ -3,11 +3,10 @@ through :class:`~flowstone_dagster.rest.client.RestClient` (the guide is ``docs/
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import dagster as dg
@@ -26,6 +25,7 @@ from flowstone_dagster.http import (
     DEFAULT_READ_TIMEOUT,
 )
 from flowstone_dagster.resilience import ResilienceResource, resolve
+from flowstone_dagster.rest.auth import NoAuth, RestAuth
 from flowstone_dagster.rest.client import (
     DEFAULT_MAX_BODY_BYTES,
     HeadInfo,
@@ -98,22 +98,13 @@ class RestIOManager(dg.ConfigurableIOManager):
         repr=False,  # may carry credentials
         description="Extra headers sent with every request.",
     )
-    auth: Literal["none", "bearer", "basic", "api_key"] = Field(
-        default="none",
-        description="none; bearer (token); basic (username, password); api_key (api_key sent "
-        "in the api_key_header header).",
+    auth: RestAuth = Field(
+        default_factory=NoAuth,
+        discriminator="kind",
+        description="Credentials, chosen by kind: none (the default), bearer (token), basic "
+        "(username, password) or api_key (key, in the header header or the query_param query "
+        "parameter). Secrets: use EnvVar('...').",
     )
-    token: str | None = Field(
-        default=None, repr=False, description="Bearer token. Use EnvVar('...')."
-    )
-    username: str | None = Field(default=None, description="User for basic auth.")
-    password: str | None = Field(
-        default=None, repr=False, description="Password for basic auth. Use EnvVar('...')."
-    )
-    api_key: str | None = Field(
-        default=None, repr=False, description="API key for api_key auth. Use EnvVar('...')."
-    )
-    api_key_header: str = Field(default="X-API-Key", description="Header carrying api_key.")
     connect_timeout: float = Field(
         default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="Seconds to connect."
     )
@@ -165,8 +156,7 @@ class RestIOManager(dg.ConfigurableIOManager):
     _clients: dict[tuple[Any, ...], RestClient] = PrivateAttr(default_factory=dict)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._auth_headers()  # fail at set-up on incomplete auth, naming the field
-        self.resolved_service()
+        self.resolved_service()  # fail at set-up on a malformed base_url
 
     def resolved_service(self) -> str:
         """``service``, else the origin of ``base_url`` (:func:`rest_service`)."""
@@ -176,24 +166,6 @@ class RestIOManager(dg.ConfigurableIOManager):
         for client in self._clients.values():
             client.session.close()
         self._clients.clear()
-
-    def _auth_headers(self) -> tuple[dict[str, str], list[str]]:
-        if self.auth == "none":
-            return {}, []
-        if self.auth == "bearer":
-            if not self.token:
-                raise ConfigurationError("is required for bearer auth", field="token")
-            return {"Authorization": f"Bearer {self.token}"}, [self.token]
-        if self.auth == "basic":
-            if not self.username or self.password is None:
-                raise ConfigurationError(
-                    "username and password are required for basic auth", field="password"
-                )
-            encoded = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-            return {"Authorization": f"Basic {encoded}"}, [self.password, encoded]
-        if not self.api_key:
-            raise ConfigurationError("is required for api_key auth", field="api_key")
-        return {self.api_key_header: self.api_key}, [self.api_key]
 
     def _client(
         self, context: dg.InputContext | dg.OutputContext, metadata: Mapping[str, Any]
@@ -238,14 +210,15 @@ class RestIOManager(dg.ConfigurableIOManager):
                 ) from None
             return base + (path if path.startswith("/") else "/" + path)
 
-        auth_headers, secrets = self._auth_headers()
+        credentials = self.auth.credentials()
         return RestClient(
             url_fn,
             format=fmt,
             method=method,
             headers=self.headers,
-            auth_headers=auth_headers,
-            secrets=secrets,
+            auth_headers=credentials.headers,
+            auth_params=credentials.params,
+            secrets=credentials.secrets,
             timeout=(self.connect_timeout, self.read_timeout),
             max_body_bytes=self.max_body_bytes,
             max_redirects=self.max_redirects,
