@@ -38,7 +38,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import dagster as dg  # noqa: E402
 
-from flowstone_dagster.external_db import ExternalDBIOManager  # noqa: E402
+from flowstone_dagster.external_db import ExternalDBIOManager, PostgresConfig  # noqa: E402
 from flowstone_dagster_tests.support.postgres import PostgresCluster  # noqa: E402
 
 PSQL = "/usr/bin/psql"
@@ -86,12 +86,13 @@ def main() -> None:
 
         psql("CREATE TABLE via_psql (id bigint, name text, score double precision, day date)")
         manager = ExternalDBIOManager(
-            adapter="postgres",
-            host=pg.host,
-            port=pg.port,
-            database=pg.database,
-            user=pg.user,
-            password=pg.password,
+            database=PostgresConfig(
+                host=pg.host,
+                port=pg.port,
+                database=pg.database,
+                user=pg.user,
+                password=pg.password,
+            )
         )
         key = dg.AssetKey("via_io_manager")
 

@@ -249,7 +249,7 @@ defs = dg.Definitions(
             resilience=settings.resilience(),
         ),
         "warehouse_db": ExternalDBIOManager(
-            **settings.external_db_config(), resilience=settings.resilience()
+            database=settings.external_db_config(), resilience=settings.resilience()
         ),
         "workers": PythonWorkerResource(paths=[str(settings.ML_DIR)], pool_size=1, timeout=120),
         "llm": settings.llm_resource(),

@@ -41,10 +41,12 @@ from flowstone_dagster import (
     EmailConfig,
     LLMResource,
     NotificationsResource,
+    PostgresConfig,
     ResilienceResource,
     RetryConfig,
     ServicePolicy,
     SlackWebhookConfig,
+    SQLiteConfig,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -129,20 +131,19 @@ def resilience() -> ResilienceResource:
     )
 
 
-def external_db_config() -> dict[str, object]:
-    """``ExternalDBIOManager`` settings: PostgreSQL from ``FLOWSTONE_DEMO_PG_URL``, else SQLite."""
+def external_db_config() -> PostgresConfig | SQLiteConfig:
+    """``ExternalDBIOManager`` database: PostgreSQL from ``FLOWSTONE_DEMO_PG_URL``, else SQLite."""
     url = os.environ.get("FLOWSTONE_DEMO_PG_URL")
     if not url:
-        return {"adapter": "sqlite", "path": str(data_dir() / "warehouse.sqlite3")}
+        return SQLiteConfig(path=str(data_dir() / "warehouse.sqlite3"))
     parts = urlsplit(url)
-    return {
-        "adapter": "postgres",
-        "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 5432,
-        "database": parts.path.lstrip("/") or "postgres",
-        "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
-    }
+    return PostgresConfig(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        database=parts.path.lstrip("/") or "postgres",
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+    )
 
 
 def llm_resource() -> LLMResource | dg.ResourceDefinition:

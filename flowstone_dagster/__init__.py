@@ -44,7 +44,9 @@ from flowstone_dagster.external_db import (
     DatabaseError,
     ExternalDB,
     ExternalDBIOManager,
+    PostgresConfig,
     SchemaMismatch,
+    SQLiteConfig,
 )
 from flowstone_dagster.http import HttpSession, create_session
 from flowstone_dagster.python_worker import (
@@ -200,6 +202,7 @@ __all__ = [
     "NotificationsResource",
     "NoAuth",
     "PartialFailure",
+    "PostgresConfig",
     "PythonWorkerError",
     "PythonWorkerResource",
     "RateLimitConfig",
@@ -212,6 +215,7 @@ __all__ = [
     "RestClient",
     "RestIOManager",
     "RetryConfig",
+    "SQLiteConfig",
     "SchemaMismatch",
     "ServicePolicy",
     "SlackApiRejected",

@@ -44,6 +44,7 @@ PUBLIC = {
     "is_retryable", "make_notification_sensor", "parse_dbt_output", "register_secret",
     "stream_dbt", "telemetry", "to_dagster_error", "with_circuit_breaker", "with_retry",
     "with_timeout",
+    "PostgresConfig", "SQLiteConfig",
 }  # fmt: skip
 
 

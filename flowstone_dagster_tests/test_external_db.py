@@ -1,5 +1,6 @@
-"""ExternalDB against a real PostgreSQL cluster and a real SQLite file: the brief's tests, types,
-injection, size, atomicity, idempotency, schema checks, timeouts and telemetry."""
+"""ExternalDB against a real PostgreSQL cluster and a real SQLite file: custom SQL per partition,
+types, injection, size, atomicity, idempotency, schema checks, timeouts, configuration and
+telemetry."""
 
 import datetime as dt
 import decimal
@@ -12,10 +13,11 @@ from typing import Any
 import pandas as pd
 import psycopg2
 import pytest
+from pydantic import ValidationError
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import CallTimeout, is_retryable
-from flowstone_dagster.external_db import ExternalDB
+from flowstone_dagster.external_db import ExternalDB, PostgresConfig, SQLiteConfig
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
@@ -66,7 +68,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         yield Target(request.param, db, raw)
 
 
-# -- the brief's two tests -----------------------------------------------------------------------
+# -- custom SQL per partition --------------------------------------------------------------------
 
 
 def test_loads_data_from_external_database(target: Target) -> None:
@@ -305,6 +307,33 @@ def test_missing_table_names_the_sqlstate(target: Target) -> None:
         target.db.load_table("never_written")
     assert raised.value.sqlstate == "42P01"
     assert not is_retryable(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda path: ExternalDB.sqlite(path, busy_timeout=0), "busy_timeout"),
+        (lambda path: ExternalDB.sqlite(path, statement_timeout=-1), "statement_timeout"),
+        (lambda path: ExternalDB.postgres(database="", user="etl"), "database"),
+        (lambda path: ExternalDB.postgres(database="d", user="u", port=70000), "port"),
+        (lambda path: ExternalDB.postgres(database="d", user="u", sslmode="on"), "sslmode"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(
+    tmp_path: Path, build: Callable[[Path], ExternalDB], field: str
+) -> None:
+    with pytest.raises(ValidationError, match=field):
+        build(tmp_path / "x.sqlite3")
+
+
+def test_constructors_take_the_config_classes(tmp_path: Path) -> None:
+    config = SQLiteConfig(path=str(tmp_path / "x.sqlite3"), busy_timeout=2)
+    with ExternalDB.from_config(config, statement_timeout=None) as db:
+        assert db.statement_timeout is None
+        assert db.adapter.busy_timeout == 2  # type: ignore[union-attr]
+    secret = PostgresConfig(database="d", user="u", password="hunter2")
+    assert "hunter2" not in repr(secret)
+    assert "hunter2" not in repr(ExternalDB.from_config(secret))
 
 
 # -- timeouts ------------------------------------------------------------------------------------

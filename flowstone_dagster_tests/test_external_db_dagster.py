@@ -3,15 +3,21 @@ and read by downstream assets, with dagster.materialize."""
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import psycopg2
 import pytest
+from pydantic import ValidationError
 
-from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.external_db import ExternalDBIOManager
+from flowstone_dagster.external_db import (
+    ExternalDB,
+    ExternalDBIOManager,
+    PostgresConfig,
+    SQLiteConfig,
+)
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.dagster
@@ -50,12 +56,13 @@ def test_daily_partitions_stored_to_postgres_and_read_downstream(
 ) -> None:
     monkeypatch.setenv("WAREHOUSE_PASSWORD", pg_database.password)
     manager = ExternalDBIOManager(
-        adapter="postgres",
-        host=pg_database.host,
-        port=pg_database.port,
-        database=pg_database.database,
-        user=pg_database.user,
-        password=dg.EnvVar("WAREHOUSE_PASSWORD"),
+        database=PostgresConfig(
+            host=pg_database.host,
+            port=pg_database.port,
+            database=pg_database.database,
+            user=pg_database.user,
+            password=dg.EnvVar("WAREHOUSE_PASSWORD"),
+        )
     )
     runs = []
     with caplog.at_level(logging.DEBUG):
@@ -84,13 +91,26 @@ def test_daily_partitions_stored_to_postgres_and_read_downstream(
     assert event.asset_materialization is not None
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     assert metadata["dagster/partition_row_count"] == 2
-    assert metadata["db/rows_replaced"] == 2  # the re-run replaced the first run's rows
-    assert metadata["db/partition"] == "day >= 2025-01-15 AND day < 2025-01-16"
+    assert metadata["flowstone/db/rows_replaced"] == 2  # the re-run replaced the first run's
+    assert metadata["flowstone/db/partition"] == "day >= 2025-01-15 AND day < 2025-01-16"
+    assert metadata["flowstone/db/table_created"] is False
     assert metadata["dagster/table_name"] == "public.readings"
     assert metadata["flowstone/db.store/calls"] == 1
-    assert metadata["flowstone/db.store/rows"] == 2
     columns = {c.name: c.type for c in metadata["dagster/column_schema"].columns}
     assert columns == {"sensor": "text", "value": "bigint", "day": "date"}
+    assert set(metadata) == {  # each fact once
+        "dagster/partition_row_count",
+        "dagster/table_name",
+        "dagster/column_schema",
+        "flowstone/db/partition",
+        "flowstone/db/rows_replaced",
+        "flowstone/db/table_created",
+        "flowstone/db.store/calls",
+        "flowstone/db.store/errors",
+        "flowstone/db.store/attempts",
+        "flowstone/db.store/duration_ms",
+        "flowstone/db.store/bytes",
+    }
 
     result = dg.materialize(
         [all_readings, readings],
@@ -150,7 +170,7 @@ def multi_notes(multi_sales: list[dict]) -> list[dict]:
 def test_static_and_multi_partitions_on_sqlite(
     tmp_path: Path, dagster_instance: dg.DagsterInstance
 ) -> None:
-    manager = ExternalDBIOManager(adapter="sqlite", path=str(tmp_path / "dagster.sqlite3"))
+    manager = ExternalDBIOManager(database=SQLiteConfig(path=str(tmp_path / "dagster.sqlite3")))
     for region in regions.get_partition_keys():
         result = dg.materialize(
             [region_sales, region_qty],
@@ -180,24 +200,68 @@ def test_static_and_multi_partitions_on_sqlite(
 
 
 @pytest.mark.parametrize(
-    ("manager", "field"),
+    ("build", "field"),
     [
-        (ExternalDBIOManager(adapter="sqlite"), "path"),
-        (ExternalDBIOManager(adapter="postgres", user="u"), "database"),
-        (ExternalDBIOManager(adapter="sqlite", path="x.db", schema="raw"), "schema"),
+        (lambda: SQLiteConfig(path=""), "path"),
+        (lambda: SQLiteConfig(path="x.db", busy_timeout=0), "busy_timeout"),
+        (lambda: PostgresConfig(user="u"), "database"),  # type: ignore[call-arg]
+        (lambda: PostgresConfig(database="d", user="u", port=0), "port"),
+        (lambda: PostgresConfig(database="d", user="u", connect_timeout=-1), "connect_timeout"),
+        (
+            lambda: ExternalDBIOManager(database=SQLiteConfig(path="x.db"), statement_timeout=0),
+            "statement_timeout",
+        ),
+        (lambda: ExternalDBIOManager(database=SQLiteConfig(path="x.db"), schema="raw"), "schema"),
     ],
 )
-def test_bad_configuration_fails_at_setup_naming_the_field(
-    manager: ExternalDBIOManager, field: str
+def test_bad_configuration_fails_when_built_naming_the_field(
+    build: Callable[[], object], field: str
 ) -> None:
+    with pytest.raises(ValidationError, match=field):
+        build()
+
+
+def test_the_database_is_a_discriminated_union_in_run_config(
+    tmp_path: Path, dagster_instance: dg.DagsterInstance
+) -> None:
+    """Run config selects the database by kind and takes only that database's fields."""
+
     @dg.asset(io_manager_key="db")
-    def anything() -> list[dict]:
+    def configured() -> list[dict]:
         return [{"a": 1}]
 
+    path = str(tmp_path / "launch.sqlite3")
+    resources = {"db": ExternalDBIOManager.configure_at_launch()}
+    config = {"database": {"sqlite": {"path": path, "busy_timeout": 5}}, "schema": None}
+    result = dg.materialize(
+        [configured],
+        resources=resources,
+        run_config={"resources": {"db": {"config": config}}},
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert ExternalDB.sqlite(path).load_table("configured") == [{"a": 1}]
+
+    fields = ExternalDBIOManager.to_config_schema().as_field().config_type.fields  # type: ignore[attr-defined]
+    database = fields["database"].config_type
+    assert set(database.fields) == {"postgres", "sqlite"}
+    assert set(database.fields["sqlite"].config_type.fields) == {"path", "busy_timeout"}
+    assert "host" in database.fields["postgres"].config_type.fields
+
+    wrong = {"database": {"sqlite": {"path": path, "host": "db.internal"}}}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="host"):
+        dg.materialize(
+            [configured], resources=resources, run_config={"resources": {"db": {"config": wrong}}}
+        )
+    negative = {"database": {"sqlite": {"path": path, "busy_timeout": -1}}}
     with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        dg.materialize([anything], resources={"db": manager})
-    assert isinstance(raised.value.__cause__, ConfigurationError)
-    assert raised.value.__cause__.field == field
+        dg.materialize(
+            [configured],
+            resources=resources,
+            run_config={"resources": {"db": {"config": negative}}},
+        )
+    assert isinstance(raised.value.__cause__, ValidationError)
+    assert "busy_timeout" in str(raised.value.__cause__)
 
 
 def test_partitioned_asset_without_partition_expr_is_a_clear_error(tmp_path: Path) -> None:
@@ -208,7 +272,9 @@ def test_partitioned_asset_without_partition_expr_is_a_clear_error(tmp_path: Pat
     result = dg.materialize(
         [unmarked],
         partition_key="2025-01-15",
-        resources={"db": ExternalDBIOManager(path=str(tmp_path / "x.sqlite3"))},
+        resources={
+            "db": ExternalDBIOManager(database=SQLiteConfig(path=str(tmp_path / "x.sqlite3")))
+        },
         raise_on_error=False,
     )
     assert not result.success
@@ -222,12 +288,14 @@ def test_partitioned_asset_without_partition_expr_is_a_clear_error(tmp_path: Pat
 
 def test_default_service_of_the_io_manager_is_the_database(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite3"
-    assert ExternalDBIOManager(path=str(path)).db.service == f"db:sqlite:{path}"
+    sqlite = SQLiteConfig(path=str(path))
+    assert ExternalDBIOManager(database=sqlite).db.service == f"db:sqlite:{path}"
     manager = ExternalDBIOManager(
-        adapter="postgres", host="db.internal", database="analytics", user="etl", password="pw"
+        database=PostgresConfig(host="db.internal", database="analytics", user="etl", password="pw")
     )
     assert manager.db.service == "db:postgresql://db.internal:5432/analytics"
-    assert ExternalDBIOManager(path=str(path), service="warehouse").db.service == "warehouse"
+    assert "pw" not in repr(manager)
+    assert ExternalDBIOManager(database=sqlite, service="warehouse").db.service == "warehouse"
 
 
 def test_a_missing_table_fails_the_step_once_with_the_asset_named(tmp_path: Path) -> None:
@@ -244,7 +312,9 @@ def test_a_missing_table_fails_the_step_once_with_the_asset_named(tmp_path: Path
 
     result = dg.materialize(
         [consumer, never_written.to_source_asset()],
-        resources={"db": ExternalDBIOManager(path=str(tmp_path / "x.sqlite3"))},
+        resources={
+            "db": ExternalDBIOManager(database=SQLiteConfig(path=str(tmp_path / "x.sqlite3")))
+        },
         raise_on_error=False,
         selection=[consumer],
     )
@@ -257,3 +327,44 @@ def test_a_missing_table_fails_the_step_once_with_the_asset_named(tmp_path: Path
     assert metadata["flowstone/retryable"].value is False
     assert metadata["flowstone/service"].value == f"db:sqlite:{tmp_path / 'x.sqlite3'}"
     assert "no table for asset never_written" in (data.user_failure_data.description or "")
+
+
+def test_unpartitioned_metadata_names_each_fact_once(
+    tmp_path: Path, dagster_instance: dg.DagsterInstance
+) -> None:
+    """A replace reports the table's rows as dagster/row_count; an append, where the table's
+    count is not known, reports the rows it wrote as flowstone/db.store/rows."""
+
+    @dg.asset(io_manager_key="db")
+    def snapshot() -> list[dict]:
+        return [{"a": 1}, {"a": 2}, {"a": 3}]
+
+    @dg.asset(io_manager_key="db", metadata={"write_mode": "append"})
+    def journal() -> list[dict]:
+        return [{"a": 1}, {"a": 2}]
+
+    manager = ExternalDBIOManager(database=SQLiteConfig(path=str(tmp_path / "x.sqlite3")))
+    for _ in range(2):
+        result = dg.materialize(
+            [snapshot, journal], resources={"db": manager}, instance=dagster_instance
+        )
+        assert result.success
+
+    def metadata(name: str) -> dict[str, object]:
+        event = dagster_instance.get_latest_materialization_event(dg.AssetKey(name))
+        assert event is not None
+        assert event.asset_materialization is not None
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+    replaced = metadata("snapshot")
+    assert replaced["dagster/row_count"] == 3
+    assert replaced["flowstone/db/rows_replaced"] == 3
+    assert replaced["dagster/table_name"] == "snapshot"
+    assert "flowstone/db.store/rows" not in replaced
+    assert not any(key.startswith("db/") or key == "rows" for key in replaced)
+
+    appended = metadata("journal")
+    assert "dagster/row_count" not in appended
+    assert appended["flowstone/db.store/rows"] == 2
+    assert appended["flowstone/db/rows_replaced"] == 0
+    assert len(manager.db.load_table("journal")) == 4

@@ -3,6 +3,7 @@
 - :mod:`.client`: :class:`ExternalDB` (transactions, COPY, schema checks; testable without
   Dagster);
 - :mod:`.io_manager`: :class:`ExternalDBIOManager`, the Dagster I/O manager;
+- :mod:`.config`: :class:`PostgresConfig` / :class:`SQLiteConfig`, the database to use;
 - :mod:`.adapters`: one adapter per database; :mod:`.types`: column types and values;
   :mod:`.partitions`: partition bounds; :mod:`.errors`: :class:`DatabaseError` and its kinds.
 
@@ -10,6 +11,7 @@ The guide is ``docs/external_db.md``.
 """
 
 from flowstone_dagster.external_db.client import ExternalDB, TableStoreResult
+from flowstone_dagster.external_db.config import PostgresConfig, SQLiteConfig
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
@@ -22,6 +24,8 @@ __all__ = [
     "DatabaseError",
     "ExternalDB",
     "ExternalDBIOManager",
+    "PostgresConfig",
+    "SQLiteConfig",
     "SchemaMismatch",
     "TableStoreResult",
 ]

@@ -1,38 +1,6 @@
-"""External database I/O manager: asset tables in PostgreSQL or SQLite, per partition.
-
-::
-
-    import dagster as dg
-    from flowstone_dagster.external_db.client import ExternalDBIOManager
-
-    daily = dg.DailyPartitionsDefinition(start_date="2025-01-01")
-
-    @dg.asset(partitions_def=daily, io_manager_key="warehouse",
-              metadata={"partition_expr": "day"})
-    def orders(context: dg.AssetExecutionContext) -> list[dict]:
-        return [{"id": 1, "total": 9.5}]   # replaces public.orders rows WHERE day = '2025-01-15'
-
-    @dg.asset(partitions_def=daily, io_manager_key="warehouse",
-              metadata={"partition_expr": "day"})
-    def order_totals(orders: list[dict]) -> list[dict]:  # loads that partition's rows
-        return [{"total": sum(o["total"] for o in orders)}]
-
-    defs = dg.Definitions(
-        assets=[orders, order_totals],
-        resources={"warehouse": ExternalDBIOManager(
-            adapter="postgres", host="db.internal", database="analytics", user="etl",
-            password=dg.EnvVar("WAREHOUSE_PASSWORD"),
-        )},
-    )
-
-A store replaces the partition's rows (DELETE of the partition, then COPY of the new rows) in one
-transaction: re-running a partition never duplicates it, and a failure anywhere (a constraint
-violated by row 50,001, a dropped connection, a timeout) leaves the table exactly as it was.
-Tables are created from the data's types when missing (see
-:mod:`~flowstone_dagster.external_db.types`); an existing table's schema is used as
-it is, and data that does not fit it is a :class:`SchemaMismatch` before anything is written.
-
-For custom SQL, :class:`ExternalDB` is the lower-level form (the brief's)::
+"""``ExternalDB``: a PostgreSQL or SQLite database, for custom SQL and for whole tables per
+partition (what :class:`~flowstone_dagster.ExternalDBIOManager` stores through), testable
+without Dagster::
 
     db = ExternalDB.postgres(host="db.internal", database="analytics", user="etl",
                              password=os.environ["WAREHOUSE_PASSWORD"])
@@ -43,6 +11,14 @@ For custom SQL, :class:`ExternalDB` is the lower-level form (the brief's)::
         lambda row, day: [row["name"], day],
         partition="2025-01-15",
     )
+    db.store_table("orders", [{"id": 1, "total": 9.5}], partition={"day": date(2025, 1, 15)})
+
+A table store replaces the partition's rows (DELETE of the partition, then COPY of the new rows)
+in one transaction: re-running a partition never duplicates it, and a failure anywhere (a
+constraint violated by row 50,001, a dropped connection, a timeout) leaves the table exactly as
+it was. Tables are created from the data's types when missing (see
+:mod:`~flowstone_dagster.external_db.types`); an existing table's schema is used as it is, and
+data that does not fit it is a :class:`SchemaMismatch` before anything is written.
 """
 
 from __future__ import annotations
@@ -51,7 +27,9 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import ConfigDict, Field, validate_call
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError
@@ -59,9 +37,16 @@ from flowstone_dagster.external_db.adapters import (
     UNDEFINED_TABLE,
     Adapter,
     ColumnInfo,
-    PostgresAdapter,
     SQLiteAdapter,
     Where,
+)
+from flowstone_dagster.external_db.config import (
+    DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+    PostgresConfig,
+    SQLiteConfig,
+    SSLMode,
 )
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
@@ -95,11 +80,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-#: Seconds a statement may run before the database cancels it (``CallTimeout``).
-DEFAULT_STATEMENT_TIMEOUT = 300.0
-#: Seconds to wait for a connection to be established.
-DEFAULT_CONNECT_TIMEOUT = 10.0
 
 Query = str | Callable[[Any], tuple[str, Any]]
 WriteMode = Literal["replace", "append"]
@@ -165,16 +145,15 @@ class ExternalDB:
     ``:name`` for SQLite.
     """
 
+    @validate_call(config=ConfigDict(arbitrary_types_allowed=True))
     def __init__(
         self,
         adapter: Adapter,
         *,
-        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+        statement_timeout: Annotated[float, Field(gt=0)] | None = DEFAULT_STATEMENT_TIMEOUT,
         resilience: ResilienceResource | None = None,
         service: str | None = None,
     ) -> None:
-        if statement_timeout is not None and statement_timeout <= 0:
-            raise ConfigurationError("must be positive (or None)", field="statement_timeout")
         self.adapter = adapter
         self.statement_timeout = statement_timeout
         self.resilience = resilience
@@ -182,6 +161,12 @@ class ExternalDB:
         self._connection: Any = None
         self._pid = 0
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, database: PostgresConfig | SQLiteConfig, **options: Any) -> ExternalDB:
+        """The database ``database`` describes; ``options`` are :class:`ExternalDB`'s keyword
+        arguments (``statement_timeout``, ``resilience``, ``service``)."""
+        return cls(database.adapter(), **options)
 
     @classmethod
     def postgres(
@@ -192,13 +177,14 @@ class ExternalDB:
         password: str | None = None,
         host: str = "localhost",
         port: int = 5432,
-        sslmode: str = "prefer",
+        sslmode: SSLMode = "prefer",
         sslrootcert: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         **options: Any,
     ) -> ExternalDB:
-        """A PostgreSQL database; ``options`` are :class:`ExternalDB`'s keyword arguments."""
-        adapter = PostgresAdapter(
+        """A PostgreSQL database (:class:`PostgresConfig`'s fields); ``options`` are
+        :class:`ExternalDB`'s keyword arguments."""
+        config = PostgresConfig(
             host=host,
             port=port,
             database=database,
@@ -208,14 +194,19 @@ class ExternalDB:
             sslrootcert=sslrootcert,
             connect_timeout=connect_timeout,
         )
-        return cls(adapter, **options)
+        return cls.from_config(config, **options)
 
     @classmethod
     def sqlite(
-        cls, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, **options: Any
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        **options: Any,
     ) -> ExternalDB:
         """A SQLite database file (created when missing)."""
-        return cls(SQLiteAdapter(path=os.fspath(path), busy_timeout=busy_timeout), **options)
+        config = SQLiteConfig(path=os.fspath(path), busy_timeout=busy_timeout)
+        return cls.from_config(config, **options)
 
     def __repr__(self) -> str:
         return f"ExternalDB({self.adapter!r}, service={self.service!r})"
@@ -334,7 +325,7 @@ class ExternalDB:
             call.set(**measure(result))
         return result
 
-    # -- custom SQL (the brief's form) -----------------------------------------------------------
+    # -- custom SQL ------------------------------------------------------------------------------
 
     def load(
         self,
@@ -636,6 +627,3 @@ def _params_size(params: Sequence[Any]) -> int:
     if isinstance(first, Mapping):
         return payload_size([list(row.values()) for row in params])
     return payload_size([list(column) for column in zip(*params, strict=False)])
-
-
-# -- the I/O manager ---------------------------------------------------------------------------

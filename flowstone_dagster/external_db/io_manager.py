@@ -4,30 +4,23 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.external_db.adapters import (
-    UNDEFINED_TABLE,
-)
-from flowstone_dagster.external_db.client import (
-    DEFAULT_CONNECT_TIMEOUT,
+from flowstone_dagster.external_db.adapters import UNDEFINED_TABLE
+from flowstone_dagster.external_db.client import ExternalDB, WriteMode
+from flowstone_dagster.external_db.config import (
     DEFAULT_STATEMENT_TIMEOUT,
-    ExternalDB,
-    WriteMode,
+    PostgresConfig,
+    SQLiteConfig,
 )
-from flowstone_dagster.external_db.errors import (
-    DatabaseError,
-)
-from flowstone_dagster.external_db.partitions import (
-    select_partitions,
-)
+from flowstone_dagster.external_db.errors import DatabaseError
+from flowstone_dagster.external_db.partitions import select_partitions
 from flowstone_dagster.formats import wants_dataframe
 from flowstone_dagster.resilience import ResilienceResource, resolve
 
@@ -39,36 +32,29 @@ T = TypeVar("T")
 class ExternalDBIOManager(dg.ConfigurableIOManager):
     """Stores each asset output as rows of a table and loads inputs from it.
 
+    ``database`` is a :class:`PostgresConfig` or a :class:`SQLiteConfig`::
+
+        ExternalDBIOManager(database=PostgresConfig(host="db.internal", database="analytics",
+                                                    user="etl", password=dg.EnvVar("PGPASSWORD")))
+        ExternalDBIOManager(database=SQLiteConfig(path="/data/warehouse.sqlite3"))
+
     The table is the asset key's last part, in the schema named by the key's prefix (the part
     before the last), else ``schema``, else ``public`` (SQLite: no schemas). Asset definition
     metadata overrides: ``table``, ``schema``, ``partition_expr`` (the column holding the
     partition; for multi-partitions ``{dimension: column}``) and ``write_mode``.
 
-    Output metadata: ``dagster/table_name``, ``dagster/column_schema``,
-    ``dagster/partition_row_count`` (partitioned) or ``dagster/row_count``, ``db/rows``,
-    ``db/rows_replaced``, ``db/bytes``, ``db/partition``, ``db/table_created``, and the step's
-    ``flowstone/db.store/...`` telemetry totals.
+    Output metadata (one key per fact; the table is in ``docs/external_db.md``):
+    ``dagster/table_name``, ``dagster/column_schema``, ``dagster/partition_row_count``
+    (partitioned) or ``dagster/row_count`` (unpartitioned replace), ``flowstone/db/partition``,
+    ``flowstone/db/rows_replaced``, ``flowstone/db/table_created`` and the step's
+    ``flowstone/db.store/...`` telemetry totals (``flowstone/db.store/rows`` only for appends,
+    where no Dagster key holds the row count).
     """
 
-    adapter: Literal["postgres", "sqlite"] = Field(
-        default="sqlite",
-        description="postgres (host, port, database, user, password, sslmode) or sqlite (path).",
-    )
-    path: str | None = Field(
-        default=None, description="SQLite: the database file (created when missing)."
-    )
-    host: str = Field(default="localhost", description="PostgreSQL: server host.")
-    port: int = Field(default=5432, description="PostgreSQL: server port.")
-    database: str | None = Field(default=None, description="PostgreSQL: database name.")
-    user: str | None = Field(default=None, description="PostgreSQL: user name.")
-    password: str | None = Field(
-        default=None, repr=False, description="PostgreSQL: password. Use EnvVar('...')."
-    )
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
-        default="prefer", description="PostgreSQL: libpq sslmode."
-    )
-    sslrootcert: str | None = Field(
-        default=None, description="PostgreSQL: PEM file of the CAs to trust (verify-ca/-full)."
+    database: PostgresConfig | SQLiteConfig = Field(
+        discriminator="kind",
+        description="The database: postgres (host, port, database, user, password, sslmode, "
+        "sslrootcert, connect_timeout) or sqlite (path, busy_timeout).",
     )
     schema_: str | None = Field(
         default=None,
@@ -88,14 +74,9 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
     )
     statement_timeout: float | None = Field(
         default=DEFAULT_STATEMENT_TIMEOUT,
+        gt=0,
         description="Seconds a statement may run before it is cancelled (CallTimeout). Null: no "
         "limit.",
-    )
-    connect_timeout: float = Field(
-        default=DEFAULT_CONNECT_TIMEOUT, description="PostgreSQL: seconds to connect."
-    )
-    busy_timeout: float = Field(
-        default=30.0, description="SQLite: seconds a write waits for another writer's lock."
     )
     service: str | None = Field(
         default=None,
@@ -112,61 +93,33 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
 
     _db: ExternalDB | None = PrivateAttr(default=None)
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._check_config()
+    @model_validator(mode="after")
+    def _sqlite_has_no_schemas(self) -> ExternalDBIOManager:
+        if self.database.kind == "sqlite" and self.schema_ not in (None, "main"):
+            raise ValueError("schema: SQLite has no schemas; leave it unset")
+        return self
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
 
-    def _check_config(self) -> None:
-        if self.adapter == "sqlite":
-            if not self.path:
-                raise ConfigurationError("is required for the sqlite adapter", field="path")
-            if self.schema_ not in (None, "main"):
-                raise ConfigurationError("SQLite has no schemas: leave it unset", field="schema")
-        else:
-            for name in ("database", "user"):
-                if not getattr(self, name):
-                    raise ConfigurationError("is required for the postgres adapter", field=name)
-        if self.statement_timeout is not None and self.statement_timeout <= 0:
-            raise ConfigurationError("must be positive (or null)", field="statement_timeout")
-        if self.connect_timeout <= 0:
-            raise ConfigurationError("must be positive", field="connect_timeout")
-
     @property
     def db(self) -> ExternalDB:
         """The :class:`ExternalDB` this manager stores through (one per process)."""
         if self._db is None:
-            self._check_config()
-            options: dict[str, Any] = {
-                "statement_timeout": self.statement_timeout,
-                "resilience": self.resilience,
-                "service": self.service,
-            }
-            if self.adapter == "sqlite":
-                self._db = ExternalDB.sqlite(
-                    str(self.path), busy_timeout=self.busy_timeout, **options
-                )
-            else:
-                self._db = ExternalDB.postgres(
-                    host=self.host,
-                    port=self.port,
-                    database=str(self.database),
-                    user=str(self.user),
-                    password=self.password,
-                    sslmode=self.sslmode,
-                    sslrootcert=self.sslrootcert,
-                    connect_timeout=self.connect_timeout,
-                    **options,
-                )
+            self._db = ExternalDB.from_config(
+                self.database,
+                statement_timeout=self.statement_timeout,
+                resilience=self.resilience,
+                service=self.service,
+            )
         return self._db
 
     def _table(self, asset_key: dg.AssetKey, metadata: Mapping[str, Any]) -> tuple[str | None, str]:
         table = metadata.get("table") or asset_key.path[-1]
         schema = metadata.get("schema") or self.schema_
-        if schema is None and len(asset_key.path) > 1 and self.adapter == "postgres":
+        if schema is None and len(asset_key.path) > 1 and self.database.kind == "postgres":
             schema = asset_key.path[-2]
         for field, value in (("table", table), ("schema", schema)):
             if value is not None and not isinstance(value, str):
@@ -187,8 +140,7 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
         schema, table = self._table(context.asset_key, metadata)
         selection = select_partitions(context, metadata.get("partition_expr"))
         mode = metadata.get("write_mode") or self.write_mode
-        started = time.perf_counter()
-        with telemetry.observe(context):
+        with telemetry.observe(context, attach_metadata=False) as calls:
             result = self._dagster_errors(
                 lambda: self.db.store_table(
                     table,
@@ -199,24 +151,23 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
                     create=self.create_tables,
                 )
             )
-        output: dict[str, Any] = {
-            "dagster/table_name": result.table,
-            "db/rows": result.rows,
-            "db/rows_replaced": result.deleted,
-            "db/bytes": result.bytes,
-            "db/table_created": result.created,
-            "db/duration_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
+        output: dict[str, Any] = {"dagster/table_name": result.table}
         if result.columns:
             output["dagster/column_schema"] = dg.TableSchema(
                 columns=[dg.TableColumn(name, type_) for name, type_ in result.columns]
             )
+        totals = calls.metadata()
         if selection is not None:
             output["dagster/partition_row_count"] = result.rows
-            output["db/partition"] = selection.describe()
+            output["flowstone/db/partition"] = selection.describe()
         elif mode == "replace":
             output["dagster/row_count"] = result.rows
-        context.add_output_metadata(output)
+        if "dagster/partition_row_count" in output or "dagster/row_count" in output:
+            # The same number, under the Dagster key the UI shows.
+            totals.pop("flowstone/db.store/rows", None)
+        output["flowstone/db/rows_replaced"] = result.deleted
+        output["flowstone/db/table_created"] = result.created
+        context.add_output_metadata({**output, **totals})
 
     def load_input(self, context: dg.InputContext) -> Any:
         upstream = context.upstream_output
