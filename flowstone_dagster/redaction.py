@@ -146,28 +146,7 @@ def redact_url(url: str, secrets: Iterable[str] = ()) -> str:
     >>> redact_url("https://user:pw@api.example.com/x?token=abc&day=1")
     'https://user:***@api.example.com/x?token=***&day=1'
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return redact_text(url, secrets)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(name.lower() in SECRET_QUERY_PARAMS for name, _ in pairs):
-            query = urlencode(
-                [
-                    (name, REDACTED if name.lower() in SECRET_QUERY_PARAMS else value)
-                    for name, value in pairs
-                ],
-                safe="*",
-            )
-    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return redact_text(redacted, secrets)
+    return redact_text(_redact_url_shape(url), secrets)
 
 
 def _redact_url_shape(url: str) -> str:

@@ -26,8 +26,10 @@ __all__ = [
     "StateStore",
     "operation_timeout",
     "unavailable",
+    "longest_wait",
     "wait_until_fits",
     "window_key",
+    "window_keys",
 ]
 
 T = TypeVar("T")
@@ -187,6 +189,28 @@ def wait_until_fits(
         if freed >= excess - EPSILON:
             return max(ts + period - now, 0.0) + WAIT_MARGIN
     return period  # only when rows changed under us; the caller asks again
+
+
+def window_keys(
+    name: str, windows: Sequence[tuple[float, float]]
+) -> list[tuple[str, float, float]]:
+    """``(log name, limit, period)`` of each window of a limiter with several rates."""
+    return [(window_key(name, limit, period), limit, period) for limit, period in windows]
+
+
+def longest_wait(
+    keyed: Sequence[tuple[str, float, float]],
+    usage: Sequence[float],
+    cost: float,
+    wait_of: Callable[[str, float, float, float], float],
+) -> float:
+    """0 when ``cost`` fits in every window (``usage`` units used each), else the longest
+    ``wait_of(key, used, limit, period)`` of the windows it does not fit in."""
+    wait = 0.0
+    for (key, limit, period), used in zip(keyed, usage, strict=True):
+        if used + cost > limit + EPSILON:
+            wait = max(wait, wait_of(key, used, limit, period))
+    return wait
 
 
 class _Held:

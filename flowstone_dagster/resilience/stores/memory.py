@@ -13,8 +13,9 @@ from flowstone_dagster.resilience.stores.base import (
     EPSILON,
     BreakerRecord,
     Reservation,
+    longest_wait,
     wait_until_fits,
-    window_key,
+    window_keys,
 )
 
 __all__ = ["MemoryStore"]
@@ -104,27 +105,19 @@ class MemoryStore:
     ) -> Reservation:
         with self._lock:
             at = time.time() if now is None else now
-            logs = [
-                (self._pruned(window_key(name, limit, period), period, at), limit, period)
-                for limit, period in windows
-            ]
-            wait = 0.0
-            for log, limit, period in logs:
-                if log.used + cost > limit + EPSILON:
-                    wait = max(
-                        wait,
-                        wait_until_fits(
-                            log.entries,
-                            used=log.used,
-                            cost=cost,
-                            limit=limit,
-                            period=period,
-                            now=at,
-                        ),
-                    )
+            keyed = window_keys(name, windows)
+            logs = {key: self._pruned(key, period, at) for key, _, period in keyed}
+
+            def wait_of(key: str, used: float, limit: float, period: float) -> float:
+                entries = logs[key].entries
+                return wait_until_fits(
+                    entries, used=used, cost=cost, limit=limit, period=period, now=at
+                )
+
+            wait = longest_wait(keyed, [log.used for log in logs.values()], cost, wait_of)
             if wait > 0:
                 return Reservation(False, at, wait)
-            for log, _, _ in logs:
+            for log in logs.values():
                 log.entries.append((at, cost))
                 log.used += cost
             return Reservation(True, at, 0.0)

@@ -13,11 +13,12 @@ from flowstone_dagster.resilience.stores.base import (
     BreakerRecord,
     PerThread,
     Reservation,
+    longest_wait,
     operation_timeout,
     record_of,
     unavailable,
     wait_until_fits,
-    window_key,
+    window_keys,
 )
 from flowstone_dagster.resilience.stores.sqlite import READ_BREAKER
 
@@ -320,26 +321,23 @@ class PostgresStore:
         def work(cursor: Any) -> Reservation:
             cursor.execute(_PG_LOCK_AND_NOW, {"key": f"flowstone.limiter:{name}", "now": now})
             at = float(cursor.fetchone()[0])
-            keyed = [(window_key(name, limit, period), limit, period) for limit, period in windows]
+            keyed = window_keys(name, windows)
             usage = []
             for key, _, period in keyed:
                 cursor.execute(_PG_USAGE, {"name": key, "at": at, "period": float(period)})
                 usage.append(float(cursor.fetchone()[0]))
-            wait = 0.0
-            for (key, limit, period), used in zip(keyed, usage, strict=True):
-                if used + cost > limit + EPSILON:
-                    cursor.execute(
-                        "SELECT ts, cost FROM flowstone_limiter_log WHERE name = %s AND ts > %s "
-                        "ORDER BY ts",
-                        (key, at - period),
-                    )
-                    rows = cursor.fetchall()
-                    wait = max(
-                        wait,
-                        wait_until_fits(
-                            rows, used=used, cost=cost, limit=limit, period=period, now=at
-                        ),
-                    )
+
+            def wait_of(key: str, used: float, limit: float, period: float) -> float:
+                cursor.execute(
+                    "SELECT ts, cost FROM flowstone_limiter_log WHERE name = %s AND ts > %s "
+                    "ORDER BY ts",
+                    (key, at - period),
+                )
+                return wait_until_fits(
+                    cursor.fetchall(), used=used, cost=cost, limit=limit, period=period, now=at
+                )
+
+            wait = longest_wait(keyed, usage, cost, wait_of)
             if wait == 0:
                 for (key, _, _), used in zip(keyed, usage, strict=True):
                     cursor.execute(

@@ -20,11 +20,12 @@ from flowstone_dagster.resilience.stores.base import (
     BreakerRecord,
     PerThread,
     Reservation,
+    longest_wait,
     operation_timeout,
     record_of,
     unavailable,
     wait_until_fits,
-    window_key,
+    window_keys,
 )
 
 __all__ = ["SQLiteStore", "ensure_private"]
@@ -364,23 +365,15 @@ class SQLiteStore:
     ) -> Reservation:
         def work(connection: sqlite3.Connection) -> Reservation:
             at = time.time() if now is None else now
-            keyed = [(window_key(name, limit, period), limit, period) for limit, period in windows]
+            keyed = window_keys(name, windows)
             usage = [self._used(connection, key, period, at) for key, _, period in keyed]
-            wait = 0.0
-            for (key, limit, period), used in zip(keyed, usage, strict=True):
-                if used + cost > limit + EPSILON:
-                    wait = max(
-                        wait,
-                        self._wait(
-                            connection,
-                            key,
-                            used=used,
-                            cost=cost,
-                            limit=limit,
-                            period=period,
-                            at=at,
-                        ),
-                    )
+
+            def wait_of(key: str, used: float, limit: float, period: float) -> float:
+                return self._wait(
+                    connection, key, used=used, cost=cost, limit=limit, period=period, at=at
+                )
+
+            wait = longest_wait(keyed, usage, cost, wait_of)
             if wait > 0:
                 return Reservation(False, at, wait)
             for (key, _, _), used in zip(keyed, usage, strict=True):
