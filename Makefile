@@ -1,5 +1,5 @@
 # The commands a user runs. Every target installs what it needs first (bin/setup).
-.PHONY: setup test test-fast check demo ui bench clean
+.PHONY: setup test test-fast test-oldest check demo ui bench clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,6 +16,11 @@ test: setup
 ## extra processes; about a minute).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not postgres and not dbt and not multiprocess and not dagster and not workers and not smtp" -q
+
+## make test-oldest: the quick tier against the oldest supported Dagster release (.venv-oldest).
+test-oldest: setup
+	@bin/setup-oldest
+	.venv-oldest/bin/python -m pytest -m "not postgres and not dbt and not multiprocess and not dagster and not workers and not smtp" -q -p no:cacheprovider
 
 ## make check: lint, format and type checks.
 check: setup
@@ -40,4 +45,4 @@ bench: setup
 	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(DEMO_HOME) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(DEMO_HOME) .venv-oldest .pytest_cache .ruff_cache .mypy_cache .hypothesis
