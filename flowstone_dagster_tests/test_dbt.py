@@ -13,8 +13,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import pydantic
 import pytest
 
 from flowstone_dagster import telemetry
@@ -376,6 +378,18 @@ def test_bad_values_name_their_field(project: Path) -> None:
         dbt.run(timeout=0)
     with pytest.raises(ConfigurationError, match="vars: must be JSON-serialisable"):
         dbt.run(vars={"when": object()})
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"threads": 0}, "threads"), ({"timeout": 0}, "timeout"), ({"kill_grace": -1}, "kill_grace")],
+)
+def test_resource_constraints_fail_when_built_naming_the_field(
+    project: Path, options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError) as raised:
+        DbtResource(project_dir=str(project), **options)
+    assert [error["loc"] for error in raised.value.errors()] == [(field,)]
 
 
 # -- concurrency and timeouts ----------------------------------------------------------------------

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from email.utils import formatdate
 from typing import Any
 
+import dagster as dg
+import pydantic
 import pytest
 
 from flowstone_dagster import telemetry
@@ -871,3 +873,50 @@ def test_without_a_resilience_resource_the_llm_default_policy_applies() -> None:
     # A breaker and limits protect something only when every step process shares them: the
     # default shared store (here the session's, from $FLOWSTONE_RESILIENCE_STORE).
     assert client.resilience.resolved_store_url().startswith("sqlite://")
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"rpm_limit": 0}, "rpm_limit"),
+        ({"rpm_window": 0}, "rpm_window"),
+        ({"tpm_limit": 0.5}, "tpm_limit"),
+        ({"timeout": -1}, "timeout"),
+        ({"rate_limit_max_wait": -1}, "rate_limit_max_wait"),
+        ({"rate_limit_margin": -1}, "rate_limit_margin"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_resource_constraints_fail_when_built_naming_the_field(
+    options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError) as raised:
+        LLMResource(provider="anthropic", model="m", api_key=KEY, **options)
+    assert [error["loc"] for error in raised.value.errors()] == [(field,)]
+
+
+def test_every_resource_field_reaches_the_client() -> None:
+    resource = LLMResource(
+        provider="openai_compatible",
+        model="llama3.2",
+        base_url="http://127.0.0.1:9/v1",
+        max_tokens=7,
+        temperature=0.5,
+        timeout=3.0,
+        rpm_limit=30,
+        rpm_window=2.0,
+        tpm_limit=900,
+        rate_limit_max_wait=4.0,
+        rate_limit_margin=0.5,
+        service="llm:local",
+    )
+    client = resource.client()
+    try:
+        assert (client.model, client.max_tokens, client.temperature) == ("llama3.2", 7, 0.5)
+        assert (client.timeout, client.service) == (3.0, "llm:local")
+        assert client.rpm is not None
+        assert client.tpm is not None
+        assert (client.rpm.period, client.rpm.max_wait) == (3.0, 4.0)  # 2 s window * 1.5
+        assert client.tpm.limit == 900
+    finally:
+        resource.teardown_after_execution(dg.build_init_resource_context())

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import dagster as dg
+import pydantic
 import pytest
 from dagster_slack import SlackResource
 from pytest_httpserver import HTTPServer
@@ -735,3 +736,16 @@ def test_404_echoing_the_webhook_path_stays_out_of_the_event_log(
         assert_no_secret(entry.user_message)
         if entry.dagster_event is not None:
             assert_no_secret(repr(entry.dagster_event.event_specific_data))
+
+
+def test_config_constraints_fail_when_built_naming_the_field() -> None:
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        (SlackWebhookConfig, {"url": "https://hooks.example/x", "timeout": 0}, "timeout"),
+        (EmailConfig, {"host": "h", "sender": "a@b.c", "timeout": -1}, "timeout"),
+        (EmailConfig, {"host": "h", "sender": "a@b.c", "port": 70000}, "port"),
+        (NotificationsResource, {"slack_timeout": 0}, "slack_timeout"),
+    ]
+    for config_class, options, field in cases:
+        with pytest.raises(pydantic.ValidationError) as raised:
+            config_class(**options)
+        assert [error["loc"] for error in raised.value.errors()] == [(field,)]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pydantic
 import pytest
 
 from flowstone_dagster import telemetry
@@ -383,3 +384,23 @@ def test_resource_outside_dagster_and_env(tmp_path: Path) -> None:
         isolated.close()
     assert environment.get("ONLY") == "this"
     assert "PATH" not in environment
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"pool_size": 0}, "pool_size"),
+        ({"timeout": 0}, "timeout"),
+        ({"start_timeout": -1}, "start_timeout"),
+        ({"max_calls_per_worker": 0}, "max_calls_per_worker"),
+        ({"max_queued": -1}, "max_queued"),
+        ({"queue_timeout": 0}, "queue_timeout"),
+        ({"memory_limit_mb": 0}, "memory_limit_mb"),
+    ],
+)
+def test_resource_constraints_fail_when_built_naming_the_field(
+    options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError) as raised:
+        PythonWorkerResource(**options)
+    assert [error["loc"] for error in raised.value.errors()] == [(field,)]

@@ -134,18 +134,20 @@ class DbtResource(dg.ConfigurableResource):
         description="dbt variables for every call (--vars); a call's `vars` are merged over them.",
     )
     threads: int | None = Field(
-        default=None, description="--threads for every call. Null: the profile's setting."
+        default=None, ge=1, description="--threads for every call. Null: the profile's setting."
     )
     full_refresh: bool = Field(
         default=False, description="Pass --full-refresh to run, build and seed by default."
     )
     timeout: float | None = Field(
         default=DEFAULT_DBT_TIMEOUT,
+        gt=0,
         description="Seconds one dbt invocation may take before dbt and its children are "
         "stopped and CallTimeout is raised. Null: no limit.",
     )
     kill_grace: float = Field(
         default=DEFAULT_KILL_GRACE,
+        ge=0,
         description="Seconds between SIGINT (dbt cancels its queries) and SIGKILL on timeout.",
     )
     dbt_executable: str = Field(
@@ -191,14 +193,13 @@ class DbtResource(dg.ConfigurableResource):
             target,
         )
         executable = _resolve_executable(self.dbt_executable)
+        # The fields have Field constraints; these check a call's own overrides too.
         threads = opts.get("threads", self.threads)
         if threads is not None and threads < 1:
             raise ConfigurationError("must be at least 1", field="threads", service=self.service)
         timeout = opts.get("timeout", self.timeout)
         if timeout is not None and timeout <= 0:
             raise ConfigurationError("must be positive", field="timeout", service=self.service)
-        if self.kill_grace < 0:
-            raise ConfigurationError("must not be negative", field="kill_grace")
         variables = {**self.vars, **(opts.get("vars") or {})}
         try:
             json.dumps(variables)

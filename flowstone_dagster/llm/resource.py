@@ -39,8 +39,9 @@ work and documents it). Every request goes through ``resilience``
 package's one resilience path): its policy for the resource's ``service`` (retries, breaker,
 per-attempt timeout), with the rpm/tpm limits passed to it per call. Without ``resilience``,
 :data:`~.client.DEFAULT_POLICY` applies on an in-process store (the breaker and the limits then
-protect one process only). Configuration errors (no key, no ``base_url`` for a local server, a
-negative limit) fail at resource set-up, before any request, naming the field.
+protect one process only). Out-of-range fields (a negative limit or timeout) fail when the
+resource is built (pydantic's ``ValidationError``); a missing key or no ``base_url`` for a local
+server fails at resource set-up, before any request; both name the field.
 
 What escapes a call is mapped to Dagster control flow by the resilience resource
 (:meth:`~flowstone_dagster.resilience.ResilienceResource.dagster_error`) when its
@@ -75,6 +76,10 @@ from flowstone_dagster.resilience import ResilienceResource
 
 __all__ = ["API_KEY_ENV", "LLMResource"]
 
+#: Fields given to ``LLMClient`` otherwise than as their value: the resolved key, and the
+#: resilience resource itself (not its dump).
+_NOT_COPIED = {"api_key", "resilience"}
+
 #: The environment variable read when ``api_key`` is not set.
 API_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
@@ -105,43 +110,49 @@ class LLMResource(dg.ConfigurableResource):
         "required for openai_compatible (e.g. http://localhost:11434/v1).",
     )
     max_tokens: int = Field(
-        default=DEFAULT_MAX_TOKENS, description="Default cap on a reply's tokens."
+        default=DEFAULT_MAX_TOKENS, ge=1, description="Default cap on a reply's tokens."
     )
     temperature: float | None = Field(
         default=None, description="Default sampling temperature; null: the provider's."
     )
     timeout: float = Field(
         default=DEFAULT_TIMEOUT,
+        gt=0,
         description="Seconds one request may take, the SDK's timeout (a stream: the longest "
         "silence between chunks); cut to the resilience policy's per-attempt timeout when that "
         "is sooner. A call's `timeout=` overrides it.",
     )
     rpm_limit: float | None = Field(
         default=None,
+        gt=0,
         description="Requests per minute for this endpoint and model, for every process "
         "sharing the resilience store; callers wait for their turn instead of earning 429s. "
         "Null: no limit.",
     )
     rpm_window: float = Field(
         default=DEFAULT_RPM_WINDOW,
+        gt=0,
         description="Seconds over which rpm_limit is enforced: rpm_limit * rpm_window / 60 "
         "requests per window (at least one), so that requests go out evenly spread; providers "
         "enforce per-minute limits over short windows too.",
     )
     tpm_limit: float | None = Field(
         default=None,
+        ge=1,
         description="Tokens (input + output) per minute for this endpoint and model, for every "
         "process sharing the resilience store; estimated from the prompt before sending, "
         "corrected from usage after. Null: no limit.",
     )
     rate_limit_max_wait: float = Field(
         default=DEFAULT_RATE_LIMIT_MAX_WAIT,
+        ge=0,
         description="Longest wait for rpm/tpm capacity in seconds, then RateLimited (also "
         "bounded by the policy's retry deadline and, with Dagster errors on, by the resilience "
         "resource's retry_requested_after).",
     )
     rate_limit_margin: float = Field(
         default=DEFAULT_RATE_LIMIT_MARGIN,
+        ge=0,
         description="How much longer our rate windows are than the provider's, as a fraction "
         "(0.03 = 3 %): absorbs the varying delay between our admission and the provider's "
         "count, at the price of running that much below the limit.",
@@ -191,20 +202,12 @@ class LLMResource(dg.ConfigurableResource):
             if self._client is None:
                 api_key = self.resolved_api_key()
                 register_secret(api_key)  # every redaction in the process hides it from now on
+                # Every other field is LLMClient's argument of the same name: a field added
+                # here reaches the client (or fails loudly if LLMClient lacks it).
+                fields = self.model_dump(exclude=_NOT_COPIED)
                 self._client = LLMClient(
-                    self.provider,
-                    model=self.model,
+                    **fields,
                     api_key=api_key,
-                    base_url=self.base_url,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                    timeout=self.timeout,
-                    rpm_limit=self.rpm_limit,
-                    rpm_window=self.rpm_window,
-                    tpm_limit=self.tpm_limit,
-                    rate_limit_max_wait=self.rate_limit_max_wait,
-                    rate_limit_margin=self.rate_limit_margin,
-                    service=self.service,
                     resilience=self.resilience,
                     dagster_errors=None,  # the resilience resource's setting
                 )

@@ -92,7 +92,9 @@ class SlackWebhookConfig(dg.Config):
         "dg.EnvVar('SLACK_WEBHOOK_URL').",
     )
     timeout: float = Field(
-        default=DEFAULT_SLACK_TIMEOUT, description="Seconds to connect, and to read the answer."
+        default=DEFAULT_SLACK_TIMEOUT,
+        gt=0,
+        description="Seconds to connect, and to read the answer.",
     )
     ca_bundle: str | None = Field(
         default=None, description="PEM file of CA certificates to trust (a private CA)."
@@ -105,6 +107,8 @@ class EmailConfig(dg.Config):
     host: str = Field(description="SMTP server host name.")
     port: int | None = Field(
         default=None,
+        ge=1,
+        le=65535,
         description="SMTP port; default by security: 587 (starttls), 465 (ssl), 25 (none).",
     )
     security: Literal["starttls", "ssl", "none"] = Field(
@@ -123,7 +127,7 @@ class EmailConfig(dg.Config):
     )
     subject_prefix: str = Field(default="", description="Put before every subject: '[data] '.")
     timeout: float = Field(
-        default=DEFAULT_SMTP_TIMEOUT, description="Seconds to connect and per server reply."
+        default=DEFAULT_SMTP_TIMEOUT, gt=0, description="Seconds to connect and per server reply."
     )
     ca_bundle: str | None = Field(
         default=None, description="PEM file of CA certificates to trust (a private CA)."
@@ -166,7 +170,7 @@ class NotificationsResource(dg.ConfigurableResource):
         description="Base URL of the Slack Web API (GovSlack: https://slack-gov.com/api/).",
     )
     slack_timeout: float = Field(
-        default=DEFAULT_SLACK_TIMEOUT, description="Seconds per Web API request."
+        default=DEFAULT_SLACK_TIMEOUT, gt=0, description="Seconds per Web API request."
     )
     email: EmailConfig | None = Field(default=None, description="Email over SMTP.")
     log: bool = Field(

@@ -102,34 +102,40 @@ class PythonWorkerResource(dg.ConfigurableResource):
     cwd: str | None = Field(default=None, description="Working directory of the workers.")
     pool_size: int | None = Field(
         default=None,
+        ge=1,
         description="Worker processes (one call each at a time). Null: the CPUs this process "
         "may use.",
     )
     timeout: float = Field(
         default=DEFAULT_TIMEOUT,
+        gt=0,
         description="Seconds a call may run (300 by default); past it the worker and its child "
         "processes are killed and the call raises CallTimeout. Per call: call(..., timeout=).",
     )
     start_timeout: float = Field(
-        default=60.0, description="Seconds a worker may take to start (interpreter boot)."
+        default=60.0, gt=0, description="Seconds a worker may take to start (interpreter boot)."
     )
     max_calls_per_worker: int | None = Field(
         default=None,
+        ge=1,
         description="Replace a worker after this many calls (frees leaked memory; warm caches "
         "are lost). Null: never.",
     )
     max_queued: int = Field(
         default=DEFAULT_MAX_QUEUED,
+        ge=0,
         description="Calls that may wait while every worker is busy; one more raises "
         "WorkerPoolBusy at once. map() paces itself and never hits it.",
     )
     queue_timeout: float | None = Field(
         default=DEFAULT_QUEUE_TIMEOUT,
+        gt=0,
         description="Seconds a call may wait for a free worker before CallTimeout (600 by "
         "default). Null: no limit.",
     )
     memory_limit_mb: int | None = Field(
         default=DEFAULT_MEMORY_LIMIT_MB,
+        ge=1,
         description="Address-space limit per worker (RLIMIT_AS), in MiB (4096 by default): a "
         "blow-up fails the call with WorkerMemoryExceeded ('worker exceeded its memory limit of "
         "N MB') instead of waking the OOM killer. Thread stacks and malloc arenas count, so a "
@@ -189,8 +195,6 @@ class PythonWorkerResource(dg.ConfigurableResource):
             raise ConfigurationError(
                 f"{self.cwd!r} is not a directory", field="cwd", service=self.service
             )
-        if self.memory_limit_mb is not None and self.memory_limit_mb < 1:
-            raise ConfigurationError("must be at least 1", field="memory_limit_mb")
         env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
         return WorkerSpec(
             python=python,
