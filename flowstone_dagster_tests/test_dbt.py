@@ -249,9 +249,9 @@ def test_failing_model_raises_dbt_failed_with_the_node(
 
     failure = raised.value
     assert failure.allow_retries is False
-    assert failure.metadata["dbt/exit_code"].value == 1
+    assert failure.metadata["flowstone/dbt.command/exit_code"].value == 1
     assert "no_such_column" in str(
-        failure.metadata["dbt/failed/model.flowstone_fixture.broken_model"].value
+        failure.metadata["flowstone/dbt.command/failed/model.flowstone_fixture.broken_model"].value
     )
     error = dbt_error(raised)
     assert type(error) is DbtFailed

@@ -439,12 +439,24 @@ def test_daily_partitions_stored_and_loaded_through_rest(
         dg.AssetKey("doubled")
     ).asset_materialization
     metadata = {k: v.value for k, v in materialization.metadata.items()}
-    assert metadata["url"] == httpserver.url_for("/api/doubled/2025-01-15")
-    assert metadata["rest/status"] == 201
-    assert metadata["rest/etag"] == '"stored"'
-    assert metadata["rest/last_modified"] == "Wed, 15 Jan 2025 07:28:00 GMT"
-    assert metadata["rest/content_length"] == len(store.bodies["/api/doubled/2025-01-15"][0])
-    assert metadata["flowstone/rest.store/calls"] == 1
+    stored = store.bodies["/api/doubled/2025-01-15"][0]
+    # One key per fact: Dagster's dagster/uri, the request's figures once (telemetry totals),
+    # what the response and the HEAD say under flowstone/rest/.
+    assert metadata == {
+        "dagster/uri": httpserver.url_for("/api/doubled/2025-01-15"),
+        "flowstone/rest/method": "POST",
+        "flowstone/rest/status": 201,
+        "flowstone/rest/etag": '"stored"',
+        "flowstone/rest/head_status": 200,
+        "flowstone/rest/content_type": "application/json",
+        "flowstone/rest/content_length": len(stored),
+        "flowstone/rest/last_modified": "Wed, 15 Jan 2025 07:28:00 GMT",
+        "flowstone/rest.store/calls": 1,
+        "flowstone/rest.store/errors": 0,
+        "flowstone/rest.store/attempts": 1,
+        "flowstone/rest.store/duration_ms": metadata["flowstone/rest.store/duration_ms"],
+        "flowstone/rest.store/bytes": len(stored),
+    }
     methods = [(m, p) for m, p, _ in store.requests]
     assert ("GET", "/api/readings/2025-01-15") in methods
 
@@ -838,9 +850,9 @@ def test_a_failing_head_does_not_fail_a_successful_store(
     )
     assert result.success
     metadata = result.asset_materializations_for_node("logged")[0].metadata
-    assert metadata["rest/status"].value == 201
-    assert "rest/head_status" not in metadata
-    assert metadata["rest/location"].value == "/api/logged/1?token=***"
+    assert metadata["flowstone/rest/status"].value == 201
+    assert "flowstone/rest/head_status" not in metadata
+    assert metadata["flowstone/rest/location"].value == "/api/logged/1?token=***"
     warnings = [
         e.user_message
         for e in dagster_instance.all_logs(result.run_id)

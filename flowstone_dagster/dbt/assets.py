@@ -53,22 +53,26 @@ def _with_node_metadata(dagster_event: Any, event: DbtCliEventMessage, attempt: 
     """Add ``flowstone/dbt.node/...`` metadata from the node's result event to its Dagster event.
 
     dbt's result events (``LogModelResult``, ``LogSeedResult``, ``LogTestResult``, ...) carry the
-    node's status, execution time and the adapter's message (``INSERT 5``, ``OK``).
+    node's status, execution time and the adapter's message (``INSERT 5``, ``OK``). One key per
+    fact: dagster-dbt already records the status (``status``) and the duration
+    (``Execution Duration``) in the versions that have them, so ours are added only where it
+    does not; the adapter's message and the command's attempts are ours alone.
     """
     data = event.raw_event.get("data", {})
     # node_status is run_results.json's word ("success", "pass"); data.status the console's ("OK").
     status = (data.get("node_info") or {}).get("node_status") or data.get("status")
     if not status or not hasattr(dagster_event, "with_metadata"):
         return dagster_event
-    metadata: dict[str, Any] = {
-        "flowstone/dbt.node/status": str(status),
-        "flowstone/dbt.command/attempts": attempt,
-    }
-    if isinstance(data.get("execution_time"), (int, float)):
+    existing = dict(getattr(dagster_event, "metadata", None) or {})
+    metadata: dict[str, Any] = {"flowstone/dbt.command/attempts": attempt}
+    if "status" not in existing:
+        metadata["flowstone/dbt.node/status"] = str(status)
+    if "Execution Duration" not in existing and isinstance(
+        data.get("execution_time"), (int, float)
+    ):
         metadata["flowstone/dbt.node/execution_time_s"] = round(data["execution_time"], 6)
     if data.get("result_message"):
         metadata["flowstone/dbt.node/message"] = str(data["result_message"])
-    existing = dict(getattr(dagster_event, "metadata", None) or {})
     return dagster_event.with_metadata({**existing, **metadata})
 
 

@@ -403,16 +403,17 @@ def _dagster_errors(resilience: ResilienceResource, service: str) -> Iterator[No
 
 
 def _with_failed_nodes(failure: dg.Failure, error: DbtFailed) -> dg.Failure:
-    """``failure`` with ``dbt/exit_code`` and ``dbt/failed/<unique id>`` metadata."""
+    """``failure`` with ``flowstone/dbt.command/exit_code`` and
+    ``flowstone/dbt.command/failed/<unique id>`` metadata."""
     failed = {
-        f"dbt/failed/{node['unique_id']}": truncate(
+        f"flowstone/dbt.command/failed/{node['unique_id']}": truncate(
             f"{node['status']}: {node.get('message') or ''} ({node.get('compiled_path')})", 500
         )
         for node in error.failed_nodes[:20]
     }
     enriched = dg.Failure(
         description=failure.description,
-        metadata={**failure.metadata, "dbt/exit_code": error.exit_code, **failed},
+        metadata={**failure.metadata, "flowstone/dbt.command/exit_code": error.exit_code, **failed},
         allow_retries=failure.allow_retries,
     )
     enriched.__cause__ = failure.__cause__

@@ -276,7 +276,7 @@ class DbtResource(dg.ConfigurableResource):
         ``CallTimeout``, ``DbtWarehouseUnreachable`` (after the resilience policy's retries:
         wrapped in ``MaxAttemptsExceeded``); with the resilience resource's ``dagster_errors``
         on (the default, also with no ``resilience``) it is raised as Dagster control flow, a
-        ``Failure`` (with ``dbt/failed/...`` metadata) or ``RetryRequested`` whose
+        ``Failure`` (with ``flowstone/dbt.command/failed/...`` metadata) or ``RetryRequested`` whose
         ``__cause__`` is that error. The set-up errors are raised as they are, before dbt starts.
         """
         settings = self.settings(**opts)

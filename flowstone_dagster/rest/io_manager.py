@@ -3,7 +3,6 @@ through :class:`~flowstone_dagster.rest.client.RestClient` (the guide is ``docs/
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
@@ -68,9 +67,10 @@ class RestIOManager(dg.ConfigurableIOManager):
     dimension, all URL-encoded. An asset overrides these with definition metadata:
     ``rest/path`` (a template), ``rest/format`` and ``rest/method``.
 
-    After a store, ``HEAD`` on the same URL records status, content type, length, ETag and
-    Last-Modified as output metadata (``record_head``), beside the request's own figures and the
-    step's ``flowstone/...`` telemetry totals.
+    A store records ``dagster/uri``, its status, method, ``Location`` and, from a ``HEAD`` on the
+    same URL (``record_head``), content type, length, ETag and Last-Modified as ``flowstone/rest/``
+    output metadata, beside the request's ``flowstone/rest.store/`` telemetry totals (calls,
+    attempts, duration, bytes): each fact under one key (the table in ``docs/rest.md``).
     """
 
     base_url: str = Field(
@@ -265,31 +265,30 @@ class RestIOManager(dg.ConfigurableIOManager):
                 field="partitions",
             )
         partition = keys[0]
-        started = time.perf_counter()
-        with telemetry.observe(context):
+        with telemetry.observe(context):  # flowstone/rest.store/{calls,attempts,bytes,...}
             result = self._dagster_errors(lambda: client.store(obj, partition, asset=asset))
             head = self._head(context, client, partition) if self.record_head else None
+        # One key per fact (the table in docs/rest.md): Dagster's dagster/uri for the URL; the
+        # request's count, attempts, duration and bytes are the telemetry totals above.
         output: dict[str, Any] = {
-            "url": dg.MetadataValue.url(result.url),
-            "rest/method": result.method,
-            "rest/status": result.status,
-            "rest/bytes": result.bytes,
-            "rest/duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            "dagster/uri": result.url,
+            "flowstone/rest/method": result.method,
+            "flowstone/rest/status": result.status,
         }
         if result.location:
-            output["rest/location"] = client.session.redact(result.location)
+            output["flowstone/rest/location"] = client.session.redact(result.location)
+        etag = (head.etag if head is not None else None) or result.etag
+        if etag:
+            output["flowstone/rest/etag"] = etag
         if head is not None:
-            output["rest/head_status"] = head.status
+            output["flowstone/rest/head_status"] = head.status
             for key, value in (
-                ("rest/content_type", head.content_type),
-                ("rest/content_length", head.content_length),
-                ("rest/etag", head.etag or result.etag),
-                ("rest/last_modified", head.last_modified),
+                ("flowstone/rest/content_type", head.content_type),
+                ("flowstone/rest/content_length", head.content_length),
+                ("flowstone/rest/last_modified", head.last_modified),
             ):
                 if value is not None:
                     output[key] = value
-        elif result.etag:
-            output["rest/etag"] = result.etag
         context.add_output_metadata(output)
 
     def load_input(self, context: dg.InputContext) -> Any:
