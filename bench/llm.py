@@ -44,6 +44,12 @@ MODEL = "gpt-4o-mini"
 THREADS = 8
 PROCESSES = 2
 
+# Module level, so that the spawned server and client processes (which import this file as
+# ``__mp_main__``) are quiet too: the test server would log every request (werkzeug), and the
+# clients log each retried 429 as a telemetry WARNING; the tables below count both.
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+logging.getLogger("flowstone_dagster").setLevel(logging.ERROR)
+
 
 def _resilience(store_url: str) -> ResilienceResource:
     """The default policy (3 attempts, breaker) on the shared store, the taxonomy's errors."""
@@ -71,7 +77,6 @@ def _client_process(base_url: str, store_url: str, rpm: float, calls: int, start
                 seen_429 += 1
 
     telemetry.add_listener(count_429)
-    logging.getLogger("flowstone_dagster").setLevel(logging.ERROR)
     remaining = [calls]
     errors: list[str] = []
 
@@ -161,7 +166,6 @@ def _median_round(
 
 
 def bench_overhead(calls: int, rounds: int) -> None:
-    logging.getLogger("flowstone_dagster").setLevel(logging.ERROR)
     with (
         tempfile.TemporaryDirectory() as tmp,
         llm_server_process("openai", api_key=KEY) as (base_url, _),

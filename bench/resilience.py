@@ -19,6 +19,7 @@ with the limit.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import sys
 import tempfile
@@ -47,6 +48,11 @@ from flowstone_dagster_tests.support.net import free_port  # noqa: E402
 from flowstone_dagster_tests.support.postgres import PostgresCluster  # noqa: E402
 
 THREADS = 8
+
+# The store-down rows fail calls on purpose: each failure is also a telemetry WARNING (and the
+# outage itself two more), which would print between the tables that report them. Module
+# level, so the spawned rate-limit processes (which import this file) are quiet too.
+logging.getLogger("flowstone_dagster").setLevel(logging.ERROR)
 
 
 def nothing() -> None:
