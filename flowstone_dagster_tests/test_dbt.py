@@ -91,7 +91,7 @@ def captured() -> Iterator[list[telemetry.TelemetryEvent]]:
     remove()
 
 
-# -- the brief's tests -----------------------------------------------------------------------------
+# -- a model run, a missing model, dbt tests -------------------------------------------------------
 
 
 def test_runs_dbt_model_successfully(dbt: DbtResource, built: object, project: Path) -> None:
@@ -125,7 +125,7 @@ def test_runs_dbt_model_successfully(dbt: DbtResource, built: object, project: P
 
 
 def test_detects_dbt_failures(dbt: DbtResource, built: object) -> None:
-    """The brief runs a model that does not exist. dbt warns and exits 0; we raise."""
+    """A model that does not exist: dbt warns and exits 0; we raise."""
     with pytest.raises(dg.Failure) as raised:
         dbt.run_model("nonexistent_model")
 

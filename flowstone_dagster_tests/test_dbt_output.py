@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (verbatim dbt output has long lines)
-"""``parse_dbt_output`` on the brief's text and on real dbt 1.11 console output.
+"""``parse_dbt_output`` on an old (dbt 1.0) summary and on real dbt 1.11 console output.
 
 The ``*_OUTPUT`` constants are verbatim captures of dbt-core 1.11.16 running the fixture project
 (``flowstone_dagster_tests/dbt_project``), colours included where dbt wrote them.
@@ -112,7 +112,7 @@ NOTHING_SELECTED_OUTPUT = (
 
 
 def test_parses_dbt_output() -> None:
-    """The brief's test, verbatim: an old (dbt 1.0) summary with no per-model lines."""
+    """An old (dbt 1.0) summary with no per-model lines."""
     output = """
     Running with dbt=1.0.0
     Found 3 models, 2 tests, 0 snapshots

@@ -113,7 +113,7 @@ def openai_client(server: OpenAIServer, **options: Any) -> LLMClient:
     )
 
 
-# -- the brief's tests ---------------------------------------------------------------------------
+# -- a call, a rate limit retried, a timeout -----------------------------------------------------
 
 
 def test_calls_anthropic_api_successfully(anthropic_api: AnthropicServer) -> None:

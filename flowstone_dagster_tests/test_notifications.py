@@ -83,7 +83,7 @@ def fast_resilience(**policy: Any) -> ResilienceResource:
     )
 
 
-# -- the brief's formatting tests ------------------------------------------------------------
+# -- message layouts -------------------------------------------------------------------------
 
 
 def test_formats_checkpoint_pending_message() -> None:
@@ -189,7 +189,7 @@ def test_huge_payloads_are_cut_to_slack_limits() -> None:
 
 
 def test_sends_slack_notification(httpserver: HTTPServer) -> None:
-    """The brief: notify(:checkpoint_pending, ..., channels: [:slack]) posts blocks."""
+    """notify("checkpoint_pending", ..., channels=["slack"]) posts Block Kit blocks."""
     httpserver.expect_oneshot_request(webhook_path(), method="POST").respond_with_data("ok")
     notifications = NotificationsResource(
         slack_webhook=SlackWebhookConfig(url=httpserver.url_for(webhook_path()))
@@ -360,7 +360,7 @@ def slack_and_email(
 def test_handles_partial_failures(
     httpserver: HTTPServer, smtp_server: SmtpSink, events: list[telemetry.TelemetryEvent]
 ) -> None:
-    """The brief: Slack fails, email succeeds -> a partial failure with one error."""
+    """Slack fails, email succeeds: a partial failure with one error."""
     httpserver.expect_oneshot_request(webhook_path(), method="POST").respond_with_data(
         "error", status=500
     )

@@ -74,7 +74,7 @@ def auth_server(tls_ca: trustme.CA) -> Iterator[SmtpSink]:
         yield sink
 
 
-# -- the brief: "sends email notification" -----------------------------------------------------
+# -- an email is sent --------------------------------------------------------------------------
 
 
 def test_sends_email_notification(smtp_server: SmtpSink) -> None:

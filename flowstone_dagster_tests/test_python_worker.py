@@ -1,4 +1,4 @@
-"""PythonWorkerResource and its pool against real worker processes: the brief's tests, the API."""
+"""PythonWorkerResource and its pool against real worker processes: calls, errors, the API."""
 
 import logging
 import sys
@@ -35,7 +35,7 @@ def pool() -> Iterator[WorkerPool]:
         yield pool
 
 
-# -- the brief's tests ---------------------------------------------------------------------------
+# -- a call, a remote exception, nested data -----------------------------------------------------
 
 
 def test_calls_python_function(pool: WorkerPool) -> None:
@@ -318,16 +318,9 @@ def test_with_resilience_a_crash_is_retried_in_a_fresh_worker(
         ({"python": __file__}, "python"),  # not executable
         ({"paths": ["/no/such/dir"]}, "paths"),
         ({"cwd": "/no/such/dir"}, "cwd"),
-        ({"pool_size": 0}, "pool_size"),
-        ({"timeout": 0}, "timeout"),
-        ({"max_calls_per_worker": 0}, "max_calls_per_worker"),
-        ({"max_queued": -1}, "max_queued"),
-        ({"queue_timeout": -1}, "queue_timeout"),
-        ({"start_timeout": 0}, "start_timeout"),
-        ({"memory_limit_mb": 0}, "memory_limit_mb"),
     ],
 )
-def test_bad_configuration_fails_at_set_up_naming_the_field(
+def test_bad_configuration_fails_at_set_up_naming_the_field(  # ranges: test_resource_constraints
     config: dict[str, Any], field: str
 ) -> None:
     resource = PythonWorkerResource(**config)

@@ -51,7 +51,7 @@ def client_for(server: HTTPServer, **kwargs: Any) -> RestClient:
     return RestClient(lambda partition: server.url_for(f"/data/{partition}"), **kwargs)
 
 
-# -- the brief's tests ---------------------------------------------------------------------------
+# -- load, not found, errors, auth headers, store ------------------------------------------------
 
 
 def test_loads_data_from_rest_api(httpserver: HTTPServer) -> None:
@@ -435,9 +435,10 @@ def test_daily_partitions_stored_and_loaded_through_rest(
     assert json.loads(store.bodies["/api/readings/2025-01-14"][0]) == [
         {"day": "2025-01-14", "value": 14}
     ]
-    materialization = dagster_instance.get_latest_materialization_event(
-        dg.AssetKey("doubled")
-    ).asset_materialization
+    event = dagster_instance.get_latest_materialization_event(dg.AssetKey("doubled"))
+    assert event is not None
+    materialization = event.asset_materialization
+    assert materialization is not None
     metadata = {k: v.value for k, v in materialization.metadata.items()}
     stored = store.bodies["/api/doubled/2025-01-15"][0]
     # One key per fact: Dagster's dagster/uri, the request's figures once (telemetry totals),

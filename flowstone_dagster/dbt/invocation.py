@@ -54,7 +54,7 @@ class DbtResult:
     """What one dbt command did, from its ``run_results.json``.
 
     ``nodes`` holds every model, seed, snapshot and test dbt reported, in dbt's order;
-    ``output`` is dbt's console text (for people: the brief's ``"PASS" in result.output``);
+    ``output`` is dbt's console text (for people, and checks such as ``"PASS" in result.output``);
     ``elapsed`` the wall time of the call in seconds (all attempts); ``attempts`` how many times
     dbt was started (more than 1 after retried connection failures); ``warnings`` dbt's warnings
     (a selection criterion matching nothing next to others that matched).

@@ -236,7 +236,7 @@ def _fields(pairs: Sequence[tuple[str, str | None]]) -> tuple[tuple[str, str], .
 
 
 def _checkpoint_pending(event: str, payload: Mapping[str, Any]) -> Notice:
-    # The brief's layout: one text section and one actions block (the button), nothing else.
+    # One text section and one actions block (the button), nothing else.
     checkpoint = _optional(payload, "checkpoint")
     asset = _optional(payload, "asset")
     topic = " / ".join(part for part in (asset, checkpoint) if part) or None

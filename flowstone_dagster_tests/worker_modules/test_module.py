@@ -1,4 +1,4 @@
-"""The brief's ``priv/python/test_module.py``, plus what the worker tests need."""
+"""Functions the worker tests call: arithmetic, a raised exception, nested data, and more."""
 
 import logging
 import os
