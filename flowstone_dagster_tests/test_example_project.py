@@ -76,7 +76,7 @@ def test_the_main_job_for_two_days_then_a_rerun(demo: ModuleType, tmp_path: Path
         scored = result.asset_materializations_for_node("scored_orders")[0].metadata
         summary = result.asset_materializations_for_node("daily_summary")[0].metadata
     assert features["rows"].value == ORDERS_ON[DAYS[1]]
-    assert features["flowstone/db.store/rows"].value == ORDERS_ON[DAYS[1]]
+    assert features["dagster/partition_row_count"].value == ORDERS_ON[DAYS[1]]
     assert scored["flowstone/worker.call/calls"].value == 1
     assert 0 < scored["mean_return_risk"].value < 1
     assert summary["skipped"].value.startswith("LLM summary skipped: set ANTHROPIC_API_KEY")
@@ -134,7 +134,7 @@ def test_make_demo_command_runs_dagster_job_execute_and_reports(tmp_path: Path) 
     out = result.stdout
     assert f"== partition {DAYS[1]}" in out
     assert "SUCCESS" in out
-    assert "flowstone/db.store/rows" in out
+    assert "flowstone/db.store/calls" in out
     assert "attempts=2" in out  # the retried source API call, from the run's log
     assert "all steps succeeded" in out
     assert (home / f"demo-{DAYS[1]}.log").exists()
