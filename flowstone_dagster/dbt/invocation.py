@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import dagster as dg
+import yaml
 from dagster_dbt.compat import DBT_PYTHON_VERSION
 from dagster_dbt.core.dbt_cli_event import DbtCliEventMessage
-from dagster_shared.yaml_utils import safe_load_yaml
 from packaging import version
 
 from flowstone_dagster import telemetry
@@ -169,7 +169,7 @@ def _resolve_executable(name: str) -> str:
 
 def _read_yaml(path: Path, what: str, field_name: str) -> Any:
     try:
-        return safe_load_yaml(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except Exception as exc:  # unreadable, or not YAML: either way the file needs fixing
         raise ConfigurationError(
             f"cannot read {what} {path}: {exc}", field=field_name, service="dbt"

@@ -99,7 +99,7 @@ class RestIOManager(dg.ConfigurableIOManager):
         description="Extra headers sent with every request.",
     )
     auth: RestAuth = Field(
-        default_factory=NoAuth,
+        default=NoAuth(),
         discriminator="kind",
         description="Credentials, chosen by kind: none (the default), bearer (token), basic "
         "(username, password) or api_key (key, in the header header or the query_param query "
