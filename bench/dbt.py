@@ -30,7 +30,7 @@ from collections.abc import Callable  # noqa: E402
 
 from flowstone_dagster.dbt import DbtResource  # noqa: E402
 
-FIXTURE = ROOT / "flowstone_dagster_tests" / "dbt_project"
+FIXTURE = ROOT / "flowstone_dagster_tests" / "dbt" / "dbt_project"
 MODEL = "customer_revenue"
 
 

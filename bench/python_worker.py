@@ -49,7 +49,7 @@ from flowstone_dagster.python_worker.pool import WorkerPool  # noqa: E402
 from flowstone_dagster.python_worker.process import WorkerSpec  # noqa: E402
 from flowstone_dagster.resilience import resolve  # noqa: E402
 
-WORKER_MODULES = str(ROOT / "flowstone_dagster_tests" / "worker_modules")
+WORKER_MODULES = str(ROOT / "flowstone_dagster_tests" / "python_worker" / "worker_modules")
 SPEC = WorkerSpec(python=sys.executable, paths=(WORKER_MODULES,))
 
 # The floor: read one frame (header, then the rest), write it back. Nothing else.

@@ -2,7 +2,7 @@
 """``parse_dbt_output`` on an old (dbt 1.0) summary and on real dbt 1.11 console output.
 
 The ``*_OUTPUT`` constants are verbatim captures of dbt-core 1.11.16 running the fixture project
-(``flowstone_dagster_tests/dbt_project``), colours included where dbt wrote them.
+(``flowstone_dagster_tests/dbt/dbt_project``), colours included where dbt wrote them.
 """
 
 from flowstone_dagster.dbt.output import parse_dbt_output

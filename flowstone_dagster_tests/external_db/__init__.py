@@ -1,0 +1,1 @@
+"""Tests of flowstone_dagster.external_db."""
