@@ -26,7 +26,7 @@ import dagster as dg
 JOB = "daily_pipeline"
 DEFAULT_PARTITIONS = ("2025-01-14", "2025-01-15")
 #: Metadata shown in the report, besides ``flowstone/...`` keys.
-SHOWN_KEYS = ("rows", "skipped")
+SHOWN_KEYS = ("dagster/partition_row_count", "summarized_orders", "skipped")
 
 
 def _execute(partition: str, log_path: Path) -> int:
