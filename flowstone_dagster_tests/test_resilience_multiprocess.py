@@ -1,4 +1,4 @@
-"""Breakers and limiters shared by separate OS processes, on SQLite and PostgreSQL."""
+"""Breakers and limiters shared by separate OS processes, on SQLite, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
@@ -30,10 +30,18 @@ def pool() -> Iterator[ProcessPoolExecutor]:
         yield executor
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'resilience.sqlite3'}"
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     return cluster.url
 
