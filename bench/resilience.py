@@ -1,18 +1,19 @@
 """What the resilience wrappers cost per call, what a store outage costs, and the shared
 limiter's achieved rate.
 
-Run: ``.venv/bin/python bench/resilience.py`` (about a minute; starts a throwaway PostgreSQL).
+Run: ``.venv/bin/python bench/resilience.py`` (about a minute; starts a throwaway PostgreSQL
+and a throwaway redis-server).
 
 Aims (added per call, breaker and limiter together): memory <= 2 us (8 threads too), SQLite
-<= 100 us, PostgreSQL <= 500 us. A store that is down: ``retry_step`` raises and ``local``
-fails over in about the time of one refused connection; a hung store costs at most the call's
-deadline.
+<= 100 us, PostgreSQL <= 500 us, Redis <= 500 us. A store that is down: ``retry_step`` raises
+and ``local`` fails over in about the time of one refused connection; a hung store costs at
+most the call's deadline.
 
-For each store (memory, SQLite, PostgreSQL on loopback) it times a call that does nothing,
-bare and through the circuit breaker (closed, the common case), the rate limiter (a limit
+For each store (memory, SQLite, PostgreSQL and Redis on loopback) it times a call that does
+nothing, bare and through the circuit breaker (closed, the common case), the rate limiter (a limit
 never reached) and both composed, single-threaded and with 8 threads, and prints the
 microseconds each wrapper adds per call against the bare call in the same run. Then four
-processes hammer one limiter on SQLite and on PostgreSQL, and the achieved rate is compared
+processes hammer one limiter on SQLite, PostgreSQL and Redis, and the achieved rate is compared
 with the limit.
 """
 
@@ -46,6 +47,7 @@ from flowstone_dagster.resilience import (  # noqa: E402
 )
 from flowstone_dagster_tests.support.net import free_port  # noqa: E402
 from flowstone_dagster_tests.support.postgres import PostgresCluster  # noqa: E402
+from flowstone_dagster_tests.support.redis import RedisServer  # noqa: E402
 
 THREADS = 8
 
@@ -206,11 +208,16 @@ def bench_rate(label: str, url: str, pool: ProcessPoolExecutor) -> str:
 
 def main() -> None:
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, PostgresCluster.start() as pg:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        PostgresCluster.start() as pg,
+        RedisServer.start() as redis_server,
+    ):
         stores = [
             ("memory", f"memory://bench-{uuid.uuid4().hex}", 100_000, 2.0),
             ("sqlite", f"sqlite://{Path(tmp) / 'bench.sqlite3'}", 5_000, 100.0),
             ("postgresql", pg.url, 1_000, 500.0),
+            ("redis", redis_server.url, 2_000, 500.0),
         ]
         print(f"Python {sys.version.split()[0]}; per call, best of 3 runs")
         print(

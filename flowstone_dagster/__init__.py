@@ -59,6 +59,7 @@ from flowstone_dagster.python_worker import (
 from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import (
     RECOMMENDED_RETRY_POLICY,
+    BulkheadFull,
     CircuitBreaker,
     CircuitBreakerConfig,
     RateLimitConfig,
@@ -166,6 +167,7 @@ def __getattr__(name: str) -> _typing.Any:
 __all__ = [
     "RECOMMENDED_RETRY_POLICY",
     "AllChannelsFailed",
+    "BulkheadFull",
     "ApiKeyAuth",
     "BasicAuth",
     "BearerAuth",

@@ -5,9 +5,11 @@
   signed it (``untrusted_https_server`` is signed by a CA nobody trusts).
 - ``postgres``: a PostgreSQL cluster for the whole session (``initdb`` as the ``postgres`` user,
   a free port on 127.0.0.1, password auth); ``pg_database`` a fresh database in it per test.
+- ``redis_server``: a ``redis-server`` for the whole session (a free port on 127.0.0.1, no
+  persistence); ``redis_url`` its URL with the database flushed per test.
 - ``smtp_server``: an aiosmtpd server that keeps what it receives.
 - ``events``: the telemetry events emitted during the test; ``store_url``: a resilience store
-  URL of each kind (memory, SQLite, PostgreSQL).
+  URL of each kind (memory, SQLite, PostgreSQL, Redis).
 - ``dagster_instance``: an ephemeral Dagster instance; ``dagster_home_instance`` a persistent one
   in a temporary ``DAGSTER_HOME`` (needed by the multiprocess executor).
 
@@ -35,6 +37,7 @@ import dagster as dg
 import hypothesis.internal.reflection  # noqa: F401
 import psycopg2
 import pytest
+import redis
 import trustme
 from psycopg2 import sql
 from pytest_httpserver import HTTPServer
@@ -42,6 +45,7 @@ from pytest_httpserver import HTTPServer
 from flowstone_dagster import telemetry
 from flowstone_dagster.resilience.stores import STORE_URL_ENV
 from flowstone_dagster_tests.support.postgres import PostgresCluster
+from flowstone_dagster_tests.support.redis import RedisServer
 from flowstone_dagster_tests.support.smtp import SmtpSink
 
 _SESSION_STORE_DIR = tempfile.mkdtemp(prefix="flowstone-test-store-")
@@ -57,15 +61,44 @@ def events() -> Iterator[list[telemetry.TelemetryEvent]]:
     remove()
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A resilience store URL of each kind (the test runs once per kind)."""
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex}"
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'resilience.sqlite3'}"
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     return cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway ``redis-server`` on loopback, started once for the session."""
+    with RedisServer.start() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis server, its database emptied before the test."""
+    if redis_server.process is None:  # a test stopped it and failed before restarting it
+        redis_server.restart()
+    flush = redis.Redis.from_url(redis_server.url)
+    try:
+        flush.flushall()
+    finally:
+        flush.close()
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,43 @@ def probe_state(store_url: str, name: str) -> str:
     except CircuitOpen as exc:
         return f"refused:{exc.retry_in > 0}"
     return "called"
+
+
+def bulkhead_calls(
+    store_url: str, *, name: str, max_concurrent: int, calls: int, hold: float, start_at: float
+) -> list[tuple[float, float]]:
+    """``calls`` calls through a policy with ``max_concurrent``; returns each call's
+    (start, end) wall-clock interval, recorded inside the call."""
+    resource = ResilienceResource(
+        store_url=store_url,
+        policies={
+            name: ServicePolicy(
+                retry=RetryConfig(max_attempts=5, base_delay=0.01, deadline=60.0),
+                circuit_breaker=None,
+                max_concurrent=max_concurrent,
+                lease_seconds=30.0,
+            )
+        },
+        dagster_errors=False,
+    )
+    intervals: list[tuple[float, float]] = []
+
+    def work() -> None:
+        started = time.time()
+        time.sleep(hold)
+        intervals.append((started, time.time()))
+
+    _wait_until(start_at)
+    for _ in range(calls):
+        resource.call(name, work)
+    return intervals
+
+
+def hold_a_slot_forever(store_url: str, name: str, lease_seconds: float, ready: str) -> None:
+    """Take one slot of bulkhead ``name`` and never give it back (the test kills us)."""
+    from flowstone_dagster.resilience import Bulkhead
+
+    Bulkhead(name, 1, lease_seconds=lease_seconds, store=store_url).acquire()
+    with open(ready, "w", encoding="utf-8") as marker:
+        marker.write("held")
+    time.sleep(3600)

@@ -27,7 +27,8 @@ SUBPACKAGES = (
 #: The top-level surface, pinned.
 PUBLIC = {
     "ApiKeyAuth", "BasicAuth", "BearerAuth", "NoAuth",
-    "RECOMMENDED_RETRY_POLICY", "AllChannelsFailed", "CallTimeout", "CircuitBreaker",
+    "RECOMMENDED_RETRY_POLICY", "AllChannelsFailed", "BulkheadFull", "CallTimeout",
+    "CircuitBreaker",
     "CircuitBreakerConfig", "CircuitOpen", "ConfigurationError", "ConstraintViolation",
     "DatabaseError", "DbtExecutableNotFound", "DbtFailed", "DbtNothingSelected",
     "DbtProfileNotFound", "DbtProjectNotFound", "DbtResource", "DbtResult",

@@ -16,8 +16,9 @@
 - :mod:`.breaker`: :class:`CircuitBreaker`, :func:`with_circuit_breaker`, :func:`state`,
   :func:`reset`;
 - :mod:`.limiter`: :class:`RateLimiter` (sliding window, exact across processes);
-- :mod:`.stores`: where breaker and limiter state is shared (:func:`open_store`: SQLite,
-  PostgreSQL, memory);
+- :mod:`.bulkhead`: :class:`Bulkhead` (at most N calls at once, as expiring leases);
+- :mod:`.stores`: where breaker, limiter and bulkhead state is shared (:func:`open_store`:
+  SQLite, PostgreSQL, Redis, memory);
 - :mod:`.timeouts`: :class:`Deadline`, :func:`deadline_scope`, :func:`with_timeout`;
 - :mod:`.resource`: :class:`ResilienceResource` (policies per service) and the Dagster
   interplay (:func:`to_dagster_error`, :func:`dagster_retries`,
@@ -34,6 +35,7 @@ from flowstone_dagster.resilience.breaker import (
     state,
     with_circuit_breaker,
 )
+from flowstone_dagster.resilience.bulkhead import Bulkhead, BulkheadFull
 from flowstone_dagster.resilience.limiter import RateLimiter, RateLimitExceeded
 from flowstone_dagster.resilience.resource import (
     ONCE,
@@ -54,6 +56,7 @@ from flowstone_dagster.resilience.stores import (
     BreakerRecord,
     MemoryStore,
     PostgresStore,
+    RedisStore,
     Reservation,
     SQLiteStore,
     StateStore,
@@ -74,12 +77,15 @@ __all__ = [
     "RECOMMENDED_RETRY_POLICY",
     "BreakerRecord",
     "BreakerStatus",
+    "Bulkhead",
+    "BulkheadFull",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "Deadline",
     "MemoryStore",
     "OnStoreError",
     "PostgresStore",
+    "RedisStore",
     "RateLimitConfig",
     "RateLimitExceeded",
     "RateLimiter",

@@ -26,14 +26,15 @@
 
 ``call(service, fn, *args, **kwargs)`` composes the service's policy in this fixed order::
 
-    retry( circuit_breaker( rate_limit( timeout( fn ) ) ) )
+    retry( circuit_breaker( rate_limit( bulkhead( timeout( fn ) ) ) ) )
 
 Each attempt passes the breaker (an open circuit ends the call at once: ``CircuitOpen`` is not
 retried), then takes ``cost`` units from the limiter (a local refusal is not a breaker failure),
-then runs ``fn`` under the per-attempt ``timeout``. With ``dagster_errors`` (the default), what
-escapes is turned into Dagster's control flow by :func:`to_dagster_error`: an open circuit or a
-far-away rate limit becomes ``RetryRequested(seconds_to_wait=...)``, a failure that retrying
-cannot fix ``Failure(allow_retries=False)``.
+then a bulkhead slot when the policy sets ``max_concurrent`` (given back when the attempt
+ends), then runs ``fn`` under the per-attempt ``timeout``. With ``dagster_errors`` (the
+default), what escapes is turned into Dagster's control flow by :func:`to_dagster_error`: an
+open circuit or a far-away rate limit becomes ``RetryRequested(seconds_to_wait=...)``, a
+failure that retrying cannot fix ``Failure(allow_retries=False)``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import dagster as dg
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -65,6 +66,7 @@ from flowstone_dagster.errors import (
 )
 from flowstone_dagster.redaction import redact_exception_chain, redact_text
 from flowstone_dagster.resilience.breaker import CircuitBreaker
+from flowstone_dagster.resilience.bulkhead import DEFAULT_LEASE_SECONDS, Bulkhead
 from flowstone_dagster.resilience.limiter import RateLimiter
 from flowstone_dagster.resilience.retry import retry_loop
 from flowstone_dagster.resilience.stores import (
@@ -266,6 +268,21 @@ class ServicePolicy(dg.Config):
         "`timeout` passes. The abandoned thread keeps running (Python cannot stop it); use "
         "only for code that takes no timeout.",
     )
+    max_concurrent: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bulkhead: at most this many calls to the service run at once, across "
+        "every process sharing the store (each holds an expiring lease in the store). A call "
+        "that finds every slot taken waits (bounded by the retry deadline), then raises "
+        "BulkheadFull (retryable, never a breaker failure). Null: no bulkhead.",
+    )
+    lease_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a bulkhead slot is held at most: a worker killed mid-call frees "
+        "its slot after this long. Keep it above the longest attempt. Null: twice the "
+        "policy's timeout (at least 60 s), or 300 s without a timeout.",
+    )
     on_store_error: OnStoreError = Field(
         default="retry_step",
         description="When the resilience store fails or times out: 'retry_step' (default) ends "
@@ -273,6 +290,28 @@ class ServicePolicy(dg.Config):
         "calling the service; 'local' goes on with this process's own breaker and limiter "
         "state (a WARNING once per process, flowstone/store_degraded in the metadata).",
     )
+
+    @model_validator(mode="after")
+    def _lease_outlives_an_attempt(self) -> ServicePolicy:
+        if (
+            self.lease_seconds is not None
+            and self.timeout is not None
+            and self.lease_seconds <= self.timeout
+        ):
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds:g}) must be above timeout "
+                f"({self.timeout:g}): a lease that expires mid-attempt lets more than "
+                "max_concurrent calls run"
+            )
+        return self
+
+    def bulkhead_lease(self) -> float:
+        """Seconds a bulkhead slot is held at most (``lease_seconds`` or its default)."""
+        if self.lease_seconds is not None:
+            return self.lease_seconds
+        if self.timeout is not None:
+            return max(2 * self.timeout, 60.0)
+        return DEFAULT_LEASE_SECONDS
 
 
 #: A policy that calls once: no retries, no breaker, no rate limit. What an integration uses
@@ -318,8 +357,8 @@ class ResilienceResource(dg.ConfigurableResource):
 
     Breaker and limiter state lives in the store at ``store_url``, shared by every step process
     (see :mod:`flowstone_dagster.resilience.stores`). ``call`` composes a service's policy as
-    ``retry(circuit_breaker(rate_limit(timeout(fn))))``; a service not in ``policies`` uses
-    ``default_policy``, or is a ``ConfigurationError`` when that is null.
+    ``retry(circuit_breaker(rate_limit(bulkhead(timeout(fn)))))``; a service not in
+    ``policies`` uses ``default_policy``, or is a ``ConfigurationError`` when that is null.
     """
 
     store_url: str | None = Field(
@@ -476,6 +515,28 @@ class ResilienceResource(dg.ConfigurableResource):
             found = cache[key] = self.limiter(name, config=config, store=store)
         return found
 
+    def bulkhead(self, service: str, *, store: StateStore | None = None) -> Bulkhead | None:
+        """The service's bulkhead (``None`` when its policy sets no ``max_concurrent``)."""
+        policy = self.policy_for(service)
+        if policy.max_concurrent is None:
+            return None
+        return Bulkhead(
+            service,
+            policy.max_concurrent,
+            lease_seconds=policy.bulkhead_lease(),
+            store=store or self.store,
+            sleep=_private(self)["_sleep"],
+        )
+
+    def _bulkhead(self, service: str, local: bool) -> Bulkhead | None:
+        key = ("bulkhead", service, local, os.getpid())
+        cache = _private(self)["_guards_cache"]
+        if key not in cache:
+            store = open_store(LOCAL_FALLBACK_STORE_URL) if local else self.store
+            cache[key] = self.bulkhead(service, store=store)
+        found: Bulkhead | None = cache[key]
+        return found
+
     def dagster_error(self, exc: BaseException, *, service: str | None = None) -> BaseException:
         """:func:`to_dagster_error` with this resource's settings (whatever ``dagster_errors``
         says). Raise the result as it is (``raise mapped``): its cause chain is already set,
@@ -524,11 +585,11 @@ class ResilienceResource(dg.ConfigurableResource):
 
             text = resilience.call("anthropic", client.messages.create, model=..., cost=1)
 
-        Order: ``retry(circuit_breaker(rate_limit(timeout(fn))))``; ``cost`` is the units the
-        call takes from the service's rate limit; ``limits`` adds rate limits of the caller's
-        own, ``(name, config, cost)`` each (an LLM's requests and tokens per model), taken on
-        every attempt after the service's. Emits ``flowstone.resilience.call`` (``service``,
-        ``attempts``, outcome, duration).
+        Order: ``retry(circuit_breaker(rate_limit(bulkhead(timeout(fn)))))``; ``cost`` is the
+        units the call takes from the service's rate limit; ``limits`` adds rate limits of the
+        caller's own, ``(name, config, cost)`` each (an LLM's requests and tokens per model),
+        taken on every attempt after the service's (and before the bulkhead slot). Emits
+        ``flowstone.resilience.call`` (``service``, ``attempts``, outcome, duration).
 
         Time: the retry ``deadline`` bounds when an attempt may start and every wait (backoff,
         rate limit, store); the policy's ``timeout`` alone bounds a running attempt, published
@@ -548,6 +609,7 @@ class ResilienceResource(dg.ConfigurableResource):
             and not limits
             and policy.retry.max_attempts == 1
             and policy.timeout is None
+            and policy.max_concurrent is None
         ):
             # Nothing to guard: one call and the same Dagster mapping. The integration's own
             # event (flowstone.http.request, flowstone.worker.call, ...) is the call's one
@@ -674,10 +736,12 @@ class _GuardedCall:
             _store_down_until[url] = time.monotonic() + STORE_RECHECK_AFTER
         _warn_degraded_once(url, error, self.service)
 
-    def _admit(self, local: bool) -> tuple[CircuitBreaker | None, Any]:
-        """Pass the breaker and take the limits (bounded by the retry deadline)."""
+    def _admit(self, local: bool) -> tuple[CircuitBreaker | None, Any, _Slot | None]:
+        """Pass the breaker, take the limits, then a bulkhead slot (every wait bounded by
+        the retry deadline)."""
         resource = self.resource
         breaker, limiter = resource._guards(self.service, local)
+        bulkhead = resource._bulkhead(self.service, local)
         with _store_bound(self.deadline):
             ticket = breaker.enter() if breaker is not None else None
             try:
@@ -686,12 +750,16 @@ class _GuardedCall:
                 for name, config, units in self.limits:
                     extra = resource._extra_limiter(name, config, local)
                     extra.acquire(units, max_wait=self._wait_budget())
+                slot = None
+                if bulkhead is not None:
+                    budget = self._wait_budget()
+                    slot = _Slot(bulkhead, bulkhead.acquire(max_wait=budget))
             except BaseException as exc:
                 if breaker is not None and ticket is not None:
                     # The service was not called: give a probe lease back, count nothing.
                     _record_outcome(breaker, ticket, exc)
                 raise
-        return breaker, ticket
+        return breaker, ticket, slot
 
     def attempt(self) -> Any:
         self.attempts += 1
@@ -702,12 +770,12 @@ class _GuardedCall:
                 self._degrade(_RECENTLY_DOWN)
                 local = True
         try:
-            breaker, ticket = self._admit(local)
+            breaker, ticket, slot = self._admit(local)
         except StoreUnavailable as error:
             if self.policy.on_store_error != "local" or local:
                 raise
             self._degrade(error)
-            breaker, ticket = self._admit(True)
+            breaker, ticket, slot = self._admit(True)
         try:
             # Only the policy's timeout (and any deadline the caller set) bounds the attempt.
             if self.policy.timeout is None:
@@ -721,21 +789,29 @@ class _GuardedCall:
                     else:
                         result = self.fn(*self.args, **self.kwargs)
         except BaseException as exc:
+            if slot is not None:
+                self._after(_release_slot, slot)
             if breaker is not None and ticket is not None:
                 self._record(breaker, ticket, exc)
             raise
+        if slot is not None:
+            self._after(_release_slot, slot)
         if breaker is not None and ticket is not None:
             self._record(breaker, ticket, None)
         return result
 
     def _record(self, breaker: CircuitBreaker, ticket: Any, error: BaseException | None) -> None:
-        # Recording gets the retry deadline's remaining time, but at least RECORD_GRACE: the
-        # attempt may legitimately have outlived the deadline.
+        self._after(_record_outcome, breaker, ticket, error)
+
+    def _after(self, write: Callable[..., None], *args: Any) -> None:
+        # What an attempt writes after it ran (its outcome, its slot given back) gets the retry
+        # deadline's remaining time, but at least RECORD_GRACE: the attempt may legitimately
+        # have outlived the deadline.
         if self.deadline is None or self.deadline.remaining() >= DEFAULT_STORE_TIMEOUT:
-            _record_outcome(breaker, ticket, error)  # the store's own bound is the lower
+            write(*args)  # the store's own bound is the lower
             return
         with deadline_scope(max(self.deadline.remaining(), RECORD_GRACE)):
-            _record_outcome(breaker, ticket, error)
+            write(*args)
 
 
 #: Seconds a breaker may wait on the store to record a call's outcome after the retry deadline
@@ -758,6 +834,27 @@ def _private(resource: ResilienceResource) -> dict[str, Any]:
     """The resource's private attributes: ``resource._clock`` goes through pydantic's
     ``__getattr__`` (about 1 us a read, measured), the dict does not."""
     return resource.__pydantic_private__  # type: ignore[return-value]
+
+
+class _Slot(NamedTuple):
+    bulkhead: Bulkhead
+    lease_id: str
+
+
+def _release_slot(slot: _Slot) -> None:
+    # Like recording an outcome: a store failure must not hide the call's result or error; the
+    # lease then expires on its own.
+    try:
+        slot.bulkhead.release(slot.lease_id)
+    except Exception as store_error:
+        logger.warning(
+            "bulkhead %r could not give its slot back (it frees when its lease expires): %s",
+            slot.bulkhead.name,
+            store_error,
+        )
+        telemetry.emit(
+            "flowstone.bulkhead.store_error", error=store_error, bulkhead=slot.bulkhead.name
+        )
 
 
 def _record_outcome(breaker: CircuitBreaker, ticket: Any, error: BaseException | None) -> None:

@@ -232,3 +232,8 @@ def test_limiter_matches_the_model_on_sqlite(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_limiter_matches_the_model_on_postgresql(pg_database: PostgresCluster) -> None:
     run_limiter_model(open_store(pg_database.url), examples=40)
+
+
+@pytest.mark.redis
+def test_limiter_matches_the_model_on_redis(redis_url: str) -> None:
+    run_limiter_model(open_store(redis_url), examples=60)

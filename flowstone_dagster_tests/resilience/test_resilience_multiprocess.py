@@ -1,4 +1,4 @@
-"""Breakers and limiters shared by separate OS processes, on SQLite and PostgreSQL."""
+"""Breakers and limiters shared by separate OS processes, on SQLite, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flowstone_dagster.resilience import CircuitBreaker, state
+from flowstone_dagster.resilience import Bulkhead, CircuitBreaker, state
 from flowstone_dagster_tests import resilience_jobs
 from flowstone_dagster_tests.support.postgres import PostgresCluster
 
@@ -30,10 +30,18 @@ def pool() -> Iterator[ProcessPoolExecutor]:
         yield executor
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'resilience.sqlite3'}"
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     return cluster.url
 
@@ -103,3 +111,58 @@ def test_processes_never_exceed_the_limit_in_any_window(
     used = sum(costs)
     budget = limit * (duration / period + 1)
     assert used >= 0.5 * budget, f"only {used} of {budget:.0f} units admitted"
+
+
+def test_a_bulkhead_never_lets_more_than_max_concurrent_calls_overlap(
+    pool: ProcessPoolExecutor, store_url: str
+) -> None:
+    name = f"bulkhead-{uuid.uuid4().hex[:8]}"
+    start_at = time.time() + 0.3
+    futures = [
+        pool.submit(
+            resilience_jobs.bulkhead_calls,
+            store_url,
+            name=name,
+            max_concurrent=2,
+            calls=8,
+            hold=0.03,
+            start_at=start_at,
+        )
+        for _ in range(PROCESSES)
+    ]
+    intervals = [interval for future in futures for interval in future.result(timeout=120)]
+    assert len(intervals) == 8 * PROCESSES
+    # Sweep the starts and ends: an end at the same instant as a start comes first.
+    edges = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2  # never more than 2, and the slots were used in parallel
+
+
+def test_a_killed_holders_slot_frees_when_its_lease_expires(store_url: str, tmp_path: Path) -> None:
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    ready = tmp_path / "ready"
+    context = multiprocessing.get_context("spawn")
+    holder = context.Process(
+        target=resilience_jobs.hold_a_slot_forever, args=(store_url, name, 2.0, str(ready))
+    )
+    holder.start()
+    try:
+        give_up = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.is_alive()
+            assert time.monotonic() < give_up
+            time.sleep(0.02)
+        taken = time.monotonic()
+    finally:
+        holder.kill()
+        holder.join(timeout=30)
+    bulkhead = Bulkhead(name, 1, lease_seconds=30.0, store=store_url)
+    assert not bulkhead.try_acquire().granted  # the dead process still holds it ...
+    lease_id = bulkhead.acquire(max_wait=10.0)  # ... until its 2 s lease expires
+    waited = time.monotonic() - taken
+    assert 1.5 <= waited < 6.0
+    bulkhead.release(lease_id)
+    assert bulkhead.active() == 0

@@ -36,6 +36,7 @@ from flowstone_dagster.resilience import (
 from flowstone_dagster_tests import resilience_jobs
 from flowstone_dagster_tests.support.net import free_port
 from flowstone_dagster_tests.support.postgres import PostgresCluster
+from flowstone_dagster_tests.support.redis import RedisServer
 
 
 class Service:
@@ -177,6 +178,75 @@ def test_a_store_restarted_inside_a_step_becomes_step_retries(tmp_path: Path) ->
         close_stores()
         status = state("svc", store=cluster.url)
         assert (status.state, status.failures) == ("closed", 0)
+
+
+@pytest.mark.redis
+def test_a_stopped_redis_is_store_unavailable_never_a_breaker_failure(
+    events: list[telemetry.TelemetryEvent],
+) -> None:
+    with RedisServer.start() as server:
+        resource = guarded(server.url)
+        service = Service()
+        assert resource.call("svc", service, dagster_errors=False) == "ok"
+        server.stop()
+        for _ in range(3):  # more than the breaker's threshold (2)
+            with pytest.raises(StoreUnavailable) as caught:
+                resource.call("svc", service, dagster_errors=False)
+            assert caught.value.store == server.url
+        assert service.calls == 1  # never called while the store was down
+        with pytest.raises(dg.RetryRequested):
+            resource.call("svc", service)
+        assert not [e for e in events if e.name == "flowstone.circuit.transition"]
+        server.restart()
+        assert resource.call("svc", service, dagster_errors=False) == "ok"
+        status = state("svc", store=server.url)
+        assert (status.state, status.failures) == ("closed", 0)
+
+
+@pytest.mark.redis
+def test_redis_restarted_under_load_admits_no_more_than_the_limit_afterwards() -> None:
+    limit, period = 10, 0.2
+    admitted: list[tuple[float, float]] = []
+    outages: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    with RedisServer.start() as server:
+        limiter = RateLimiter("hammered", limit, period, max_wait=5.0, store=server.url)
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    at = limiter.acquire(1)
+                except StoreUnavailable as exc:
+                    with lock:
+                        outages.append(exc.operation)
+                    time.sleep(0.01)
+                    continue
+                with lock:
+                    admitted.append((at, 1.0))
+
+        workers = [threading.Thread(target=hammer) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        try:
+            time.sleep(0.5)
+            server.stop()
+            time.sleep(0.3)
+            server.restart()
+            restarted = time.time()
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=30)
+    assert outages, "the workers saw the store go away"
+    after = sorted(at for at, _ in admitted if at >= restarted)
+    assert len(after) >= limit, "the limiter admitted calls again after the restart"
+    j = 0
+    for i, start in enumerate(after):
+        while j < len(after) and after[j] < start + period:
+            j += 1
+        assert j - i <= limit, f"{j - i} admissions in [{start}, {start + period})"
 
 
 # -- every wait on the store is bounded by the call's deadline -----------------------------------

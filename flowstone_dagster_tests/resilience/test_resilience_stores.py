@@ -15,6 +15,7 @@ from flowstone_dagster.resilience import (
     MemoryStore,
     PostgresStore,
     RateLimiter,
+    RedisStore,
     SQLiteStore,
     default_store_url,
     open_store,
@@ -45,7 +46,7 @@ def test_open_store_is_cached_per_url() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["redis://localhost:6379/0", "sqlite://relative/path.db", "sqlite:///:memory:", "nonsense"],
+    ["redis:///no-host", "sqlite://relative/path.db", "sqlite:///:memory:", "nonsense"],
 )
 def test_unsupported_urls_name_the_field(url: str) -> None:
     with pytest.raises(ConfigurationError, match="store_url"):
@@ -67,6 +68,23 @@ def test_postgres_store_repr_hides_the_password(postgres: PostgresCluster) -> No
     assert isinstance(store, PostgresStore)
     assert postgres.password not in repr(store)
     assert postgres.password not in repr(CircuitBreaker("x", store=store))
+
+
+@pytest.mark.redis
+def test_redis_store_by_url_hides_the_password(redis_url: str) -> None:
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    assert open_store("rediss://:s3cret@redis.example:6380/1").url.startswith("rediss://")
+    assert "s3cret" not in repr(open_store("rediss://:s3cret@redis.example:6380/1"))
+    store.read_breaker("x")  # connects
+
+
+def test_a_missing_redis_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis raises ImportError
+    with pytest.raises(ImportError, match=r"\[redis\] extra"):
+        open_store(f"redis://127.0.0.1:1/{uuid.uuid4().int % 16}")
 
 
 def test_default_store_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -97,10 +115,19 @@ def _in_child(work: object) -> int:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ],
+)
 def test_stores_survive_fork(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if kind == "sqlite":
         url = f"sqlite://{tmp_path / 'fork.sqlite3'}"
+    elif kind == "redis":
+        url = request.getfixturevalue("redis_url")
     else:
         url = request.getfixturevalue("pg_database").url
     name = f"forked-{uuid.uuid4().hex[:8]}"

@@ -8,6 +8,7 @@ the same URL::
 
     store = open_store("sqlite:////var/lib/dagster/flowstone/resilience.sqlite3")
     store = open_store("postgresql://dagster:secret@db:5432/dagster")
+    store = open_store("redis://:secret@redis:6379/0")   # needs the [redis] extra
     store = open_store("memory://tests")          # this process only
 
 =====================================  =====================================================
@@ -22,12 +23,19 @@ URL                                    atomicity
                                        limiter's name; timestamps come from the server's
                                        clock (``clock_timestamp()``), so machines need not
                                        agree on the time
+``redis://[:pw@]host:port/db``          limiter reservations and bulkhead leases are Lua
+``rediss://...`` (TLS; many machines)  scripts (prune, check, add in one step); a breaker
+                                       update is an optimistic ``WATCH``/``MULTI``/``EXEC``
+                                       transaction, repeated when another process changed
+                                       the breaker; times from the server's clock (``TIME``);
+                                       one server or primary (not Redis Cluster)
 ``memory://`` / ``memory://<name>``    a ``threading.Lock``; one store per name per process
 =====================================  =====================================================
 
 **A store is an external dependency too.** Every operation waits at most the call's remaining
 deadline (at most :data:`~.base.DEFAULT_STORE_TIMEOUT`, 10 s): SQLite's ``busy_timeout``,
-PostgreSQL's ``lock_timeout``, ``statement_timeout``, ``connect_timeout`` and TCP keepalives.
+PostgreSQL's ``lock_timeout``, ``statement_timeout``, ``connect_timeout`` and TCP keepalives,
+Redis's socket connect and read timeouts (the client's own retries are off).
 Every failure raises :class:`~flowstone_dagster.errors.StoreUnavailable` (URL redacted), which
 a breaker never counts as a failure of the service.
 
@@ -47,6 +55,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flowstone_dagster.errors import ConfigurationError
 from flowstone_dagster.redaction import redact_url
@@ -57,6 +66,7 @@ from flowstone_dagster.resilience.stores.base import (
     HALF_OPEN,
     OPEN,
     BreakerRecord,
+    Lease,
     Reservation,
     StateStore,
     operation_timeout,
@@ -64,6 +74,7 @@ from flowstone_dagster.resilience.stores.base import (
 )
 from flowstone_dagster.resilience.stores.memory import MemoryStore
 from flowstone_dagster.resilience.stores.postgres import PostgresStore
+from flowstone_dagster.resilience.stores.redis import RedisStore, require_redis
 from flowstone_dagster.resilience.stores.sqlite import SQLiteStore
 
 __all__ = [
@@ -74,8 +85,10 @@ __all__ = [
     "OPEN",
     "STORE_URL_ENV",
     "BreakerRecord",
+    "Lease",
     "MemoryStore",
     "PostgresStore",
+    "RedisStore",
     "Reservation",
     "SQLiteStore",
     "StateStore",
@@ -123,6 +136,9 @@ def check_store_url(url: str) -> None:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
         _sqlite_path(url)
+    elif scheme in ("redis", "rediss"):
+        _redis_url(url)
+        require_redis()  # a missing client fails at set-up, naming the extra
     elif scheme not in ("memory", "postgresql", "postgres"):
         raise _unsupported(url)
 
@@ -130,7 +146,8 @@ def check_store_url(url: str) -> None:
 def _unsupported(url: str) -> ConfigurationError:
     return ConfigurationError(
         f"unsupported resilience store URL {redact_url(url)!r}; "
-        "use sqlite:///<path>, postgresql://user:password@host:port/db or memory://",
+        "use sqlite:///<path>, postgresql://user:password@host:port/db, "
+        "redis://:password@host:port/db or memory://",
         field="store_url",
     )
 
@@ -146,6 +163,21 @@ def _sqlite_path(url: str) -> Path:
     return Path("/" + raw.lstrip("/"))
 
 
+def _redis_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{redact_url(url)!r} is not a Redis URL ({exc})", field="store_url"
+        ) from None
+    if not parts.hostname:
+        raise ConfigurationError(
+            f"{redact_url(url)!r} names no host; use redis://:password@host:6379/0",
+            field="store_url",
+        )
+
+
 def _create(url: str) -> StateStore:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "memory":
@@ -156,6 +188,9 @@ def _create(url: str) -> StateStore:
         return SQLiteStore(url, _sqlite_path(url), private_directory=private)
     if scheme in ("postgresql", "postgres"):
         return PostgresStore(url)
+    if scheme in ("redis", "rediss"):
+        _redis_url(url)
+        return RedisStore(url)
     raise _unsupported(url)
 
 

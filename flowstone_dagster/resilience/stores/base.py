@@ -22,6 +22,7 @@ __all__ = [
     "HALF_OPEN",
     "OPEN",
     "BreakerRecord",
+    "Lease",
     "Reservation",
     "StateStore",
     "operation_timeout",
@@ -104,6 +105,21 @@ class Reservation:
     wait: float
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A bulkhead's answer: a slot held as ``lease_id`` (from store time ``at`` until it is
+    released or its lease expires), or refused (``lease_id`` is ``None``) with ``wait``, the
+    seconds until the oldest lease expires at the latest (a release frees a slot sooner)."""
+
+    lease_id: str | None
+    at: float
+    wait: float
+
+    @property
+    def granted(self) -> bool:
+        return self.lease_id is not None
+
+
 def window_key(name: str, limit: float, period: float) -> str:
     """The log name of one window of a limiter with several rates."""
     return f"{name}@{limit:g}/{period:g}s"
@@ -165,6 +181,22 @@ class StateStore(Protocol):
 
     def delete_limiter(self, name: str) -> None:
         """Forget every reservation of the limiter."""
+        ...
+
+    def acquire_lease(
+        self, name: str, limit: int, lease_seconds: float, now: float | None = None
+    ) -> Lease:
+        """Atomically take one of ``limit`` slots of bulkhead ``name`` for at most
+        ``lease_seconds`` (expired leases are dropped first, so a killed holder's slot frees
+        when its lease runs out); refused with a wait hint when all are held."""
+        ...
+
+    def release_lease(self, name: str, lease_id: str) -> None:
+        """Give the slot back (nothing happens when the lease already expired)."""
+        ...
+
+    def active_leases(self, name: str, now: float | None = None) -> int:
+        """Slots of bulkhead ``name`` held now (leases not expired)."""
         ...
 
     def close(self) -> None:

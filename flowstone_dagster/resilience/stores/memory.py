@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -12,6 +13,7 @@ from flowstone_dagster.resilience.stores.base import (
     CLOSED_RECORD,
     EPSILON,
     BreakerRecord,
+    Lease,
     Reservation,
     longest_wait,
     wait_until_fits,
@@ -42,6 +44,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._breakers: dict[str, BreakerRecord] = {}
         self._logs: dict[str, _Log] = {}
+        self._leases: dict[str, dict[str, float]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.url!r})"
@@ -129,6 +132,32 @@ class MemoryStore:
     def delete_limiter(self, name: str) -> None:
         with self._lock:
             self._logs.pop(name, None)
+
+    def _live_leases(self, name: str, at: float) -> dict[str, float]:
+        leases = self._leases.setdefault(name, {})
+        for lease_id in [key for key, until in leases.items() if until <= at]:
+            del leases[lease_id]
+        return leases
+
+    def acquire_lease(
+        self, name: str, limit: int, lease_seconds: float, now: float | None = None
+    ) -> Lease:
+        with self._lock:
+            at = time.time() if now is None else now
+            leases = self._live_leases(name, at)
+            if len(leases) < limit:
+                lease_id = uuid.uuid4().hex
+                leases[lease_id] = at + lease_seconds
+                return Lease(lease_id, at, 0.0)
+            return Lease(None, at, max(min(leases.values()) - at, 0.0))
+
+    def release_lease(self, name: str, lease_id: str) -> None:
+        with self._lock:
+            self._leases.get(name, {}).pop(lease_id, None)
+
+    def active_leases(self, name: str, now: float | None = None) -> int:
+        with self._lock:
+            return len(self._live_leases(name, time.time() if now is None else now))
 
     def close(self) -> None:
         """Nothing to close."""

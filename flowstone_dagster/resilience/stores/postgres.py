@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -11,6 +12,7 @@ from flowstone_dagster.resilience.stores.base import (
     DEFAULT_STORE_TIMEOUT,
     EPSILON,
     BreakerRecord,
+    Lease,
     PerThread,
     Reservation,
     longest_wait,
@@ -46,6 +48,12 @@ CREATE INDEX IF NOT EXISTS flowstone_limiter_log_name_ts ON flowstone_limiter_lo
 CREATE TABLE IF NOT EXISTS flowstone_limiters (
     name text PRIMARY KEY,
     used double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flowstone_leases (
+    name text NOT NULL,
+    lease_id text NOT NULL,
+    expires_at double precision NOT NULL,
+    PRIMARY KEY (name, lease_id)
 );
 COMMIT;
 """
@@ -138,6 +146,30 @@ _PG_ADMIT = """
 INSERT INTO flowstone_limiter_log (name, ts, cost) VALUES (%(name)s, %(at)s, %(cost)s);
 INSERT INTO flowstone_limiters (name, used) VALUES (%(name)s, %(used)s)
 ON CONFLICT (name) DO UPDATE SET used = excluded.used
+"""
+
+
+# One round trip: lock the bulkhead's name, drop expired leases, take a slot when one is free.
+_PG_ACQUIRE_LEASE = """
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0));
+WITH c AS (SELECT coalesce(%(now)s, extract(epoch FROM clock_timestamp()))::float8 AS now),
+gone AS (
+    DELETE FROM flowstone_leases AS l USING c
+    WHERE l.name = %(name)s AND l.expires_at <= c.now
+    RETURNING l.lease_id
+),
+live AS (
+    SELECT count(*) AS held, min(l.expires_at) AS first FROM flowstone_leases AS l, c
+    WHERE l.name = %(name)s AND l.expires_at > c.now
+),
+ins AS (
+    INSERT INTO flowstone_leases (name, lease_id, expires_at)
+    SELECT %(name)s, %(lease_id)s, c.now + %(seconds)s FROM c, live WHERE live.held < %(limit)s
+    RETURNING lease_id
+)
+SELECT c.now, EXISTS (SELECT 1 FROM ins), greatest(coalesce(live.first - c.now, 0), 0)
+FROM c, live
 """
 
 
@@ -369,6 +401,48 @@ class PostgresStore:
                 {"name": name},
             ),
         )
+
+    def acquire_lease(
+        self, name: str, limit: int, lease_seconds: float, now: float | None = None
+    ) -> Lease:
+        lease_id = uuid.uuid4().hex
+
+        def work(cursor: Any) -> Lease:
+            cursor.execute(
+                _PG_ACQUIRE_LEASE,
+                {
+                    "key": f"flowstone.bulkhead:{name}",
+                    "name": name,
+                    "now": now,
+                    "lease_id": lease_id,
+                    "seconds": float(lease_seconds),
+                    "limit": int(limit),
+                },
+            )
+            at, granted, wait = cursor.fetchone()
+            cursor.execute("COMMIT")
+            return Lease(lease_id if granted else None, float(at), 0.0 if granted else float(wait))
+
+        return self._run("acquire lease", work)
+
+    def release_lease(self, name: str, lease_id: str) -> None:
+        self._run(
+            "release lease",
+            lambda cursor: cursor.execute(
+                "DELETE FROM flowstone_leases WHERE name = %s AND lease_id = %s", (name, lease_id)
+            ),
+        )
+
+    def active_leases(self, name: str, now: float | None = None) -> int:
+        def work(cursor: Any) -> int:
+            cursor.execute(
+                "SELECT count(*) FROM flowstone_leases WHERE name = %(name)s AND expires_at > "
+                "coalesce(%(now)s, extract(epoch FROM clock_timestamp()))::float8",
+                {"name": name, "now": now},
+            )
+            return int(cursor.fetchone()[0])
+
+        return self._run("read leases", work)
 
     def close(self) -> None:
         self._connections.close_all()

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,6 +19,7 @@ from flowstone_dagster.errors import ConfigurationError, StoreUnavailable
 from flowstone_dagster.resilience.stores.base import (
     EPSILON,
     BreakerRecord,
+    Lease,
     PerThread,
     Reservation,
     longest_wait,
@@ -52,6 +54,12 @@ CREATE INDEX IF NOT EXISTS flowstone_limiter_log_name_ts ON flowstone_limiter_lo
 CREATE TABLE IF NOT EXISTS flowstone_limiters (
     name TEXT PRIMARY KEY,
     used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flowstone_leases (
+    name TEXT NOT NULL,
+    lease_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (name, lease_id)
 );
 """
 
@@ -408,6 +416,50 @@ class SQLiteStore:
             connection.execute("DELETE FROM flowstone_limiters WHERE name = ?", (name,))
 
         self._run("delete limiter", work, write=True)
+
+    # -- bulkheads -----------------------------------------------------------------------------
+
+    def acquire_lease(
+        self, name: str, limit: int, lease_seconds: float, now: float | None = None
+    ) -> Lease:
+        def work(connection: sqlite3.Connection) -> Lease:
+            at = time.time() if now is None else now
+            connection.execute(
+                "DELETE FROM flowstone_leases WHERE name = ? AND expires_at <= ?", (name, at)
+            )
+            held, first = connection.execute(
+                "SELECT count(*), min(expires_at) FROM flowstone_leases WHERE name = ?", (name,)
+            ).fetchone()
+            if held >= limit:
+                return Lease(None, at, max(first - at, 0.0))
+            lease_id = uuid.uuid4().hex
+            connection.execute(
+                "INSERT INTO flowstone_leases (name, lease_id, expires_at) VALUES (?, ?, ?)",
+                (name, lease_id, at + lease_seconds),
+            )
+            return Lease(lease_id, at, 0.0)
+
+        return self._run("acquire lease", work, write=True)
+
+    def release_lease(self, name: str, lease_id: str) -> None:
+        self._run(
+            "release lease",
+            lambda c: c.execute(
+                "DELETE FROM flowstone_leases WHERE name = ? AND lease_id = ?", (name, lease_id)
+            ),
+            write=True,
+        )
+
+    def active_leases(self, name: str, now: float | None = None) -> int:
+        def work(connection: sqlite3.Connection) -> int:
+            at = time.time() if now is None else now
+            (held,) = connection.execute(
+                "SELECT count(*) FROM flowstone_leases WHERE name = ? AND expires_at > ?",
+                (name, at),
+            ).fetchone()
+            return int(held)
+
+        return self._run("read leases", work, write=False)
 
     def close(self) -> None:
         self._connections.close_all()
