@@ -20,9 +20,12 @@
 - :mod:`.stores`: where breaker, limiter and bulkhead state is shared (:func:`open_store`:
   SQLite, PostgreSQL, Redis, memory);
 - :mod:`.timeouts`: :class:`Deadline`, :func:`deadline_scope`, :func:`with_timeout`;
-- :mod:`.resource`: :class:`ResilienceResource` (policies per service) and the Dagster
-  interplay (:func:`to_dagster_error`, :func:`dagster_retries`,
-  :data:`RECOMMENDED_RETRY_POLICY`).
+- :mod:`.config`: :class:`ServicePolicy` and its parts (retry, breaker, rate limit, bulkhead,
+  timeout, ``on_store_error``);
+- :mod:`.resource`: :class:`ResilienceResource` (policies per service) and :func:`resolve`;
+  :mod:`.call`: one guarded call;
+- :mod:`.dagster_mapping`: the one mapping to Dagster (:func:`to_dagster_error`,
+  :func:`dagster_retries`, :data:`RECOMMENDED_RETRY_POLICY`).
 
 The full guide is ``docs/resilience.md``.
 """
@@ -36,21 +39,22 @@ from flowstone_dagster.resilience.breaker import (
     with_circuit_breaker,
 )
 from flowstone_dagster.resilience.bulkhead import Bulkhead, BulkheadFull
-from flowstone_dagster.resilience.limiter import RateLimiter, RateLimitExceeded
-from flowstone_dagster.resilience.resource import (
+from flowstone_dagster.resilience.config import (
     ONCE,
-    RECOMMENDED_RETRY_POLICY,
     CircuitBreakerConfig,
     OnStoreError,
     RateLimitConfig,
     RateWindow,
-    ResilienceResource,
     RetryConfig,
     ServicePolicy,
+)
+from flowstone_dagster.resilience.dagster_mapping import (
+    RECOMMENDED_RETRY_POLICY,
     dagster_retries,
-    resolve,
     to_dagster_error,
 )
+from flowstone_dagster.resilience.limiter import RateLimiter, RateLimitExceeded
+from flowstone_dagster.resilience.resource import ResilienceResource, resolve
 from flowstone_dagster.resilience.retry import backoff_delays, with_retry
 from flowstone_dagster.resilience.stores import (
     BreakerRecord,
