@@ -500,7 +500,7 @@ def test_asset_selection_needs_definitions_or_keys(
 
 
 def test_sensors_module_uses_public_dagster_apis_only() -> None:
-    from flowstone_dagster import sensors
+    from flowstone_dagster.notifications import sensor as sensors
 
     source = pathlib.Path(sensors.__file__).read_text(encoding="utf-8")
     assert "dagster._" not in source
