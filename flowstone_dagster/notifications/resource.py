@@ -199,8 +199,11 @@ class NotificationsResource(dg.ConfigurableResource):
     slack_service: str = Field(
         default="slack", description="Service name of Slack in errors, telemetry and policies."
     )
-    email_service: str = Field(
-        default="smtp", description="Service name of SMTP in errors, telemetry and policies."
+    email_service: str | None = Field(
+        default=None,
+        description="Service name of SMTP in errors, telemetry and policies. Null: "
+        "smtp:<host>:<port>, the server (what fails together), so that two resources on "
+        "different servers never share a breaker.",
     )
 
     _notifier: Notifier | None = PrivateAttr(default=None)
@@ -269,7 +272,8 @@ class NotificationsResource(dg.ConfigurableResource):
                     sender=config.sender,
                     recipients=config.recipients,
                     subject_prefix=config.subject_prefix,
-                    service=self.email_service,
+                    service=self.email_service
+                    or f"smtp:{settings.host}:{settings.resolved_port}",
                 )
             )
         if self.log:

@@ -376,3 +376,26 @@ def test_refused_connection_is_a_transport_error() -> None:
         channel(free_port()).deliver("run_failed", {"job": "d"})
     assert is_retryable(raised.value)
     assert not isinstance(raised.value, ssl.SSLError)
+
+
+def test_the_default_email_service_names_the_server() -> None:
+    from flowstone_dagster import EmailConfig, NotificationsResource
+
+    def service_of(host: str, port: int) -> str:
+        resource = NotificationsResource(
+            email=EmailConfig(
+                host=host,
+                port=port,
+                security="none",
+                sender="a@example.com",
+                recipients=["b@example.com"],
+            )
+        )
+        [channel] = [
+            c for c in resource.build_notifier().channels.values() if hasattr(c, "settings")
+        ]
+        return channel.service
+
+    # Two servers never share a breaker unless the user names the same service.
+    assert service_of("mail-a.internal", 25) == "smtp:mail-a.internal:25"
+    assert service_of("mail-b.internal", 2525) == "smtp:mail-b.internal:2525"
