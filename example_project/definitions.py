@@ -249,6 +249,7 @@ defs = dg.Definitions(
             profiles_dir=str(settings.DBT_DIR),
             dbt_executable=settings.dbt_executable(),
             resilience=settings.resilience(),
+            service="dbt",  # the name of its policy in settings.resilience()
         ),
         "source_api": RestIOManager(
             base_url=settings.source_api_url(),

@@ -60,7 +60,7 @@ from typing import Any, Unpack
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.dbt.artifacts import (
@@ -160,8 +160,21 @@ class DbtResource(dg.ConfigurableResource):
         description="dbt global flags placed before the command (e.g. ['--no-partial-parse']).",
     )
     service: str = Field(
-        default="dbt", description="Name in errors, telemetry and the resilience policy."
+        default="dbt",
+        description="Name in errors, telemetry and the resilience policy. Default: "
+        "dbt:<project>:<target> (what fails together is the project's warehouse), or dbt when "
+        "the project comes from an EnvVar.",
     )
+    @model_validator(mode="before")
+    @classmethod
+    def _service_names_the_warehouse(cls, data: Any) -> Any:
+        # Two projects or targets (two warehouses) never share a breaker by default.
+        if isinstance(data, dict) and not data.get("service"):
+            project, target = data.get("project_dir"), data.get("target")
+            if isinstance(project, str) and (target is None or isinstance(target, str)):
+                data = {**data, "service": f"dbt:{Path(project).name}:{target or 'default'}"}
+        return data
+
     resilience: ResilienceResource | None = Field(
         default=None,
         description="Retries (of warehouse connection failures only), circuit breaker and rate "

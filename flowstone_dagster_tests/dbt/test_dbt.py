@@ -189,7 +189,7 @@ def test_telemetry_one_command_event_and_one_node_event_per_node(
     assert command.duration_s > 0
     assert dict(command.measures) == {
         "command": "build",
-        "service": "dbt",
+        "service": "dbt:project:default",  # the project and its target: its warehouse
         "exit_code": 0,
         "nodes": 10,
         "models_run": 3,
@@ -294,6 +294,7 @@ def test_sql_errors_and_test_failures_are_not_retried(
     project: Path, built: object, captured: list[telemetry.TelemetryEvent]
 ) -> None:
     dbt = DbtResource(
+        service="dbt",  # the policies below are keyed by it
         project_dir=str(project),
         resilience=ResilienceResource(
             store_url="memory://dbt-no-retry",
@@ -516,6 +517,7 @@ def test_a_retry_deadline_never_stops_a_running_dbt_command(
         SLOW_PROJECT, tmp_path / "slow", ignore=shutil.ignore_patterns("target", "logs")
     )
     dbt = DbtResource(
+        service="dbt",  # the policies below are keyed by it
         project_dir=str(project),
         profiles_dir=str(project),
         resilience=ResilienceResource(

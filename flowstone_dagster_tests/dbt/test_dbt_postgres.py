@@ -115,6 +115,7 @@ def test_refused_connection_is_retried_through_resilience(
             warehouse_port.start()
 
     dbt = DbtResource(
+        service="dbt",  # the policies below are keyed by it
         project_dir=str(project),
         target="postgres",
         resilience=ResilienceResource(
@@ -174,6 +175,7 @@ def test_warehouse_that_stays_down_exhausts_the_attempts(
     project: Path, warehouse_port: Forwarder
 ) -> None:
     dbt = DbtResource(
+        service="dbt",  # the policies below are keyed by it
         project_dir=str(project),
         target="postgres",
         resilience=ResilienceResource(
@@ -212,6 +214,7 @@ def test_dbt_assets_retry_a_refused_connection_before_any_node(
             [orders],
             resources={
                 "dbt": DbtResource(
+                    service="dbt",  # the policies below are keyed by it
                     project_dir=str(project),
                     target="postgres",
                     resilience=ResilienceResource(
