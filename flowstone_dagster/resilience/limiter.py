@@ -112,6 +112,7 @@ class RateLimiter:
         #: Every (limit, period) window enforced; ``limit``/``period`` are the first one's.
         self.windows: tuple[tuple[float, float], ...] = tuple(windows)
         self.limit, self.period = self.windows[0]
+        self._smallest = min(limit for limit, _ in self.windows)
         self.mode: Mode = mode
         self.max_wait = float(max_wait)
         self.store: StateStore = (
@@ -127,8 +128,8 @@ class RateLimiter:
     def _check_cost(self, cost: float) -> None:
         if not cost > 0:
             raise ConfigurationError(f"must be positive, got {cost}", field="cost")
-        smallest = min(limit for limit, _ in self.windows)
-        if cost > smallest:
+        if cost > self._smallest:
+            smallest = self._smallest
             raise ConfigurationError(
                 f"{cost:g} is more than the limit {smallest:g} of {self.name!r}: "
                 "such a call could never be admitted",

@@ -84,20 +84,23 @@ class MemoryStore:
     def reserve(
         self, name: str, cost: float, limit: float, period: float, now: float | None = None
     ) -> Reservation:
-        with self._lock:  # the hot path, kept short: it decides the cost of every admission
+        # The hot path: the lock is held for the decision only (no object is built under it),
+        # because with many threads a longer hold turns into a convoy on the lock.
+        with self._lock:
             at = time.time() if now is None else now
             log = self._logs.get(name) or self._pruned(name, period, at)
             entries = log.entries
             if entries and entries[0][0] <= at - period:
                 log = self._pruned(name, period, at)
-            if log.used + cost <= limit + EPSILON:
+            admitted = log.used + cost <= limit + EPSILON
+            if admitted:
                 entries.append((at, cost))
                 log.used += cost
-                return Reservation(True, at, 0.0)
-            wait = wait_until_fits(
-                entries, used=log.used, cost=cost, limit=limit, period=period, now=at
-            )
-            return Reservation(False, at, wait)
+            else:
+                wait = wait_until_fits(
+                    entries, used=log.used, cost=cost, limit=limit, period=period, now=at
+                )
+        return Reservation(True, at, 0.0) if admitted else Reservation(False, at, wait)
 
     def reserve_all(
         self,
