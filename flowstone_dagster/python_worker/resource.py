@@ -222,9 +222,13 @@ class PythonWorkerResource(dg.ConfigurableResource):
     @property
     def pool(self) -> WorkerPool:
         """The step's pool (created on first use outside Dagster too)."""
-        if self._pool is None:
-            self._pool = self._new_pool()
-        return self._pool
+        # Read through the private-attribute dict: pydantic's __getattr__ costs about 1 us a
+        # read, on every call (measured).
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
+        pool = private["_pool"]
+        if pool is None:
+            pool = private["_pool"] = self._new_pool()
+        return pool
 
     # -- calls --------------------------------------------------------------------------------
 
