@@ -23,6 +23,7 @@ import decimal
 import gc
 import io
 import json
+import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ __all__ = [
     "MEDIA_TYPES",
     "RestFormat",
     "decode",
+    "dumps_json",
     "encode",
     "gc_paused",
     "json_default",
@@ -77,14 +79,64 @@ def gc_paused() -> Iterator[None]:
 
 def json_default(value: Any) -> Any:
     """``json.dumps``' ``default``: dates and times as ISO strings, decimals and UUIDs as
-    strings, sets and tuples as lists."""
+    strings, sets and tuples as lists, numpy scalars as the Python value (a non-finite float
+    as ``None``), numpy ``datetime64`` as its ISO string, pandas ``NaT`` as ``None``."""
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        if type(value).__name__ == "NaTType":  # pandas.NaT subclasses datetime
+            return None
         return value.isoformat()
     if isinstance(value, (decimal.Decimal, uuid.UUID)):
         return str(value)
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
+    kind = type(value)
+    if kind.__module__ == "numpy":
+        if kind.__name__ == "datetime64":
+            return None if str(value) == "NaT" else str(value)
+        if hasattr(value, "item"):  # np.int64, np.float32, np.bool_, ...
+            item = value.item()
+            return None if isinstance(item, float) and not math.isfinite(item) else item
+    if kind.__name__ == "NaTType":
+        return None
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as ``None`` and every dict key a string (the
+    slow path of :func:`dumps_json`, only for values the fast path refuses)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_json_key(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    converted = json_default(value)
+    return converted if converted is value else _json_safe(converted)
+
+
+def _json_key(key: Any) -> Any:
+    if isinstance(key, (str, int, bool)) or key is None:
+        return key
+    if isinstance(key, float):
+        return key if math.isfinite(key) else str(key)
+    converted = json_default(key)
+    return converted if isinstance(converted, (str, int, float, bool)) else str(converted)
+
+
+def dumps_json(value: Any) -> str:
+    """``value`` as compact, valid JSON: NaN and infinities become ``null`` (never the
+    invalid tokens ``NaN``/``Infinity``), numpy scalars and dates serialise, and dict keys
+    that are dates or numpy numbers become strings."""
+    try:
+        return json.dumps(value, default=json_default, separators=(",", ":"), allow_nan=False)
+    except (ValueError, TypeError) as exc:
+        if "Circular reference" in str(exc):
+            raise
+        return json.dumps(
+            _json_safe(value), default=json_default, separators=(",", ":"), allow_nan=False
+        )
 
 
 def is_dataframe(value: Any) -> bool:
@@ -112,12 +164,12 @@ def encode(value: Any, fmt: str) -> bytes:
     if fmt == "json":
         if is_dataframe(value):
             return str(value.to_json(orient="records", date_format="iso")).encode()
-        return json.dumps(value, default=json_default, separators=(",", ":")).encode()
+        return dumps_json(value).encode()
     if fmt == "ndjson":
         records = value.to_dict(orient="records") if is_dataframe(value) else value
         if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
             raise TypeError(f"ndjson stores a list of records, not {type(value).__name__}")
-        lines = [json.dumps(r, default=json_default, separators=(",", ":")) for r in records]
+        lines = [dumps_json(r) for r in records]
         return ("\n".join(lines) + "\n" if lines else "").encode()
     if fmt == "csv":
         if is_dataframe(value):
@@ -176,13 +228,20 @@ def decode(
         ) from None
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _decode_text_format(body: bytes, fmt: str, encoding: str | None, as_dataframe: bool) -> Any:
+    if fmt in ("json", "ndjson", "csv") and body.startswith(_UTF8_BOM):
+        body = body[len(_UTF8_BOM) :]  # a BOM is not data (else the first column is '\ufeffid')
     if fmt == "json":
         value = json.loads(body)
         if as_dataframe:
             return require_pandas().DataFrame(value if isinstance(value, list) else [value])
         return value
     text = body.decode(encoding or "utf-8")
+    if fmt in ("ndjson", "csv"):
+        text = text.removeprefix("\ufeff")  # a BOM under a declared charset (utf-16, ...)
     if fmt == "text":
         return text
     if fmt == "ndjson":

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import requests.auth
@@ -42,6 +42,7 @@ from flowstone_dagster.errors import (
     DecodeError,
     ExternalServiceError,
     FlowstoneError,
+    HTTPError,
     ResponseTooLarge,
     TransportError,
     error_for_status,
@@ -63,6 +64,7 @@ __all__ = [
     "DEFAULT_USER_AGENT",
     "HeaderAuth",
     "HttpSession",
+    "RedirectRefused",
     "create_session",
     "origin_of",
     "redact_headers",
@@ -74,6 +76,20 @@ __all__ = [
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Seconds to wait between bytes of the response.
 DEFAULT_READ_TIMEOUT = 60.0
+#: Redirects a request with a body never follows: they turn it into a GET or drop the body.
+REFUSED_BODY_REDIRECTS = frozenset({301, 302, 303})
+#: Redirects a request with a body follows, to the same origin only, re-sending method and body.
+FOLLOWED_BODY_REDIRECTS = frozenset({307, 308})
+
+
+class RedirectRefused(HTTPError):
+    """A store (``POST``/``PUT``/``PATCH``) was answered with a redirect it must not follow:
+    301/302/303 (which would turn it into a ``GET`` or drop its body), or 307/308 to another
+    origin. Never retried: the configured URL is wrong."""
+
+    retryable = False
+
+
 DEFAULT_USER_AGENT = f"flowstone-dagster/{__version__} python-requests/{requests.__version__}"
 
 
@@ -149,6 +165,65 @@ class HttpSession(requests.Session):
             if raise_for_status and response.status_code >= 400:
                 raise self.error_for(response)
         return response
+
+    def send_body(
+        self, method: str, url: str, *, raise_for_status: bool = True, **kwargs: Any
+    ) -> requests.Response:
+        """Send a request with a body (``POST``/``PUT``/``PATCH``) that never follows a redirect
+        silently.
+
+        301/302/303 raise :class:`RedirectRefused` naming the status and the (redacted)
+        ``Location``; 307/308 are followed up to ``max_redirects`` times, re-sending the same
+        method and the same ``data``, but only to the origin (scheme, host, port) of ``url``;
+        to another origin they raise :class:`RedirectRefused` naming both. ``data`` must be
+        bytes or a str (a stream could not be sent twice).
+        """
+        method = method.upper()
+        kwargs["allow_redirects"] = False
+        start = origin_of(url)
+        current = url
+        for _ in range(self.max_redirects + 1):
+            response = self.request(method, current, raise_for_status=raise_for_status, **kwargs)
+            status = response.status_code
+            if status not in REFUSED_BODY_REDIRECTS | FOLLOWED_BODY_REDIRECTS:
+                return response
+            location = response.headers.get("Location")
+            response.close()
+            target = urljoin(current, location) if location else None
+            where = f"{method} {self.redact(current)}"
+            if target is None:
+                raise self._refused(
+                    status, current, method, f"HTTP {status} from {where} without a Location header"
+                )
+            shown = self.redact(target)
+            if status in REFUSED_BODY_REDIRECTS:
+                raise self._refused(
+                    status,
+                    current,
+                    method,
+                    f"HTTP {status} from {where} redirects to {shown}: not followed, it would "
+                    f"re-send the {method} as a GET or without its body; point the URL at the "
+                    "new location (or have the server answer 307/308)",
+                )
+            if origin_of(target) != start:
+                raise self._refused(
+                    status,
+                    current,
+                    method,
+                    f"HTTP {status} from {where} redirects to another origin, {shown}: not "
+                    f"followed ({_origin_text(start)} != {_origin_text(origin_of(target))}); "
+                    "point the URL at the new location",
+                )
+            current = target
+        raise ExternalServiceError(
+            f"{method} {self.redact(url)}: more than {self.max_redirects} redirects",
+            service=self.service,
+        )
+
+    def _refused(self, status: int, url: str, method: str, message: str) -> RedirectRefused:
+        return RedirectRefused(
+            message, status=status, url=self.redact(url), method=method, service=self.service
+        )
 
     def translate(
         self,
@@ -316,6 +391,12 @@ class HeaderAuth(requests.auth.AuthBase):
 
     def __repr__(self) -> str:
         return f"<HeaderAuth {sorted(self.headers)} {sorted(self.params)} for {self.origin}>"
+
+
+def _origin_text(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}" if port is not None else f"{scheme}://{host}"
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:

@@ -30,7 +30,8 @@ Outside an I/O manager, :class:`RestClient` does the same for any ``url_fn(parti
     client.store({"value": 42}, "2025-01-15")
 
 Every status has one outcome (the table in ``docs/rest.md``): 2xx success (204 loads as
-``None``), redirects followed up to ``max_redirects``, 401 ``Unauthorized``, 403 ``Forbidden``,
+``None``), a load's redirects followed up to ``max_redirects`` (a store never follows
+301/302/303, and 307/308 only to the same origin), 401 ``Unauthorized``, 403 ``Forbidden``,
 404/410 ``NotFound`` naming the asset and partition, other 4xx ``HTTPError`` with the server's
 message, 408/429/5xx retryable errors: retried through ``resilience`` when one is configured,
 else raised after exactly one request.
@@ -46,7 +47,7 @@ import email.message
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
@@ -79,6 +80,7 @@ __all__ = [
     "HeadInfo",
     "RestClient",
     "StoreResult",
+    "check_partition_key",
     "rest_service",
 ]
 
@@ -142,6 +144,30 @@ def rest_service(url: str) -> str:
     default_port = {"http": 80, "https": 443}.get(scheme)
     shown_port = f":{port}" if port is not None and port != default_port else ""
     return f"rest:{scheme}://{host}{shown_port}"
+
+
+def check_partition_key(key: Any, *, what: str = "partition key") -> None:
+    """Refuse a partition key that would move the URL: a dot segment (``.``, ``..``, also
+    percent-encoded like ``%2e%2e`` or ``.%2E``, or as one ``/``- or ``\\``-separated part of the
+    key) or an empty key (an empty path segment). Raises ``ConfigurationError`` naming the key,
+    before any request."""
+    text = str(key)
+    if text == "":
+        raise ConfigurationError(
+            f"{what} {text!r} is empty: it would make an empty URL path segment",
+            field="partition_key",
+        )
+    decoded = text
+    for _ in range(3):  # a doubly encoded %252e%252e is still a dot segment to some servers
+        decoded = unquote(decoded)
+    for candidate in (text, decoded):
+        parts = candidate.replace("\\", "/").split("/")
+        if any(part in (".", "..") for part in parts):
+            raise ConfigurationError(
+                f"{what} {text!r} is a dot segment (. or ..): it would move the URL to another "
+                "path; rename the partition",
+                field="partition_key",
+            )
 
 
 def _declared_charset(response: requests.Response) -> str | None:
@@ -267,6 +293,11 @@ class RestClient:
         service = self.service or "<origin>"
         return f"<RestClient service={service!r} format={self.format!r}>"
 
+    def _url(self, partition: Any) -> str:
+        if partition is not None:
+            check_partition_key(partition)
+        return self.url_fn(partition)
+
     def service_for(self, url: str) -> str:
         """The service of a request to ``url``: ``service``, else the URL's origin."""
         return self.service or rest_service(url)
@@ -286,7 +317,10 @@ class RestClient:
         def once() -> tuple[requests.Response, bytes]:
             attempts[0] += 1
             try:
-                response = self.session.request(method, url, stream=True, **kwargs)
+                if method in ("POST", "PUT", "PATCH"):  # never a silent redirect of a store
+                    response = self.session.send_body(method, url, stream=True, **kwargs)
+                else:
+                    response = self.session.request(method, url, stream=True, **kwargs)
                 return response, self.session.read_body(response, max_bytes=self.max_body_bytes)
             except FlowstoneError as exc:
                 if exc.service is None:  # a session shared by origins names none
@@ -307,7 +341,7 @@ class RestClient:
         ``ResponseTooLarge``, ``CallTimeout``, ``TransportError``, or with ``resilience``
         ``MaxAttemptsExceeded`` / ``CircuitOpen``.
         """
-        url = self.url_fn(partition)
+        url = self._url(partition)
         attempts = [0]
         with telemetry.span(
             "flowstone.rest.load", method="GET", format=self.format, service=self.service_for(url)
@@ -425,7 +459,7 @@ class RestClient:
         Raises ``TypeError`` when ``data`` does not fit the format (nothing is sent), else the
         same errors as :meth:`load`.
         """
-        url = self.url_fn(partition)
+        url = self._url(partition)
         try:
             body = encode(data, self.format)
         except TypeError as exc:
@@ -458,7 +492,7 @@ class RestClient:
     def head(self, partition: Any = None) -> HeadInfo | None:
         """``HEAD`` the partition's URL: ``None`` when the value does not exist (404/410) or
         the server does not support ``HEAD`` (405/501)."""
-        url = self.url_fn(partition)
+        url = self._url(partition)
         attempts = [0]
         response, _ = self._send(
             attempts, "HEAD", url, origin=url, headers=self.headers, raise_for_status=False

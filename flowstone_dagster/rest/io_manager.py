@@ -31,6 +31,7 @@ from flowstone_dagster.rest.client import (
     Pagination,
     RestClient,
     StoreMethod,
+    check_partition_key,
     rest_service,
 )
 
@@ -45,7 +46,9 @@ def _asset_path(asset_key: dg.AssetKey) -> str:
 
 def _partition_fields(definition: dg.PartitionsDefinition | None, key: str) -> dict[str, str]:
     """Placeholders for a partition: ``partition_key`` and, for multi-partitions, one per
-    dimension (``{date}``, ``{region}``, ...), all URL-encoded."""
+    dimension (``{date}``, ``{region}``, ...), all URL-encoded. A dot-segment or empty key
+    (or dimension value) raises ``ConfigurationError`` (:func:`check_partition_key`)."""
+    check_partition_key(key)
     fields = {"partition_key": quote(key, safe="")}
     multi: dg.MultiPartitionKey | None = None
     if isinstance(key, dg.MultiPartitionKey):
@@ -54,6 +57,7 @@ def _partition_fields(definition: dg.PartitionsDefinition | None, key: str) -> d
         multi = definition.get_partition_key_from_str(key)
     if multi is not None:
         for dimension, value in multi.keys_by_dimension.items():
+            check_partition_key(value, what=f"partition key {key!r}: dimension {dimension!r}")
             fields[dimension] = quote(value, safe="")
     return fields
 

@@ -956,3 +956,189 @@ def test_io_managers_on_different_origins_do_not_share_a_breaker(
         assert (working.status().state, working.status().failures) == ("closed", 0)
     finally:
         other.stop()
+
+
+# -- issue 16: stores never follow redirects silently; dot-segment keys; body edge cases ---------
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_store_refuses_a_redirect_that_would_change_method_or_body(
+    httpserver: HTTPServer, method: str, status: int
+) -> None:
+    httpserver.expect_request("/data/old").respond_with_data(
+        "", status=status, headers={"Location": f"/moved/new?token={SECRET}"}
+    )
+    httpserver.expect_request("/moved/new").respond_with_data("", status=201)
+    client = client_for(httpserver, method=method, secrets=[SECRET])
+    with pytest.raises(HTTPError) as caught:
+        client.store({"value": 42}, "old")
+    error = caught.value
+    assert error.status == status
+    assert not is_retryable(error)
+    assert f"HTTP {status}" in str(error)
+    assert httpserver.url_for("/moved/new") in str(error)
+    assert SECRET not in str(error)
+    assert [r.path for r, _ in httpserver.log] == ["/data/old"]  # nothing re-sent
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+@pytest.mark.parametrize("status", [307, 308])
+def test_store_follows_307_308_on_the_same_origin_with_method_and_body(
+    httpserver: HTTPServer, method: str, status: int
+) -> None:
+    httpserver.expect_request("/data/old").respond_with_data(
+        "", status=status, headers={"Location": "/moved/new"}
+    )
+    httpserver.expect_request("/moved/new", method=method).respond_with_data("", status=201)
+    client = client_for(httpserver, method=method, auth_headers={"X-API-Key": SECRET})
+    result = client.store({"value": 42}, "old")
+    assert result.status == 201
+    assert result.url == httpserver.url_for("/moved/new")
+    (first, _), (second, _) = httpserver.log
+    assert second.method == method
+    assert json.loads(second.get_data()) == {"value": 42}
+    assert second.get_data() == first.get_data()
+    assert second.headers["X-API-Key"] == SECRET
+
+
+def test_store_refuses_307_to_another_origin(
+    httpserver: HTTPServer, other_origin: HTTPServer
+) -> None:
+    other_origin.expect_request("/elsewhere").respond_with_data("", status=201)
+    httpserver.expect_request("/data/p").respond_with_data(
+        "", status=307, headers={"Location": other_origin.url_for("/elsewhere")}
+    )
+    with pytest.raises(HTTPError) as caught:
+        client_for(httpserver, auth_headers={"X-API-Key": SECRET}).store([1], "p")
+    assert caught.value.status == 307
+    assert not is_retryable(caught.value)
+    message = str(caught.value)
+    assert f"{httpserver.host}:{httpserver.port}" in message
+    assert f"{other_origin.host}:{other_origin.port}" in message
+    assert len(other_origin.log) == 0
+
+
+def test_store_redirect_loop_fails_clearly(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/loop").respond_with_data(
+        "", status=307, headers={"Location": "/data/loop"}
+    )
+    with pytest.raises(ExternalServiceError, match="more than 3 redirects"):
+        client_for(httpserver, max_redirects=3).store([1], "loop")
+    assert len(httpserver.log) == 4
+
+
+@pytest.mark.parametrize("key", [".", "..", "%2e%2e", ".%2E", "%2E", "a/../b", "..\\x", ""])
+def test_dot_segment_and_empty_partition_keys_are_refused(httpserver: HTTPServer, key: str) -> None:
+    httpserver.expect_request("/").respond_with_data("", status=201)
+    client = client_for(httpserver)
+    with pytest.raises(ConfigurationError) as caught:
+        client.store([1], key)
+    assert repr(key) in str(caught.value)
+    with pytest.raises(ConfigurationError):
+        client.load(key)
+    assert len(httpserver.log) == 0
+
+
+@pytest.mark.dagster
+@pytest.mark.parametrize("key", ["..", "%2e%2e", "."])
+def test_io_manager_refuses_a_dot_segment_partition_before_any_request(
+    httpserver: HTTPServer, dagster_instance: dg.DagsterInstance, key: str
+) -> None:
+    httpserver.expect_request("/api").respond_with_data("", status=201)
+
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition([key, "ok"]), io_manager_key="rest")
+    def dotted() -> list[int]:
+        return [1]
+
+    result = dg.materialize(
+        [dotted],
+        partition_key=key,
+        resources={"rest": RestIOManager(base_url=httpserver.url_for("/api"))},
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert len(httpserver.log) == 0
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+def test_non_finite_floats_are_stored_as_null(httpserver: HTTPServer, fmt: str) -> None:
+    httpserver.expect_request("/data/p").respond_with_data("", status=201)
+    value = [{"a": float("nan"), "b": float("inf"), "c": [float("-inf"), 1.5]}]
+    client_for(httpserver, format=fmt).store(value, "p")
+    body = httpserver.log[0][0].get_data().decode()
+    for token in ("NaN", "Infinity"):
+        assert token not in body
+    rows = [json.loads(line) for line in body.splitlines()] if fmt == "ndjson" else json.loads(body)
+    assert rows == [{"a": None, "b": None, "c": [None, 1.5]}]
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+def test_dataframe_nan_is_stored_as_null(httpserver: HTTPServer, fmt: str) -> None:
+    httpserver.expect_request("/data/p").respond_with_data("", status=201)
+    frame = pd.DataFrame({"a": [1.0, float("nan")], "t": [pd.Timestamp("2025-01-15"), pd.NaT]})
+    client_for(httpserver, format=fmt).store(frame, "p")
+    body = httpserver.log[0][0].get_data().decode()
+    for token in ("NaN", "Infinity", "NaT"):
+        assert token not in body
+    rows = [json.loads(line) for line in body.splitlines()] if fmt == "ndjson" else json.loads(body)
+    assert rows[1] == {"a": None, "t": None}
+    assert rows[0]["t"].startswith("2025-01-15T00:00:00")
+
+
+def test_numpy_and_date_values_serialise(httpserver: HTTPServer) -> None:
+    import datetime as dt
+
+    import numpy as np
+
+    httpserver.expect_request("/data/p").respond_with_data("", status=201)
+    value = {
+        "i": np.int64(7),
+        "f": np.float64(2.5),
+        "nf": np.float64("nan"),
+        "b": np.bool_(True),
+        "d": dt.date(2025, 1, 15),
+        "ts": pd.Timestamp("2025-01-15 07:28"),
+        "dt64": np.datetime64("2025-01-15"),
+        "keys": {dt.date(2025, 1, 15): 1, np.int64(3): 2},
+    }
+    client_for(httpserver, format="json").store(value, "p")
+    assert json.loads(httpserver.log[0][0].get_data()) == {
+        "i": 7,
+        "f": 2.5,
+        "nf": None,
+        "b": True,
+        "d": "2025-01-15",
+        "ts": "2025-01-15T07:28:00",
+        "dt64": "2025-01-15",
+        "keys": {"2025-01-15": 1, "3": 2},
+    }
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "body", "expected"),
+    [
+        ("csv", BOM + b"id,name\n1,a\n", [{"id": "1", "name": "a"}]),
+        ("json", BOM + b'[{"id": 1}]', [{"id": 1}]),
+        ("ndjson", BOM + b'{"id": 1}\n{"id": 2}\n', [{"id": 1}, {"id": 2}]),
+    ],
+)
+def test_a_utf8_bom_is_stripped(
+    httpserver: HTTPServer, fmt: str, body: bytes, expected: list[dict[str, Any]]
+) -> None:
+    httpserver.expect_request("/data/p").respond_with_data(body, content_type="text/plain")
+    client = client_for(httpserver, format=fmt)
+    assert client.load("p") == expected
+    frame = client.load("p", as_dataframe=True)
+    assert frame.columns[0] == "id"
+
+
+def test_a_utf8_bom_is_stripped_with_a_declared_charset(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data(
+        BOM + b"id\n1\n", content_type="text/csv; charset=utf-8"
+    )
+    assert client_for(httpserver, format="csv").load("p") == [{"id": "1"}]
