@@ -165,6 +165,7 @@ class DbtResource(dg.ConfigurableResource):
         "dbt:<project>:<target> (what fails together is the project's warehouse), or dbt when "
         "the project comes from an EnvVar.",
     )
+
     @model_validator(mode="before")
     @classmethod
     def _service_names_the_warehouse(cls, data: Any) -> Any:

@@ -272,8 +272,7 @@ class NotificationsResource(dg.ConfigurableResource):
                     sender=config.sender,
                     recipients=config.recipients,
                     subject_prefix=config.subject_prefix,
-                    service=self.email_service
-                    or f"smtp:{settings.host}:{settings.resolved_port}",
+                    service=self.email_service or f"smtp:{settings.host}:{settings.resolved_port}",
                 )
             )
         if self.log:
