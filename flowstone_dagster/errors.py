@@ -47,6 +47,7 @@ __all__ = [
     "PartialFailure",
     "PythonWorkerError",
     "RateLimited",
+    "RedirectRefused",
     "ResponseTooLarge",
     "StoreUnavailable",
     "TransportError",
@@ -195,6 +196,14 @@ class Unauthorized(HTTPError):
 
 class Forbidden(HTTPError):
     """403: the credentials are valid but lack permission. Never retried."""
+
+
+class RedirectRefused(HTTPError):
+    """A store (``POST``/``PUT``/``PATCH``) was answered with a redirect it must not follow:
+    301/302/303 (which would turn it into a ``GET`` or drop its body), or 307/308 to another
+    origin. Never retried: the configured URL is wrong."""
+
+    retryable = False
 
 
 class RateLimited(ExternalServiceError):

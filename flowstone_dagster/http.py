@@ -42,7 +42,7 @@ from flowstone_dagster.errors import (
     DecodeError,
     ExternalServiceError,
     FlowstoneError,
-    HTTPError,
+    RedirectRefused,
     ResponseTooLarge,
     TransportError,
     error_for_status,
@@ -64,7 +64,6 @@ __all__ = [
     "DEFAULT_USER_AGENT",
     "HeaderAuth",
     "HttpSession",
-    "RedirectRefused",
     "create_session",
     "origin_of",
     "redact_headers",
@@ -80,14 +79,6 @@ DEFAULT_READ_TIMEOUT = 60.0
 REFUSED_BODY_REDIRECTS = frozenset({301, 302, 303})
 #: Redirects a request with a body follows, to the same origin only, re-sending method and body.
 FOLLOWED_BODY_REDIRECTS = frozenset({307, 308})
-
-
-class RedirectRefused(HTTPError):
-    """A store (``POST``/``PUT``/``PATCH``) was answered with a redirect it must not follow:
-    301/302/303 (which would turn it into a ``GET`` or drop its body), or 307/308 to another
-    origin. Never retried: the configured URL is wrong."""
-
-    retryable = False
 
 
 DEFAULT_USER_AGENT = f"flowstone-dagster/{__version__} python-requests/{requests.__version__}"

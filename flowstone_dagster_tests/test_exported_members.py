@@ -37,6 +37,7 @@ PUBLIC = {
     "InvalidJSON", "LLMClient", "LLMResource", "LLMResponse", "MaxAttemptsExceeded", "NotFound",
     "NotificationsResource", "PartialFailure", "PythonWorkerError", "PythonWorkerResource",
     "RateLimitConfig", "RateLimitExceeded", "RateLimited", "RateLimiter", "RateWindow",
+    "RedirectRefused",
     "ResilienceResource", "ResponseTooLarge", "RestClient", "RestIOManager", "RetryConfig",
     "SchemaMismatch", "ServicePolicy", "SlackApiRejected", "SlackWebhookConfig", "SmtpRejected",
     "StoreUnavailable", "StreamInterrupted", "TransportError", "Unauthorized", "Usage",
