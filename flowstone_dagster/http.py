@@ -24,8 +24,9 @@ Every integration that speaks HTTP through ``requests`` gets its session from
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -55,6 +56,7 @@ from flowstone_dagster.redaction import (
     redact_text,
     redact_url,
 )
+from flowstone_dagster.resilience.timeouts import current_deadline
 
 Timeout = float | tuple[float, float]
 
@@ -144,15 +146,26 @@ class HttpSession(requests.Session):
         if kwargs.get("verify") is None:
             # requests lets REQUESTS_CA_BUNDLE override a session's verify; ours wins.
             kwargs["verify"] = self.verify
+        budget = _Budget.start(kwargs["timeout"])
+        kwargs["timeout"] = budget.socket_timeout(kwargs["timeout"])
+        stream = bool(kwargs.get("stream"))
+        kwargs["stream"] = True  # the body is read here, against the request's total limit
         host = urlsplit(url_text).hostname or ""
         with self._span(method_name, host) as call:
             try:
                 response = super().request(method_name, url_text, *args, **kwargs)
             except requests.exceptions.RequestException as exc:
                 raise self.translate(exc, method_name, url_text, kwargs["timeout"]) from None
+            response._flowstone_budget = budget  # type: ignore[attr-defined]
             call.set(status=response.status_code)
-            if not kwargs.get("stream"):
-                call.set(bytes=len(response.content))
+            if not stream:
+                content = self.read_body(response)
+                response._content = content
+                response._content_consumed = True  # type: ignore[attr-defined]
+                call.set(bytes=len(content))
+            elif budget.expired:
+                response.close()
+                raise self._over_budget(budget, method_name, url_text)
             if raise_for_status and response.status_code >= 400:
                 raise self.error_for(response)
         return response
@@ -288,7 +301,8 @@ class HttpSession(requests.Session):
         dropped connection). Always releases the connection.
         """
         url = response.url or ""
-        method = response.request.method if response.request else "GET"
+        method = (response.request.method if response.request else None) or "GET"
+        budget: _Budget | None = getattr(response, "_flowstone_budget", None)
         with response:
             declared = response.headers.get("Content-Length", "")
             if max_bytes is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -297,14 +311,53 @@ class HttpSession(requests.Session):
             chunks: list[bytes] = []
             size = 0
             try:
-                for chunk in response.iter_content(_READ_CHUNK):
+                for chunk in self._chunks(response, budget, method, url):
                     chunks.append(chunk)
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise self._too_large(url, f"sent more than {max_bytes} bytes", max_bytes)
             except requests.exceptions.RequestException as exc:
-                raise self.translate(exc, method or "GET", url) from None
+                raise self.translate(exc, method, url) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _chunks(
+        self, response: requests.Response, budget: _Budget | None, method: str, url: str
+    ) -> Iterator[bytes]:
+        """The body's chunks; with a budget, each socket read waits at most the time left and
+        the total is checked between reads (a server trickling bytes cannot hold the call)."""
+        raw = response.raw
+        if budget is None or not isinstance(raw, urllib3.response.HTTPResponse):
+            yield from response.iter_content(_READ_CHUNK)
+            return
+        while True:
+            remaining = budget.remaining()
+            if remaining <= 0:
+                raise self._over_budget(budget, method, url)
+            _set_read_timeout(raw, remaining)
+            try:
+                # read1: at most one socket read, so the check above runs between reads.
+                chunk = raw.read1(_READ_CHUNK, decode_content=True)
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                if budget.expired:
+                    raise self._over_budget(budget, method, url) from None
+                raise requests.exceptions.ConnectionError(exc) from None
+            except urllib3.exceptions.SSLError as exc:
+                raise requests.exceptions.SSLError(exc) from None
+            except urllib3.exceptions.DecodeError as exc:
+                raise requests.exceptions.ContentDecodingError(exc) from None
+            except urllib3.exceptions.ProtocolError as exc:
+                raise requests.exceptions.ChunkedEncodingError(exc) from None
+            if not chunk:
+                return
+            yield chunk
+
+    def _over_budget(self, budget: _Budget, method: str, url: str) -> CallTimeout:
+        return CallTimeout(
+            f"{method} {self.redact(url)} did not finish within {budget.limit:g} s, "
+            f"{budget.reason} (connect, send and the whole body)",
+            timeout=budget.limit,
+            service=self.service,
+        )
 
     def _too_large(self, url: str, what: str, limit: int) -> ResponseTooLarge:
         return ResponseTooLarge(
@@ -351,6 +404,49 @@ class HttpSession(requests.Session):
 
 
 _READ_CHUNK = 1024 * 1024
+
+
+class _Budget:
+    """The total time of one request (connect, send, the whole body): the smaller of the
+    timeout's total and the remaining resilience deadline (:func:`current_deadline`)."""
+
+    __slots__ = ("at", "limit", "reason")
+
+    def __init__(self, limit: float, reason: str) -> None:
+        self.limit = limit
+        self.reason = reason
+        self.at = time.monotonic() + limit
+
+    @classmethod
+    def start(cls, timeout: Timeout) -> _Budget:
+        total = _total_seconds(timeout)
+        deadline = current_deadline()
+        if deadline is not None and deadline.remaining() < total:
+            return cls(deadline.remaining(), f"the call's {deadline.seconds:g} s deadline")
+        return cls(total, f"the total of its timeout {timeout!r}")
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def socket_timeout(self, timeout: Timeout) -> Timeout:
+        """``timeout`` with each part cut to the time left (never 0: that would not block)."""
+        left = max(self.remaining(), 0.001)
+        if isinstance(timeout, tuple):
+            return (min(timeout[0], left), min(timeout[1], left))
+        return min(timeout, left)
+
+
+def _set_read_timeout(raw: urllib3.response.HTTPResponse, seconds: float) -> None:
+    """Make the next socket read of ``raw`` wait at most ``seconds``."""
+    connection = raw.connection
+    sock = getattr(connection, "sock", None) if connection is not None else None
+    if sock is not None:
+        with suppress(OSError):  # already closed: the read reports it
+            sock.settimeout(max(seconds, 0.001))
 
 
 class HeaderAuth(requests.auth.AuthBase):
