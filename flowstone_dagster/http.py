@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_USER_AGENT",
     "HeaderAuth",
     "HttpSession",
+    "is_secret_header",
     "create_session",
     "origin_of",
     "redact_headers",
@@ -81,6 +82,28 @@ DEFAULT_READ_TIMEOUT = 60.0
 REFUSED_BODY_REDIRECTS = frozenset({301, 302, 303})
 #: Redirects a request with a body follows, to the same origin only, re-sending method and body.
 FOLLOWED_BODY_REDIRECTS = frozenset({307, 308})
+
+
+#: Header names whose values are credentials, besides any name containing one of
+#: ``SECRET_HEADER_WORDS`` and the ``secret_headers`` a session or client is given.
+DEFAULT_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-auth-token", "cookie"}
+)
+#: A header whose name contains one of these words carries a credential (``X-Custom-Token``).
+SECRET_HEADER_WORDS = ("token", "secret", "key")
+
+
+def is_secret_header(name: str, extra: Iterable[str] = ()) -> bool:
+    """Whether header ``name`` carries a credential: one of ``DEFAULT_SECRET_HEADERS`` (or
+    redaction's ``SECRET_HEADERS``), a name containing ``token``, ``secret`` or ``key``, or one
+    of ``extra`` (compared case-insensitively)."""
+    lowered = name.lower()
+    return (
+        lowered in DEFAULT_SECRET_HEADERS
+        or lowered in SECRET_HEADERS
+        or any(word in lowered for word in SECRET_HEADER_WORDS)
+        or lowered in {n.lower() for n in extra}
+    )
 
 
 DEFAULT_USER_AGENT = f"flowstone-dagster/{__version__} python-requests/{requests.__version__}"
@@ -371,18 +394,21 @@ class HttpSession(requests.Session):
     def rebuild_auth(
         self, prepared_request: requests.PreparedRequest, response: requests.Response
     ) -> None:
-        """On a redirect to another host, drop every credential header, not only
-        ``Authorization`` as ``requests`` does (API keys, cookies, ``secret_headers``)."""
+        """On a redirect to another origin (scheme, host or port), drop every credential header
+        (:func:`is_secret_header`: API keys, cookies, ``*token*``, ``secret_headers``), not only
+        ``Authorization`` to another host as ``requests`` does."""
         super().rebuild_auth(prepared_request, response)
         original = response.request.url if response.request else None
         if (
             original
             and prepared_request.url
-            and self.should_strip_auth(original, prepared_request.url)
+            and (
+                origin_of(original) != origin_of(prepared_request.url)
+                or self.should_strip_auth(original, prepared_request.url)
+            )
         ):
-            secret = SECRET_HEADERS | self.secret_headers
             for name in list(prepared_request.headers):
-                if name.lower() in secret:
+                if is_secret_header(name, self.secret_headers):
                     del prepared_request.headers[name]
 
     def _span(self, method: str, host: str) -> AbstractContextManager[telemetry.Span]:

@@ -72,7 +72,9 @@ from flowstone_dagster.http import (
     HeaderAuth,
     HttpSession,
     create_session,
+    is_secret_header,
 )
+from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import ResilienceResource, resolve
 
 __all__ = [
@@ -202,7 +204,11 @@ class RestClient:
         format: body format, one of ``json``, ``ndjson``, ``csv``, ``text``, ``bytes``.
         method: ``POST``, ``PUT`` or ``PATCH`` for :meth:`store`.
         headers: extra headers for every request (``Content-Type``/``Accept`` follow the
-            format unless given here).
+            format unless given here). Those carrying credentials (``Authorization``,
+            ``Proxy-Authorization``, ``X-API-Key``, ``API-Key``, ``X-Auth-Token``, ``Cookie``, any
+            name containing ``token``, ``secret`` or ``key``, and ``secret_headers``) are treated
+            like ``auth_headers``: sent only to the URL's origin, their values redacted.
+        secret_headers: more header names whose values are credentials.
         auth_headers: credential headers (``Authorization``, an API key): sent only to the
             origin of the URL a load or store starts at, never to a redirect or a next page on
             another host; their values are redacted like ``secrets``.
@@ -233,6 +239,7 @@ class RestClient:
         format: str = "json",
         method: str = "POST",
         headers: Mapping[str, str] | None = None,
+        secret_headers: Iterable[str] = (),
         auth_headers: Mapping[str, str] | None = None,
         auth_params: Mapping[str, str] | None = None,
         secrets: Iterable[str] = (),
@@ -275,9 +282,19 @@ class RestClient:
         self.max_pages = max_pages
         self.resilience = resilience
         self.service = service
-        self.headers = {"Accept": MEDIA_TYPES[format], **(headers or {})}
-        self.auth_headers = dict(auth_headers or {})
+        secret_names = tuple(secret_headers)
+        given = dict(headers or {})
+        # Credentials set through `headers` get the same origin rule as `auth_headers`.
+        credentials = {k: v for k, v in given.items() if is_secret_header(k, secret_names)}
+        plain = {k: v for k, v in given.items() if k not in credentials}
+        self.headers = {"Accept": MEDIA_TYPES[format], **plain}
+        self.auth_headers = {**credentials, **dict(auth_headers or {})}
         self.auth_params = dict(auth_params or {})
+        for value in (*self.auth_headers.values(), *self.auth_params.values()):
+            register_secret(value)
+            scheme, _, credential = value.partition(" ")  # "Token abc": abc alone is secret too
+            if credential and scheme.isalpha():
+                register_secret(credential)
         self.session = session or create_session(
             timeout=timeout,
             verify=verify,
@@ -286,7 +303,7 @@ class RestClient:
             secrets=[*secrets, *self.auth_headers.values(), *self.auth_params.values()],
             service=service,
             telemetry_event=None,  # flowstone.rest.load / .store report each call
-            secret_headers=self.auth_headers,
+            secret_headers=[*secret_names, *self.auth_headers],
         )
 
     def __repr__(self) -> str:

@@ -100,7 +100,15 @@ class RestIOManager(dg.ConfigurableIOManager):
     headers: dict[str, str] = Field(
         default_factory=dict,
         repr=False,  # may carry credentials
-        description="Extra headers sent with every request.",
+        description="Extra headers sent with every request. Credential headers among them "
+        "(Authorization, Proxy-Authorization, X-API-Key, API-Key, X-Auth-Token, Cookie, any name "
+        "containing token, secret or key, and secret_headers) go only to base_url's origin, "
+        "never to a redirect or next page elsewhere, and their values are redacted.",
+    )
+    secret_headers: list[str] = Field(
+        default_factory=list,
+        description="More header names (besides the usual credential headers) whose values are "
+        "secrets: sent only to base_url's origin and redacted everywhere.",
     )
     auth: RestAuth = Field(
         default=NoAuth(),
@@ -220,6 +228,7 @@ class RestIOManager(dg.ConfigurableIOManager):
             format=fmt,
             method=method,
             headers=self.headers,
+            secret_headers=self.secret_headers,
             auth_headers=credentials.headers,
             auth_params=credentials.params,
             secrets=credentials.secrets,

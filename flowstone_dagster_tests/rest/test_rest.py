@@ -1142,3 +1142,62 @@ def test_a_utf8_bom_is_stripped_with_a_declared_charset(httpserver: HTTPServer) 
         BOM + b"id\n1\n", content_type="text/csv; charset=utf-8"
     )
     assert client_for(httpserver, format="csv").load("p") == [{"id": "1"}]
+
+
+# -- credential headers set through `headers` stay with the base origin too ----------------------
+
+HEADER_SECRETS = {"Authorization": f"Token {SECRET}", "X-Custom-Token": f"custom-{SECRET}"}
+
+
+@pytest.fixture
+def same_host_other_port(httpserver: HTTPServer) -> Any:
+    server = HTTPServer(host=httpserver.host)
+    server.start()
+    yield server
+    server.clear()
+    server.stop()
+
+
+def test_secret_headers_in_headers_skip_a_next_page_on_another_origin(
+    httpserver: HTTPServer, other_origin: HTTPServer
+) -> None:
+    other_origin.expect_request("/page2").respond_with_json([3])
+    httpserver.expect_request("/data/p").respond_with_json(
+        [1, 2], headers={"Link": f'<{other_origin.url_for("/page2")}>; rel="next"'}
+    )
+    client = client_for(httpserver, pagination="link", headers={**HEADER_SECRETS, "X-Team": "data"})
+    assert client.load("p") == [1, 2, 3]
+    first = httpserver.log[0][0].headers
+    assert first["Authorization"] == f"Token {SECRET}"
+    assert first["X-Custom-Token"] == f"custom-{SECRET}"
+    elsewhere = other_origin.log[0][0].headers
+    assert "Authorization" not in elsewhere
+    assert "X-Custom-Token" not in elsewhere
+    assert elsewhere["X-Team"] == "data"  # a plain header still goes everywhere
+
+
+def test_secret_headers_in_headers_skip_a_307_to_another_port(
+    httpserver: HTTPServer, same_host_other_port: HTTPServer
+) -> None:
+    other = same_host_other_port
+    other.expect_request("/elsewhere").respond_with_json({"moved": True})
+    httpserver.expect_request("/data/p").respond_with_data(
+        "", status=307, headers={"Location": other.url_for("/elsewhere")}
+    )
+    client = client_for(httpserver, headers=HEADER_SECRETS, secret_headers=["X-Tenant"])
+    assert client.load("p") == {"moved": True}
+    assert httpserver.log[0][0].headers["X-Custom-Token"] == f"custom-{SECRET}"
+    redirected = other.log[0][0].headers
+    assert "Authorization" not in redirected
+    assert "X-Custom-Token" not in redirected
+
+
+def test_secret_header_values_are_redacted_in_errors(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/p").respond_with_data(
+        f"bad header X-Custom-Token: custom-{SECRET}", status=400
+    )
+    client = client_for(httpserver, headers=HEADER_SECRETS)
+    with pytest.raises(HTTPError) as raised:
+        client.load("p")
+    assert SECRET not in str(raised.value)
+    assert SECRET not in repr(client)
