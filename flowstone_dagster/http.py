@@ -24,6 +24,8 @@ Every integration that speaks HTTP through ``requests`` gets its session from
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext, suppress
@@ -106,6 +108,28 @@ def is_secret_header(name: str, extra: Iterable[str] = ()) -> bool:
     )
 
 
+logger = logging.getLogger("flowstone_dagster.http")
+_insecure_warned: set[tuple[str, str, int | None]] = set()
+_insecure_lock = threading.Lock()
+
+
+def _warn_insecure(url: str) -> None:
+    """Log a WARNING, once per origin per process, that TLS verification is off for it."""
+    origin = origin_of(url)
+    if origin in _insecure_warned:
+        return
+    with _insecure_lock:
+        if origin in _insecure_warned:
+            return
+        _insecure_warned.add(origin)
+    logger.warning(
+        "TLS certificate verification is off (verify=False / verify_tls=False) for requests to "
+        "%s: anyone on the network path can impersonate it; set ca_bundle to trust a private CA "
+        "instead",
+        _origin_text(origin),
+    )
+
+
 DEFAULT_USER_AGENT = f"flowstone-dagster/{__version__} python-requests/{requests.__version__}"
 
 
@@ -169,6 +193,8 @@ class HttpSession(requests.Session):
         if kwargs.get("verify") is None:
             # requests lets REQUESTS_CA_BUNDLE override a session's verify; ours wins.
             kwargs["verify"] = self.verify
+        if kwargs["verify"] is False:
+            _warn_insecure(url_text)
         budget = _Budget.start(kwargs["timeout"])
         kwargs["timeout"] = budget.socket_timeout(kwargs["timeout"])
         stream = bool(kwargs.get("stream"))

@@ -331,3 +331,22 @@ def test_a_trickling_streamed_body_is_cut_at_the_resilience_deadline() -> None:
     assert "deadline" in str(raised.value)
     assert raised.value.timeout is not None
     assert raised.value.timeout <= 1.0
+
+
+def test_verify_false_warns_once_per_origin(
+    httpserver: HTTPServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flowstone_dagster.http
+
+    monkeypatch.setattr(flowstone_dagster.http, "_insecure_warned", set())  # a fresh process
+    httpserver.expect_request("/tls").respond_with_data("ok")
+    url = httpserver.url_for("/tls")
+    session = create_session(verify=False)
+    with caplog.at_level("WARNING", logger="flowstone_dagster.http"):
+        session.get(url)
+        session.get(url)
+        create_session(verify=False).get(url)
+    warnings = [r for r in caplog.records if "verif" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelname == "WARNING"
+    assert f"http://{httpserver.host}:{httpserver.port}" in warnings[0].getMessage()

@@ -145,7 +145,11 @@ class RestIOManager(dg.ConfigurableIOManager):
     max_pages: int = Field(
         default=100, ge=1, description="More pages than this fails the load (never truncates)."
     )
-    verify_tls: bool = Field(default=True, description="Verify TLS certificates.")
+    verify_tls: bool = Field(
+        default=True,
+        description="Verify TLS certificates. Off logs a WARNING naming the origin, once per "
+        "process.",
+    )
     ca_bundle: str | None = Field(default=None, description="PEM file of CAs to trust.")
     record_head: bool = Field(
         default=True,
