@@ -402,7 +402,7 @@ class HttpSession(requests.Session):
 
     def _over_budget(self, budget: _Budget, method: str, url: str) -> CallTimeout:
         return CallTimeout(
-            f"{method} {self.redact(url)} did not finish within {budget.limit:g} s, "
+            f"{method} {self.redact(url)} did not finish within {budget.limit:.3g} s, "
             f"{budget.reason} (connect, send and the whole body)",
             timeout=budget.limit,
             service=self.service,

@@ -29,7 +29,7 @@ from flowstone_dagster.http import (
     redact_headers,
     redact_url,
 )
-from flowstone_dagster_tests.support.net import free_port
+from flowstone_dagster_tests.support.net import free_port, trickling_server
 
 SECRET = "sk-live-0123456789abcdef"
 
@@ -265,40 +265,8 @@ def test_redaction_helpers() -> None:
 # -- a total time per request ----------------------------------------------------------------
 
 
-def _trickling_server(*, interval: float = 0.25, size: int = 400) -> tuple[str, threading.Event]:
-    """A loopback server that answers 200 and sends its ``size``-byte body 2 bytes at a time,
-    one pair every ``interval`` seconds (each gap well below any read timeout)."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    stop = threading.Event()
-
-    def serve() -> None:
-        with listener:
-            listener.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                with conn:
-                    conn.recv(65536)
-                    head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n"
-                    try:
-                        conn.sendall(head.encode())
-                        for _ in range(size // 2):
-                            if stop.wait(interval):
-                                return
-                            conn.sendall(b"ab")
-                    except OSError:
-                        continue
-
-    threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}/slow", stop
-
-
 def test_a_trickling_body_is_cut_at_the_timeout_total() -> None:
-    url, stop = _trickling_server()
+    url, stop = trickling_server()
     session = create_session(timeout=(0.5, 1.0))  # 1.5 s in all, though bytes arrive each 0.25 s
     started = time.monotonic()
     try:
@@ -316,7 +284,7 @@ def test_a_trickling_body_is_cut_at_the_timeout_total() -> None:
 def test_a_trickling_streamed_body_is_cut_at_the_resilience_deadline() -> None:
     from flowstone_dagster.resilience import deadline_scope
 
-    url, stop = _trickling_server()
+    url, stop = trickling_server()
     session = create_session(timeout=(10.0, 10.0))
     started = time.monotonic()
     try:

@@ -1201,3 +1201,26 @@ def test_secret_header_values_are_redacted_in_errors(httpserver: HTTPServer) -> 
         client.load("p")
     assert SECRET not in str(raised.value)
     assert SECRET not in repr(client)
+
+
+def test_a_trickling_body_is_cut_at_the_policy_timeout() -> None:
+    from flowstone_dagster_tests.support.net import trickling_server
+
+    url, stop = trickling_server()
+    resilience = ResilienceResource(
+        store_url="memory://",
+        default_policy=ServicePolicy(
+            timeout=1.0, retry=RetryConfig(max_attempts=1), circuit_breaker=None
+        ),
+    )
+    client = RestClient(lambda _: url, format="text", resilience=resilience)  # 10 s + 60 s
+    started = time.monotonic()
+    try:
+        with pytest.raises(MaxAttemptsExceeded) as raised:
+            client.load()
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 2.0  # not the 70 s of the default timeouts
+    cause = raised.value.__cause__
+    assert isinstance(cause, CallTimeout)
+    assert "within 1 s, the call's 1 s deadline" in str(cause)
