@@ -131,9 +131,13 @@ def _default_sqlite_url() -> str:
     return f"sqlite://{directory / 'resilience.sqlite3'}"
 
 
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
 def check_store_url(url: str) -> None:
     """Raise ``ConfigurationError`` for a URL no store can open (nothing is connected)."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    scheme = _scheme(url)
     if scheme == "sqlite":
         _sqlite_path(url)
     elif scheme in ("redis", "rediss"):
@@ -179,7 +183,7 @@ def _redis_url(url: str) -> None:
 
 
 def _create(url: str) -> StateStore:
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    scheme = _scheme(url)
     if scheme == "memory":
         return MemoryStore(url)
     if scheme == "sqlite":

@@ -21,10 +21,12 @@ __all__ = [
     "DEFAULT_STORE_TIMEOUT",
     "HALF_OPEN",
     "OPEN",
+    "READ_BREAKER",
     "BreakerRecord",
     "Lease",
     "Reservation",
     "StateStore",
+    "operation_milliseconds",
     "operation_timeout",
     "unavailable",
     "longest_wait",
@@ -62,6 +64,14 @@ def operation_timeout() -> float:
     return max(min(DEFAULT_STORE_TIMEOUT, deadline.remaining()), MIN_STORE_TIMEOUT)
 
 
+def operation_milliseconds() -> int:
+    """:func:`operation_timeout` in milliseconds, in whole tenths of a second above 1 s (never
+    above it): a deadline's remaining time changes on every call, and telling the store a new
+    bound each time would cost more than the operation (see :meth:`PerThread.bound_is`)."""
+    seconds = operation_timeout()
+    return int(seconds * 10) * 100 if seconds >= 1 else max(1, int(seconds * 1000))
+
+
 def unavailable(url: str, operation: str, exc: BaseException) -> StoreUnavailable:
     """The taxonomy error for a store failure (URL and message redacted)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -87,6 +97,14 @@ class BreakerRecord:
 
 #: The record of a breaker that has never been written.
 CLOSED_RECORD = BreakerRecord()
+
+
+#: A breaker's row, read the same way by the SQL stores (``?`` placeholders; PostgreSQL's
+#: store swaps them for ``%s``).
+READ_BREAKER = (
+    "SELECT state, failures, opened_at, probe_id, probe_until FROM flowstone_breakers "
+    "WHERE name = ?"
+)
 
 
 def record_of(row: Any) -> BreakerRecord:
@@ -248,11 +266,12 @@ def longest_wait(
 class _Held:
     """A connection, the process that opened it, its generation and (weakly) its thread."""
 
-    __slots__ = ("connection", "generation", "pid", "thread")
+    __slots__ = ("bound", "connection", "generation", "pid", "thread")
 
     def __init__(self, connection: Any, generation: int) -> None:
         self.connection = connection
         self.generation = generation
+        self.bound: int | None = None  # the wait bound the connection was last given, in ms
         self.pid = os.getpid()
         self.thread = weakref.ref(threading.current_thread())
 
@@ -294,15 +313,12 @@ class PerThread:
         if self._pid != pid:  # forked: the parent's lock may have been held at fork time
             self._lock = threading.Lock()
             self._pid = pid
-        mine: _Held | None = getattr(self._local, "held", None)
         held = _Held(self._connect(), self.generation)
+        current = threading.current_thread()
         with self._lock:
+            # This thread's old connection (replaced now) and those of finished threads.
             stale = [
-                h
-                for h in self._held
-                if h.pid == pid
-                and (h.finished() or h is mine or h.generation != self.generation)
-                and (h.finished() or h.thread() is threading.current_thread())
+                h for h in self._held if h.pid == pid and (h.finished() or h.thread() is current)
             ]
             for old in stale:
                 old.close()
@@ -310,6 +326,16 @@ class PerThread:
             self._held.append(held)
         self._local.held = held
         return held.connection
+
+    def bound_is(self, milliseconds: int) -> bool:
+        """Whether this thread's connection (from :meth:`get`) was last given this wait bound."""
+        held: _Held = self._local.held
+        return held.bound == milliseconds
+
+    def remember_bound(self, milliseconds: int) -> None:
+        """Record the wait bound this thread's connection now has."""
+        held: _Held = self._local.held
+        held.bound = milliseconds
 
     def invalidate(self) -> None:
         """Make every thread open a new connection on its next use (the file was replaced)."""

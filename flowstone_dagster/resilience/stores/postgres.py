@@ -11,18 +11,19 @@ from flowstone_dagster.redaction import redact_url
 from flowstone_dagster.resilience.stores.base import (
     DEFAULT_STORE_TIMEOUT,
     EPSILON,
+    READ_BREAKER,
     BreakerRecord,
     Lease,
     PerThread,
     Reservation,
     longest_wait,
+    operation_milliseconds,
     operation_timeout,
     record_of,
     unavailable,
     wait_until_fits,
     window_keys,
 )
-from flowstone_dagster.resilience.stores.sqlite import READ_BREAKER
 
 __all__ = ["PostgresStore"]
 
@@ -222,14 +223,16 @@ class PostgresStore:
         for again in (True, False):
             try:
                 connection = self._connections.get()
-                milliseconds = max(1, int(operation_timeout() * 1000))
+                milliseconds = operation_milliseconds()
                 with connection.cursor() as cursor:
-                    # One round trip with the work's first statement would save ~50 us; the
-                    # session settings keep every later statement bounded too.
-                    cursor.execute(
-                        "SET statement_timeout = %(ms)s; SET lock_timeout = %(ms)s",
-                        {"ms": milliseconds},
-                    )
+                    # Session settings, so every statement is bounded; sent only when the bound
+                    # changes (a round trip each time would double the cost of an operation).
+                    if not self._connections.bound_is(milliseconds):
+                        cursor.execute(
+                            "SET statement_timeout = %(ms)s; SET lock_timeout = %(ms)s",
+                            {"ms": milliseconds},
+                        )
+                        self._connections.remember_bound(milliseconds)
                     if not self._schema_ready:
                         cursor.execute(_PG_SCHEMA)
                         self._schema_ready = True

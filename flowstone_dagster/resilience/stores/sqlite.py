@@ -18,11 +18,13 @@ from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError, StoreUnavailable
 from flowstone_dagster.resilience.stores.base import (
     EPSILON,
+    READ_BREAKER,
     BreakerRecord,
     Lease,
     PerThread,
     Reservation,
     longest_wait,
+    operation_milliseconds,
     operation_timeout,
     record_of,
     unavailable,
@@ -68,11 +70,6 @@ _UPSERT_BREAKER = (
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET state = excluded.state, "
     "failures = excluded.failures, opened_at = excluded.opened_at, "
     "probe_id = excluded.probe_id, probe_until = excluded.probe_until"
-)
-
-READ_BREAKER = (
-    "SELECT state, failures, opened_at, probe_id, probe_until FROM flowstone_breakers "
-    "WHERE name = ?"
 )
 
 
@@ -152,7 +149,6 @@ class SQLiteStore:
         self._connections = PerThread(self._connect)
         self._identity: tuple[int, int] | None = None
         self._identity_lock = threading.Lock()
-        self._busy = threading.local()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.url!r})"
@@ -167,7 +163,6 @@ class SQLiteStore:
             isolation_level=None,
             check_same_thread=False,
         )
-        self._busy.ms = None
         # Switching a new file to WAL needs an exclusive lock and SQLite answers "database is
         # locked" at once (without the busy handler) while another process does the same.
         give_up = time.monotonic() + operation_timeout()
@@ -189,13 +184,10 @@ class SQLiteStore:
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection = self._connections.get()
-        seconds = operation_timeout()
-        # Whole tenths of a second above 1 s: a deadline's remaining time changes on every
-        # call, and setting the pragma each time would cost more than the operation.
-        milliseconds = int(seconds * 10) * 100 if seconds >= 1 else max(1, int(seconds * 1000))
-        if getattr(self._busy, "ms", None) != milliseconds:
+        milliseconds = operation_milliseconds()
+        if not self._connections.bound_is(milliseconds):
             connection.execute(f"PRAGMA busy_timeout = {milliseconds}")
-            self._busy.ms = milliseconds
+            self._connections.remember_bound(milliseconds)
         return connection
 
     def _replaced(self) -> bool:
