@@ -334,46 +334,41 @@ class ResilienceResource(dg.ConfigurableResource):
         policy = self.policy_for(service)
         to_dagster = self.dagster_errors if dagster_errors is None else dagster_errors
         started = time.perf_counter()
-        if (
-            policy.circuit_breaker is None
+        # Nothing to guard: one call and the same Dagster mapping. The integration's own event
+        # (flowstone.http.request, flowstone.worker.call, ...) is the call's one telemetry
+        # event; a flowstone.resilience.call event would only repeat it.
+        guarded = (
+            None
+            if policy.circuit_breaker is None
             and policy.rate_limit is None
             and not limits
             and policy.retry.max_attempts == 1
             and policy.timeout is None
             and policy.max_concurrent is None
-        ):
-            # Nothing to guard: one call and the same Dagster mapping. The integration's own
-            # event (flowstone.http.request, flowstone.worker.call, ...) is the call's one
-            # telemetry event; a flowstone.resilience.call event would only repeat it.
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                if to_dagster:
-                    mapped = self.dagster_error(exc, service=service)
-                    if mapped is not exc:
-                        raise mapped  # noqa: B904 - carries its own (redacted) cause
-                raise
-        guarded = _GuardedCall(
-            self,
-            service,
-            policy=policy,
-            to_dagster=to_dagster,
-            cost=cost,
-            limits=limits,
-            fn=fn,
-            args=args,
-            kwargs=kwargs,
+            else _GuardedCall(
+                self,
+                service,
+                policy=policy,
+                to_dagster=to_dagster,
+                cost=cost,
+                limits=limits,
+                fn=fn,
+                args=args,
+                kwargs=kwargs,
+            )
         )
         try:
-            result = guarded.run()
+            result = fn(*args, **kwargs) if guarded is None else guarded.run()
         except Exception as exc:
-            self._ended(service, started, max(guarded.attempts, 1), exc, guarded.degraded)
+            if guarded is not None:
+                self._ended(service, started, max(guarded.attempts, 1), exc, guarded.degraded)
             if to_dagster:
                 mapped = self.dagster_error(exc, service=service)
                 if mapped is not exc:
                     raise mapped  # noqa: B904 - carries its own (redacted) cause
             raise
-        self._ended(service, started, guarded.attempts, None, guarded.degraded)
+        if guarded is not None:
+            self._ended(service, started, guarded.attempts, None, guarded.degraded)
         return result
 
     @staticmethod
