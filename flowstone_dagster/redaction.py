@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import threading
-import traceback
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -80,6 +79,9 @@ MIN_PATH_TAIL = 16
 
 _registered: set[str] = set()
 _registered_lock = threading.Lock()
+#: The registered secrets, longest first (a secret that contains another is replaced whole),
+#: sorted once per registration rather than on every redaction.
+_registered_longest_first: tuple[str, ...] = ()
 
 
 def register_secret(value: str | None) -> None:
@@ -107,8 +109,10 @@ def register_secret(value: str | None) -> None:
                 if len(tail) >= MIN_PATH_TAIL:
                     values.add(tail)
     values = {v for v in values if len(v) >= MIN_SECRET_LENGTH}
+    global _registered_longest_first  # noqa: PLW0603 - replaced whole, read without the lock
     with _registered_lock:
         _registered.update(values)
+        _registered_longest_first = tuple(sorted(_registered, key=len, reverse=True))
 
 
 # Shapes of secrets that are redacted even when nobody registered them.
@@ -128,8 +132,7 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\")<>]+")
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with each of ``secrets``, every registered secret (:func:`register_secret`),
     URL passwords and secret query values, and secret-shaped tokens replaced by ``***``."""
-    with _registered_lock:
-        known = sorted(_registered, key=len, reverse=True)
+    known = _registered_longest_first
     for secret in [*secrets, *known]:
         if secret and secret in text:
             text = text.replace(secret, REDACTED)
@@ -257,8 +260,3 @@ def redact_exception_chain(exc: BaseException, *, is_ours: type[BaseException]) 
         return result
 
     return clean(exc)
-
-
-def format_chain(exc: BaseException) -> str:
-    """The chain as Python would print it (for tests and logs)."""
-    return "".join(traceback.format_exception(exc))
