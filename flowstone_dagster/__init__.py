@@ -83,6 +83,15 @@ from flowstone_dagster.rest import (
     RestClient,
     RestIOManager,
 )
+from flowstone_dagster.rest.pagination import (
+    CursorPagination,
+    HeaderCursorPagination,
+    JsonLinkPagination,
+    LinkPagination,
+    NoPagination,
+    OffsetPagination,
+    PageNumberPagination,
+)
 
 if _typing.TYPE_CHECKING:  # imported on first use (below): each needs its extra
     from flowstone_dagster.dbt import (
@@ -166,6 +175,14 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 __all__ = [
+    # REST pagination kinds (flowstone_dagster.rest.pagination)
+    "CursorPagination",
+    "HeaderCursorPagination",
+    "JsonLinkPagination",
+    "LinkPagination",
+    "NoPagination",
+    "OffsetPagination",
+    "PageNumberPagination",
     "RECOMMENDED_RETRY_POLICY",
     "AllChannelsFailed",
     "BulkheadFull",

@@ -25,7 +25,7 @@ import io
 import json
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ __all__ = [
     "gc_paused",
     "json_default",
     "is_dataframe",
+    "iter_records",
     "require_pandas",
     "wants_dataframe",
 ]
@@ -252,6 +253,62 @@ def _decode_text_format(body: bytes, fmt: str, encoding: str | None, as_datafram
             return require_pandas().read_csv(io.StringIO(text))
         return list(csv.DictReader(io.StringIO(text)))
     raise ConfigurationError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", field="format")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A binary file over an iterator of byte chunks (for the standard library's line and
+    text readers), holding one chunk at a time."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        size = min(len(target), len(self._pending))
+        target[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def iter_records(
+    chunks: Iterable[bytes], fmt: str, *, url: str, encoding: str | None = None
+) -> Iterator[Any]:
+    """The records of an ``ndjson`` (one JSON value per line) or ``csv`` (one dict per row)
+    body, decoded as its chunks arrive: memory stays at about one chunk and one record,
+    whatever the body's size. A UTF-8 byte-order mark is skipped. Raises
+    :class:`~flowstone_dagster.errors.DecodeError` naming the URL, the format and the line."""
+    if fmt not in ("ndjson", "csv"):
+        raise ConfigurationError(
+            f"streaming records needs the ndjson or csv format, not {fmt!r}", field="format"
+        )
+    stream = io.BufferedReader(_ChunkReader(chunks), buffer_size=1024 * 1024)
+    if stream.peek(3)[:3] == _UTF8_BOM and encoding in (None, "utf-8", "UTF-8", "utf8"):
+        stream.read(3)
+    text = io.TextIOWrapper(stream, encoding=encoding or "utf-8", newline="")
+    line = 0
+    rows = csv.DictReader(text) if fmt == "csv" else None
+    try:
+        if rows is None:
+            for line, raw in enumerate(text, start=1):  # noqa: B007 (line is read on error)
+                if raw.strip():
+                    yield json.loads(raw)
+            return
+        yield from rows
+    except (ValueError, UnicodeDecodeError, LookupError, csv.Error) as exc:
+        line = rows.line_num if rows is not None else line
+        raise DecodeError(
+            f"response from {url} is not valid {fmt} at line {line}: {type(exc).__name__}: {exc}",
+            url=url,
+            fmt=fmt,
+        ) from None
 
 
 def wants_dataframe(context: Any) -> bool:

@@ -24,10 +24,11 @@ Every integration that speaks HTTP through ``requests`` gets its session from
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -349,6 +350,28 @@ class HttpSession(requests.Session):
         taxonomy error when the connection fails while reading (a timeout between bytes, a
         dropped connection). Always releases the connection.
         """
+        # One growing buffer whose getvalue() hands over its bytes without a copy: the peak is
+        # about the body's size (a list of chunks joined at the end needed twice the body).
+        buffer = io.BytesIO()
+        for chunk in self.iter_body(response, max_bytes=max_bytes):
+            buffer.write(chunk)
+        return buffer.getvalue()
+
+    def iter_body(
+        self,
+        response: requests.Response,
+        *,
+        max_bytes: int | None = None,
+        consumer_time_counts: bool = True,
+    ) -> Generator[bytes, None, None]:
+        """The body of a streamed ``response`` chunk by chunk (at most 1 MiB each), with the
+        checks of :meth:`read_body`; the connection is released when the body ends, fails, or
+        the iterator is closed.
+
+        With ``consumer_time_counts=False`` the request's total time limit counts only the
+        time spent waiting for the server, not the time the caller spends between chunks (a
+        slow consumer of a streamed load is not a slow server).
+        """
         url = response.url or ""
         method = (response.request.method if response.request else None) or "GET"
         budget: _Budget | None = getattr(response, "_flowstone_budget", None)
@@ -356,22 +379,27 @@ class HttpSession(requests.Session):
             declared = response.headers.get("Content-Length", "")
             if max_bytes is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise self._too_large(url, f"declares {int(declared)} bytes", max_bytes)
-            # Chunks joined once at the end: one copy of the body, not one per growth step.
-            chunks: list[bytes] = []
             size = 0
+            chunks = self._chunks(response, budget, method, url)
             try:
-                for chunk in self._chunks(response, budget, method, url):
-                    chunks.append(chunk)
+                for chunk in chunks:
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise self._too_large(url, f"sent more than {max_bytes} bytes", max_bytes)
+                    if consumer_time_counts or budget is None:
+                        yield chunk
+                    else:
+                        handed = time.monotonic()
+                        yield chunk
+                        budget.at += time.monotonic() - handed
             except requests.exceptions.RequestException as exc:
                 raise self.translate(exc, method, url) from None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            finally:
+                chunks.close()
 
     def _chunks(
         self, response: requests.Response, budget: _Budget | None, method: str, url: str
-    ) -> Iterator[bytes]:
+    ) -> Generator[bytes, None, None]:
         """The body's chunks; with a budget, each socket read waits at most the time left and
         the total is checked between reads (a server trickling bytes cannot hold the call)."""
         raw = response.raw

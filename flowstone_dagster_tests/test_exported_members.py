@@ -27,6 +27,8 @@ SUBPACKAGES = (
 #: The top-level surface, pinned.
 PUBLIC = {
     "ApiKeyAuth", "BasicAuth", "BearerAuth", "NoAuth",
+    "CursorPagination", "HeaderCursorPagination", "JsonLinkPagination", "LinkPagination",
+    "NoPagination", "OffsetPagination", "PageNumberPagination",
     "RECOMMENDED_RETRY_POLICY", "AllChannelsFailed", "BulkheadFull", "CallTimeout",
     "CircuitBreaker",
     "CircuitBreakerConfig", "CircuitOpen", "ConfigurationError", "ConstraintViolation",

@@ -4,6 +4,8 @@
   testable without Dagster);
 - :mod:`.auth`: the ``auth`` kinds, :class:`BearerAuth`, :class:`BasicAuth`,
   :class:`ApiKeyAuth` and :class:`NoAuth` (Dagster config classes, chosen by ``kind``);
+- :mod:`.pagination`: the ``pagination`` kinds (Link header, JSON link, cursor, header cursor,
+  offset/limit, page number; Dagster config classes, chosen by ``kind``);
 - :mod:`.io_manager`: :class:`RestIOManager`, the Dagster I/O manager.
 
 The guide is ``docs/rest.md``.
@@ -18,6 +20,15 @@ from flowstone_dagster.rest.client import (
     rest_service,
 )
 from flowstone_dagster.rest.io_manager import RestIOManager
+from flowstone_dagster.rest.pagination import (
+    CursorPagination,
+    HeaderCursorPagination,
+    JsonLinkPagination,
+    LinkPagination,
+    NoPagination,
+    OffsetPagination,
+    PageNumberPagination,
+)
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -26,6 +37,13 @@ __all__ = [
     "BearerAuth",
     "HeadInfo",
     "NoAuth",
+    "CursorPagination",
+    "HeaderCursorPagination",
+    "JsonLinkPagination",
+    "LinkPagination",
+    "NoPagination",
+    "OffsetPagination",
+    "PageNumberPagination",
     "RestClient",
     "RestIOManager",
     "StoreResult",

@@ -43,11 +43,13 @@ path, no credentials). Two I/O managers on different origins never share a break
 
 from __future__ import annotations
 
+import contextlib
 import email.message
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urljoin, urlsplit
+import itertools
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import unquote, urlsplit
 
 import requests
 
@@ -64,6 +66,7 @@ from flowstone_dagster.formats import (
     MEDIA_TYPES,
     decode,
     encode,
+    iter_records,
     require_pandas,
 )
 from flowstone_dagster.http import (
@@ -76,9 +79,17 @@ from flowstone_dagster.http import (
 )
 from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import ResilienceResource, resolve
+from flowstone_dagster.rest.pagination import (
+    NoPagination,
+    PageRequest,
+    Paginated,
+    RestPagination,
+    dig,
+)
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "STREAM_PAGE_ITEMS",
     "HeadInfo",
     "RestClient",
     "StoreResult",
@@ -90,9 +101,21 @@ T = TypeVar("T")
 
 #: Largest response body read by default (100 MiB); ``max_body_bytes`` changes it.
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
-_CHUNK = 1024 * 1024
+#: Records per page when :meth:`RestClient.iter_pages` streams an unpaginated ndjson/csv body.
+STREAM_PAGE_ITEMS = 10_000
+_PAGINATED_KINDS = get_args(Paginated)
 
-Pagination = Literal["none", "link", "cursor"]
+
+@dataclass
+class _LoadStats:
+    """What one load's telemetry event reports (all pages and attempts)."""
+
+    attempts: list[int] = field(default_factory=lambda: [0])
+    status: int | None = None
+    bytes: int = 0
+    pages: int = 0
+
+
 StoreMethod = Literal["POST", "PUT", "PATCH"]
 
 
@@ -184,18 +207,6 @@ def _declared_charset(response: requests.Response) -> str | None:
     return charset if isinstance(charset, str) else None
 
 
-def _dig(value: Any, path: str) -> Any:
-    """``value["a"]["b"]`` for ``path="a.b"``; ``None`` when a step is missing."""
-    for part in path.split("."):
-        if isinstance(value, Mapping):
-            value = value.get(part)
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return None
-    return value
-
-
 class RestClient:
     """Load and store values at URLs given by ``url_fn(partition)``.
 
@@ -218,11 +229,12 @@ class RestClient:
         timeout: ``(connect, read)`` seconds.
         max_body_bytes: a larger response raises ``ResponseTooLarge``.
         max_redirects: redirects followed before failing.
-        pagination: ``none``, ``link`` (RFC 8288 ``Link: <...>; rel="next"``) or ``cursor``
-            (the next cursor read from the body at ``cursor_path``, sent as ``cursor_param``).
-        items_path: where a page's items are in its body (``"data"``); by default a page that
-            is a list is its items. Paginated loads return all items in one list.
-        max_pages: more pages than this is an error (nothing is silently dropped).
+        pagination: how a load follows pages, one of the kinds of
+            :mod:`~flowstone_dagster.rest.pagination` (``LinkPagination()``,
+            ``CursorPagination(cursor_path="meta.next")``, ``JsonLinkPagination``,
+            ``OffsetPagination``, ``PageNumberPagination``, ``HeaderCursorPagination``), each
+            with ``items_path`` and ``max_pages``; default ``NoPagination()``. Paginated loads
+            return all items in one list; :meth:`iter_pages` and :meth:`iter_items` stream them.
         resilience: a :class:`ResilienceResource`; each request then goes through its policy
             for the service (retries honouring ``Retry-After``, breaker, rate limit), and its
             ``dagster_errors`` decides the I/O manager's mapping. Without it a request is made
@@ -246,11 +258,7 @@ class RestClient:
         timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_redirects: int = 10,
-        pagination: str = "none",
-        cursor_path: str | None = None,
-        cursor_param: str = "cursor",
-        items_path: str | None = None,
-        max_pages: int = 100,
+        pagination: RestPagination | None = None,
         verify: bool = True,
         ca_bundle: str | None = None,
         resilience: ResilienceResource | None = None,
@@ -261,25 +269,22 @@ class RestClient:
             raise ConfigurationError(f"must be one of {', '.join(FORMATS)}", field="format")
         if method.upper() not in ("POST", "PUT", "PATCH"):
             raise ConfigurationError("must be POST, PUT or PATCH", field="method")
-        if pagination not in ("none", "link", "cursor"):
-            raise ConfigurationError("must be none, link or cursor", field="pagination")
-        if pagination == "cursor" and not cursor_path:
-            raise ConfigurationError("is required when pagination is 'cursor'", field="cursor_path")
-        if pagination != "none" and format not in ("json", "ndjson"):
+        pagination = pagination if pagination is not None else NoPagination()
+        if not isinstance(pagination, (NoPagination, *_PAGINATED_KINDS)):
+            raise ConfigurationError(
+                "must be a pagination kind (LinkPagination(), CursorPagination(...), ...), not "
+                f"{pagination!r}",
+                field="pagination",
+            )
+        if not isinstance(pagination, NoPagination) and format not in ("json", "ndjson"):
             raise ConfigurationError("pagination needs the json or ndjson format", field="format")
         if max_body_bytes < 1:
             raise ConfigurationError("must be positive", field="max_body_bytes")
-        if max_pages < 1:
-            raise ConfigurationError("must be at least 1", field="max_pages")
         self.url_fn = url_fn
         self.format = format
         self.method = method.upper()
         self.max_body_bytes = max_body_bytes
-        self.pagination = pagination
-        self.cursor_path = cursor_path
-        self.cursor_param = cursor_param
-        self.items_path = items_path
-        self.max_pages = max_pages
+        self.pagination: RestPagination = pagination
         self.resilience = resilience
         self.service = service
         secret_names = tuple(secret_headers)
@@ -322,10 +327,18 @@ class RestClient:
     # -- requests, each through the resilience policy when there is one ------------------------
 
     def _send(
-        self, attempts: list[int], method: str, url: str, *, origin: str, **kwargs: Any
+        self,
+        attempts: list[int],
+        method: str,
+        url: str,
+        *,
+        origin: str,
+        read: bool = True,
+        **kwargs: Any,
     ) -> tuple[requests.Response, bytes]:
         """One request and its body, as one attempt of the resilience policy (so a connection
-        that breaks while the body streams is retried like one that breaks before it)."""
+        that breaks while the body streams is retried like one that breaks before it). With
+        ``read=False`` the body is left to the caller (streamed) and ``b""`` returned."""
         if self.auth_headers or self.auth_params:
             kwargs["auth"] = HeaderAuth(self.auth_headers, origin, params=self.auth_params)
 
@@ -338,6 +351,8 @@ class RestClient:
                     response = self.session.send_body(method, url, stream=True, **kwargs)
                 else:
                     response = self.session.request(method, url, stream=True, **kwargs)
+                if not read:
+                    return response, b""
                 return response, self.session.read_body(response, max_bytes=self.max_body_bytes)
             except FlowstoneError as exc:
                 if exc.service is None:  # a session shared by origins names none
@@ -353,18 +368,96 @@ class RestClient:
     ) -> Any:
         """GET the value at ``url_fn(partition)``, following pagination.
 
-        Returns the decoded body (``None`` for 204). Raises ``NotFound`` (saying which asset and
-        partition), ``Unauthorized``, ``Forbidden``, ``HTTPError``, ``DecodeError``,
-        ``ResponseTooLarge``, ``CallTimeout``, ``TransportError``, or with ``resilience``
-        ``MaxAttemptsExceeded`` / ``CircuitOpen``.
+        Returns the decoded body (``None`` for 204); a paginated load returns all pages' items
+        in one list (or one DataFrame). Raises ``NotFound`` (saying which asset and partition),
+        ``Unauthorized``, ``Forbidden``, ``HTTPError``, ``DecodeError``, ``ResponseTooLarge``,
+        ``CallTimeout``, ``TransportError``, or with ``resilience`` ``MaxAttemptsExceeded`` /
+        ``CircuitOpen``.
         """
         url = self._url(partition)
-        attempts = [0]
+        with self._load_span(url, partition, asset) as stats:
+            if isinstance(self.pagination, NoPagination):
+                return self._load_one(url, stats, as_dataframe)
+            items: list[Any] = []
+            for page in self._pages(url, stats, self.pagination):
+                items.extend(page)
+        return require_pandas().DataFrame(items) if as_dataframe else items
+
+    def iter_pages(
+        self, partition: Any = None, *, asset: str | None = None
+    ) -> Generator[list[Any], None, None]:
+        """The items of ``url_fn(partition)`` page by page, each page requested when the
+        previous one has been consumed: memory holds one page, however many there are.
+
+        Without pagination, an ``ndjson`` or ``csv`` body is decoded as it arrives and yielded
+        in pages of ``STREAM_PAGE_ITEMS`` records (memory stays about one page, whatever the
+        body's size); a ``json`` body that is a list is one page (another value, a page of
+        that one value); 204 or an empty body yields nothing.
+
+        Each page's request goes through the resilience policy; a streamed body that breaks
+        midway raises (the records already yielded cannot be taken back), so a retry is the
+        step's. Errors are those of :meth:`load`.
+        """
+        url = self._url(partition)
+        with self._load_span(url, partition, asset) as stats:
+            if not isinstance(self.pagination, NoPagination):
+                yield from self._pages(url, stats, self.pagination)
+                return
+            if self.format not in ("ndjson", "csv"):
+                value = self._load_one(url, stats, False)
+                if value is not None:
+                    yield value if isinstance(value, list) else [value]
+                return
+            response, _ = self._send(
+                stats.attempts, "GET", url, origin=url, headers=self.headers, read=False
+            )
+            stats.status, stats.pages = response.status_code, 1
+            chunks = self.session.iter_body(
+                response, max_bytes=self.max_body_bytes, consumer_time_counts=False
+            )
+
+            def counted() -> Iterator[bytes]:
+                for chunk in chunks:
+                    stats.bytes += len(chunk)
+                    yield chunk
+
+            records = iter_records(
+                counted(),
+                self.format,
+                url=self.session.redact(url),
+                encoding=_declared_charset(response),
+            )
+            try:
+                while page := list(itertools.islice(records, STREAM_PAGE_ITEMS)):
+                    yield page
+            except DecodeError as exc:
+                exc.service = self.service_for(url)
+                raise
+            finally:
+                chunks.close()
+
+    def iter_items(self, partition: Any = None, *, asset: str | None = None) -> Iterator[Any]:
+        """The items of :meth:`iter_pages`, one by one."""
+        for page in self.iter_pages(partition, asset=asset):
+            yield from page
+
+    def _load_one(self, url: str, stats: _LoadStats, as_dataframe: bool) -> Any:
+        response, body = self._send(stats.attempts, "GET", url, origin=url, headers=self.headers)
+        stats.status, stats.bytes, stats.pages = response.status_code, len(body), 1
+        if response.status_code == 204 or not body:
+            return None
+        return self._decode(body, url, response, as_dataframe)
+
+    @contextlib.contextmanager
+    def _load_span(self, url: str, partition: Any, asset: str | None) -> Iterator[_LoadStats]:
+        """One ``flowstone.rest.load`` event for a whole load (all pages), and ``NotFound``
+        saying which asset and partition."""
+        stats = _LoadStats()
         with telemetry.span(
             "flowstone.rest.load", method="GET", format=self.format, service=self.service_for(url)
         ) as call:
             try:
-                value, status, size, pages = self._load_pages(url, attempts, as_dataframe)
+                yield stats
             except NotFound as exc:
                 what = f"asset {asset!r} " if asset else ""
                 where = f"partition {partition!s}" if partition is not None else "(unpartitioned)"
@@ -377,62 +470,71 @@ class RestClient:
                     service=exc.service,
                 ) from None
             finally:
-                call.attempts = max(attempts[0], 1)
-            call.set(status=status, bytes=size, pages=pages)
-        return value
+                call.attempts = max(stats.attempts[0], 1)
+                if stats.status is not None:
+                    call.set(status=stats.status)
+                call.set(bytes=stats.bytes, pages=stats.pages)
 
-    def _load_pages(
-        self, url: str, attempts: list[int], as_dataframe: bool
-    ) -> tuple[Any, int, int, int]:
-        if self.pagination == "none":
-            response, body = self._send(attempts, "GET", url, origin=url, headers=self.headers)
-            if response.status_code == 204 or not body:
-                return None, response.status_code, 0, 1
-            value = self._decode(body, url, response, as_dataframe)
-            return value, response.status_code, len(body), 1
-
-        items: list[Any] = []
-        total, pages, status = 0, 0, 200
-        next_url: str | None = url
-        params: dict[str, str] | None = None
-        seen: set[tuple[str, str | None]] = set()
-        while next_url is not None:
-            marker = (next_url, params[self.cursor_param] if params else None)
+    def _pages(self, url: str, stats: _LoadStats, pagination: Paginated) -> Iterator[list[Any]]:
+        """Each page's items, following ``pagination`` with its guards: a next page already
+        requested is a loop, more than ``max_pages`` pages is an error."""
+        request: PageRequest | None = pagination.first_request(url)
+        seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        while request is not None:
+            page_url, params = request
+            marker = (page_url, tuple(sorted(params.items())))
             if marker in seen:
                 raise ExternalServiceError(
-                    f"pagination loop at {self.session.redact(next_url)}: the same page was "
-                    "returned as the next one",
-                    service=self.service_for(next_url),
+                    f"pagination loop at {self.session.redact(page_url)} "
+                    f"{self._shown_params(params)}: the same page was returned as the next one",
+                    service=self.service_for(page_url),
                 )
             seen.add(marker)
-            pages += 1
-            if pages > self.max_pages:
+            if stats.pages >= pagination.max_pages:
                 raise ExternalServiceError(
-                    f"{self.session.redact(url)} has more than max_pages={self.max_pages} pages; "
-                    "raise max_pages to load them all",
+                    f"{self.session.redact(url)} has more than max_pages={pagination.max_pages} "
+                    "pages; raise max_pages to load them all",
                     service=self.service_for(url),
                 )
+            stats.pages += 1
             # Credentials go to the first page's origin only, never to a next link elsewhere.
             response, body = self._send(
-                attempts, "GET", next_url, origin=url, headers=self.headers, params=params
+                stats.attempts,
+                "GET",
+                page_url,
+                origin=url,
+                headers=self.headers,
+                params=params or None,
             )
-            status = response.status_code
-            total += len(body)
-            page = self._decode(body, next_url, response, False) if body else None
-            items.extend(self._items_of(page, next_url))
-            next_url, params = self._next_page(url, next_url, response, page)
-        if as_dataframe:
-            return require_pandas().DataFrame(items), status, total, pages
-        return items, status, total, pages
+            stats.status = response.status_code
+            stats.bytes += len(body)
+            page = self._decode(body, page_url, response, False) if body else None
+            del body
+            items = self._items_of(page, page_url, pagination.items_path)
+            try:
+                request = pagination.next_request(request, response, page, items)
+            except ValueError as exc:
+                raise DecodeError(
+                    f"page from {self.session.redact(page_url)}: {exc}",
+                    url=self.session.redact(page_url),
+                    fmt=self.format,
+                    service=self.service_for(page_url),
+                ) from None
+            del page
+            yield items
 
-    def _items_of(self, page: Any, url: str) -> list[Any]:
+    def _shown_params(self, params: Mapping[str, str]) -> str:
+        shown = {k: v for k, v in params.items() if k not in self.auth_params}
+        return f"(params {shown})" if shown else ""
+
+    def _items_of(self, page: Any, url: str, items_path: str | None) -> list[Any]:
         if page is None:
             return []
-        items = _dig(page, self.items_path) if self.items_path else page
+        items = dig(page, items_path) if items_path else page
         if items is None:
             return []
         if not isinstance(items, list):
-            where = f" at items_path {self.items_path!r}" if self.items_path else ""
+            where = f" at items_path {items_path!r}" if items_path else ""
             raise DecodeError(
                 f"page from {self.session.redact(url)} has no list of items{where} "
                 f"(found {type(items).__name__}); set items_path",
@@ -441,17 +543,6 @@ class RestClient:
                 service=self.service_for(url),
             )
         return items
-
-    def _next_page(
-        self, first_url: str, url: str, response: requests.Response, page: Any
-    ) -> tuple[str | None, dict[str, str] | None]:
-        if self.pagination == "link":
-            target = response.links.get("next", {}).get("url")
-            return (urljoin(url, target), None) if target else (None, None)
-        cursor = _dig(page, self.cursor_path or "") if page is not None else None
-        if cursor in (None, ""):
-            return None, None
-        return first_url, {self.cursor_param: str(cursor)}
 
     def _decode(
         self, body: bytes, url: str, response: requests.Response, as_dataframe: bool

@@ -3,7 +3,8 @@ through :class:`~flowstone_dagster.rest.client.RestClient` (the guide is ``docs/
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from flowstone_dagster.errors import (
 )
 from flowstone_dagster.formats import (
     RestFormat,
+    require_pandas,
     wants_dataframe,
 )
 from flowstone_dagster.http import (
@@ -28,12 +30,12 @@ from flowstone_dagster.rest.auth import NoAuth, RestAuth
 from flowstone_dagster.rest.client import (
     DEFAULT_MAX_BODY_BYTES,
     HeadInfo,
-    Pagination,
     RestClient,
     StoreMethod,
     check_partition_key,
     rest_service,
 )
+from flowstone_dagster.rest.pagination import NoPagination, RestPagination
 
 __all__ = ["RestIOManager"]
 
@@ -129,21 +131,15 @@ class RestIOManager(dg.ConfigurableIOManager):
         description="Largest response body accepted; larger ones fail with ResponseTooLarge.",
     )
     max_redirects: int = Field(default=10, ge=0, description="Redirects followed.")
-    pagination: Pagination = Field(
-        default="none",
-        description="Loads: none; link (RFC 8288 Link rel=next); cursor (next cursor from "
-        "the body at cursor_path, sent as the cursor_param query parameter).",
-    )
-    cursor_path: str | None = Field(
-        default=None, description="Dotted path of the next cursor in a page, e.g. meta.next."
-    )
-    cursor_param: str = Field(default="cursor", description="Query parameter of the cursor.")
-    items_path: str | None = Field(
-        default=None,
-        description="Dotted path of a page's items (e.g. data); default: the page is a list.",
-    )
-    max_pages: int = Field(
-        default=100, ge=1, description="More pages than this fails the load (never truncates)."
+    pagination: RestPagination = Field(
+        default=NoPagination(),
+        discriminator="kind",
+        description="How loads follow pages, chosen by kind: none (the default), link (RFC 8288 "
+        "Link rel=next), json_link (next URL in the body at next_url_path), cursor (cursor in "
+        "the body at cursor_path, sent as cursor_param), header_cursor (cursor in the "
+        "cursor_header response header), offset (offset/limit, until total_path or an empty "
+        "page), page_number (page=1,2,..., until total_pages_path or an empty page); each with "
+        "items_path and max_pages.",
     )
     verify_tls: bool = Field(
         default=True,
@@ -240,10 +236,6 @@ class RestIOManager(dg.ConfigurableIOManager):
             max_body_bytes=self.max_body_bytes,
             max_redirects=self.max_redirects,
             pagination=self.pagination,
-            cursor_path=self.cursor_path,
-            cursor_param=self.cursor_param,
-            items_path=self.items_path,
-            max_pages=self.max_pages,
             verify=self.verify_tls,
             ca_bundle=self.ca_bundle,
             resilience=self.resilience,
@@ -309,20 +301,108 @@ class RestIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata(output)
 
     def load_input(self, context: dg.InputContext) -> Any:
+        """The upstream value, shaped by the input (the table in ``docs/rest.md``): one
+        partition as it decodes (a DataFrame when annotated ``pd.DataFrame``); several
+        partitions as ``{partition_key: value}``, or concatenated in partition order for a
+        ``list`` / ``pd.DataFrame`` annotation; with input metadata ``rest/stream`` an iterator
+        of items (``True``/``"items"``) or of pages (``"pages"``)."""
         upstream = context.upstream_output
         metadata = (upstream.definition_metadata if upstream is not None else None) or {}
         client = self._client(context, metadata)
         asset = context.asset_key.to_user_string()
-        as_dataframe = wants_dataframe(context)
         keys: list[str | None] = (
             list(context.asset_partition_keys) if context.has_asset_partitions else [None]
         )
+        stream = (context.definition_metadata or {}).get("rest/stream")
+        if stream:
+            if stream not in (True, "items", "pages"):
+                raise ConfigurationError(
+                    f"input metadata rest/stream is {stream!r}: use True or 'items' (an "
+                    "iterator of items) or 'pages' (an iterator of lists)",
+                    field="rest/stream",
+                )
+            return self._stream(client, keys, asset, pages=stream == "pages")
+        shape = input_shape(context)
         loaded: dict[str | None, Any] = {}
         # Dagster takes input metadata for one partition only; several are still logged.
         with telemetry.observe(context, attach_metadata=len(keys) == 1):
             for key in keys:
                 loaded[key] = self._dagster_errors(
-                    partial(client.load, key, asset=asset, as_dataframe=as_dataframe)
+                    partial(client.load, key, asset=asset, as_dataframe=shape == "dataframe")
                 )
-        # A downstream asset reading several upstream partitions gets {partition_key: value}.
-        return loaded[keys[0]] if len(keys) == 1 else loaded
+        if len(keys) == 1:
+            return loaded[keys[0]]
+        if shape == "list":
+            return _concatenated(loaded)
+        if shape == "dataframe":
+            return _concatenated_frames(loaded, asset)
+        # An unannotated or dict input reading several upstream partitions: {key: value}.
+        return loaded
+
+    def _stream(
+        self, client: RestClient, keys: list[str | None], asset: str, *, pages: bool
+    ) -> Iterator[Any]:
+        """Each partition's pages (or items), in partition order, fetched as the step consumes
+        them; each request's errors mapped to Dagster like a load's."""
+        end = object()
+        for key in keys:
+            page_iterator = client.iter_pages(key, asset=asset)
+            try:
+                while (page := self._dagster_errors(partial(next, page_iterator, end))) is not end:
+                    if pages:
+                        yield page
+                    else:
+                        yield from page
+            finally:
+                page_iterator.close()
+
+
+def input_shape(context: dg.InputContext) -> str:
+    """What the input's annotation asks for: ``dataframe`` (``pd.DataFrame``), ``list``
+    (``list``, ``list[dict]``...), else ``value`` (``dict``, ``Any``, none: as loaded)."""
+    if wants_dataframe(context):
+        return "dataframe"
+    try:
+        annotation = context.dagster_type.typing_type
+    except dg.DagsterInvariantViolationError:  # a context built without a type
+        return "value"
+    if annotation is list or typing.get_origin(annotation) is list:
+        return "list"
+    return "value"
+
+
+def _concatenated(loaded: Mapping[str | None, Any]) -> list[Any]:
+    """The partitions' values in one list, in partition order: a list value's items, another
+    value as one item, nothing for a partition without a body."""
+    values: list[Any] = []
+    for value in loaded.values():
+        if isinstance(value, list):
+            values.extend(value)
+        elif value is not None:
+            values.append(value)
+    return values
+
+
+#: The column that says which partition a row of a concatenated DataFrame came from.
+PARTITION_COLUMN = "partition_key"
+
+
+def _concatenated_frames(loaded: Mapping[str | None, Any], asset: str) -> Any:
+    """The partitions' DataFrames in one, in partition order, with a ``partition_key``
+    column first (``None`` bodies are skipped)."""
+    pandas = require_pandas()
+    frames = []
+    for key, frame in loaded.items():
+        if frame is None:
+            continue
+        if PARTITION_COLUMN in frame.columns:
+            raise ConfigurationError(
+                f"asset {asset} partition {key} already has a {PARTITION_COLUMN!r} column, the "
+                "one that would name each row's partition: rename it, or annotate the input as "
+                "dict to get {partition_key: DataFrame}",
+                field="partition_key",
+            )
+        frames.append(frame.assign(**{PARTITION_COLUMN: key})[[PARTITION_COLUMN, *frame.columns]])
+    if not frames:
+        return pandas.DataFrame({PARTITION_COLUMN: []})
+    return pandas.concat(frames, ignore_index=True)

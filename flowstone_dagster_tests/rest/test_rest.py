@@ -18,6 +18,8 @@ from flowstone_dagster import (
     ApiKeyAuth,
     BasicAuth,
     BearerAuth,
+    CursorPagination,
+    LinkPagination,
     RestClient,
     RestIOManager,
     telemetry,
@@ -197,7 +199,7 @@ def test_link_header_pagination(httpserver: HTTPServer) -> None:
         [3], headers={"Link": '</data/p?page=3>; rel="next"'}
     )
     httpserver.expect_request("/data/p", query_string="page=3").respond_with_json([4, 5])
-    assert client_for(httpserver, pagination="link").load("p") == [1, 2, 3, 4, 5]
+    assert client_for(httpserver, pagination=LinkPagination()).load("p") == [1, 2, 3, 4, 5]
     assert len(httpserver.log) == 3
 
 
@@ -211,10 +213,9 @@ def test_cursor_pagination(httpserver: HTTPServer) -> None:
         httpserver.expect_request("/data/p", query_string=query).respond_with_json(page)
     client = client_for(
         httpserver,
-        pagination="cursor",
-        cursor_path="meta.next",
-        cursor_param="after",
-        items_path="data",
+        pagination=CursorPagination(
+            cursor_path="meta.next", cursor_param="after", items_path="data"
+        ),
     )
     assert client.load("p") == [{"id": 1}, {"id": 2}, {"id": 3}]
 
@@ -226,7 +227,8 @@ def test_pagination_beyond_max_pages_fails(httpserver: HTTPServer) -> None:
 
     httpserver.expect_request("/data/p").respond_with_handler(endless)
     client = client_for(
-        httpserver, pagination="cursor", cursor_path="next", items_path="items", max_pages=3
+        httpserver,
+        pagination=CursorPagination(cursor_path="next", items_path="items", max_pages=3),
     )
     with pytest.raises(ExternalServiceError, match="more than max_pages=3 pages"):
         client.load("p")
@@ -235,7 +237,9 @@ def test_pagination_beyond_max_pages_fails(httpserver: HTTPServer) -> None:
 
 def test_pagination_loop_is_detected(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/data/p").respond_with_json({"items": [1], "next": "same"})
-    client = client_for(httpserver, pagination="cursor", cursor_path="next", items_path="items")
+    client = client_for(
+        httpserver, pagination=CursorPagination(cursor_path="next", items_path="items")
+    )
     with pytest.raises(ExternalServiceError, match="pagination loop"):
         client.load("p")
 
@@ -346,10 +350,8 @@ def test_put_and_patch(httpserver: HTTPServer) -> None:
     [
         ({"format": "xml"}, "format"),
         ({"method": "GET"}, "method"),
-        ({"pagination": "pages"}, "pagination"),
-        ({"pagination": "cursor"}, "cursor_path"),
-        ({"pagination": "link", "format": "csv"}, "format"),
-        ({"max_pages": 0}, "max_pages"),
+        ({"pagination": "link"}, "pagination"),
+        ({"pagination": LinkPagination(), "format": "csv"}, "format"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs: dict[str, Any], field: str) -> None:
@@ -756,7 +758,7 @@ def test_credentials_are_not_sent_to_a_next_page_on_another_host(
     httpserver.expect_request("/data/p").respond_with_json(
         [1, 2], headers={"Link": f'<{other_origin.url_for("/page2")}>; rel="next"'}
     )
-    client = client_for(httpserver, pagination="link", auth_headers={"X-API-Key": SECRET})
+    client = client_for(httpserver, pagination=LinkPagination(), auth_headers={"X-API-Key": SECRET})
     assert client.load("p") == [1, 2, 3]
     assert httpserver.log[0][0].headers["X-API-Key"] == SECRET
     assert "X-API-Key" not in other_origin.log[0][0].headers
@@ -1165,7 +1167,9 @@ def test_secret_headers_in_headers_skip_a_next_page_on_another_origin(
     httpserver.expect_request("/data/p").respond_with_json(
         [1, 2], headers={"Link": f'<{other_origin.url_for("/page2")}>; rel="next"'}
     )
-    client = client_for(httpserver, pagination="link", headers={**HEADER_SECRETS, "X-Team": "data"})
+    client = client_for(
+        httpserver, pagination=LinkPagination(), headers={**HEADER_SECRETS, "X-Team": "data"}
+    )
     assert client.load("p") == [1, 2, 3]
     first = httpserver.log[0][0].headers
     assert first["Authorization"] == f"Token {SECRET}"
