@@ -80,6 +80,7 @@ from flowstone_dagster.rest import (
     BasicAuth,
     BearerAuth,
     NoAuth,
+    OAuth2ClientCredentials,
     RestClient,
     RestIOManager,
 )
@@ -175,7 +176,8 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 __all__ = [
-    # REST pagination kinds (flowstone_dagster.rest.pagination)
+    # REST pagination kinds (flowstone_dagster.rest.pagination) and OAuth2 auth
+    "OAuth2ClientCredentials",
     "CursorPagination",
     "HeaderCursorPagination",
     "JsonLinkPagination",

@@ -28,7 +28,7 @@ SUBPACKAGES = (
 PUBLIC = {
     "ApiKeyAuth", "BasicAuth", "BearerAuth", "NoAuth",
     "CursorPagination", "HeaderCursorPagination", "JsonLinkPagination", "LinkPagination",
-    "NoPagination", "OffsetPagination", "PageNumberPagination",
+    "NoPagination", "OffsetPagination", "PageNumberPagination", "OAuth2ClientCredentials",
     "RECOMMENDED_RETRY_POLICY", "AllChannelsFailed", "BulkheadFull", "CallTimeout",
     "CircuitBreaker",
     "CircuitBreakerConfig", "CircuitOpen", "ConfigurationError", "ConstraintViolation",

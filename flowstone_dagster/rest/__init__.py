@@ -3,7 +3,8 @@
 - :mod:`.client`: :class:`RestClient` (formats, auth, pagination, the outcome of every status;
   testable without Dagster);
 - :mod:`.auth`: the ``auth`` kinds, :class:`BearerAuth`, :class:`BasicAuth`,
-  :class:`ApiKeyAuth` and :class:`NoAuth` (Dagster config classes, chosen by ``kind``);
+  :class:`ApiKeyAuth`, :class:`OAuth2ClientCredentials` and :class:`NoAuth` (Dagster config
+  classes, chosen by ``kind``);
 - :mod:`.pagination`: the ``pagination`` kinds (Link header, JSON link, cursor, header cursor,
   offset/limit, page number; Dagster config classes, chosen by ``kind``);
 - :mod:`.io_manager`: :class:`RestIOManager`, the Dagster I/O manager.
@@ -11,7 +12,13 @@
 The guide is ``docs/rest.md``.
 """
 
-from flowstone_dagster.rest.auth import ApiKeyAuth, BasicAuth, BearerAuth, NoAuth
+from flowstone_dagster.rest.auth import (
+    ApiKeyAuth,
+    BasicAuth,
+    BearerAuth,
+    NoAuth,
+    OAuth2ClientCredentials,
+)
 from flowstone_dagster.rest.client import (
     DEFAULT_MAX_BODY_BYTES,
     HeadInfo,
@@ -42,6 +49,7 @@ __all__ = [
     "JsonLinkPagination",
     "LinkPagination",
     "NoPagination",
+    "OAuth2ClientCredentials",
     "OffsetPagination",
     "PageNumberPagination",
     "RestClient",

@@ -60,6 +60,7 @@ from flowstone_dagster.errors import (
     ExternalServiceError,
     FlowstoneError,
     NotFound,
+    Unauthorized,
 )
 from flowstone_dagster.formats import (
     FORMATS,
@@ -79,6 +80,7 @@ from flowstone_dagster.http import (
 )
 from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import ResilienceResource, resolve
+from flowstone_dagster.rest.auth import OAuth2ClientCredentials, OAuth2TokenSource
 from flowstone_dagster.rest.pagination import (
     NoPagination,
     PageRequest,
@@ -226,6 +228,10 @@ class RestClient:
         auth_params: credential query parameters (an API key sent as ``?api_key=...``), with
             the same origin rule and redaction as ``auth_headers``.
         secrets: values never to show in errors (tokens, passwords).
+        oauth2: OAuth2 client credentials: each request then carries ``Authorization: Bearer``
+            with a token from its ``token_url`` (cached per process, fetched again before it
+            expires and once on a 401; :class:`~flowstone_dagster.rest.auth.OAuth2TokenSource`),
+            to the URL's origin only.
         timeout: ``(connect, read)`` seconds.
         max_body_bytes: a larger response raises ``ResponseTooLarge``.
         max_redirects: redirects followed before failing.
@@ -261,6 +267,7 @@ class RestClient:
         pagination: RestPagination | None = None,
         verify: bool = True,
         ca_bundle: str | None = None,
+        oauth2: OAuth2ClientCredentials | None = None,
         resilience: ResilienceResource | None = None,
         service: str | None = None,
         session: HttpSession | None = None,
@@ -311,6 +318,26 @@ class RestClient:
             secret_headers=[*secret_names, *self.auth_headers],
         )
 
+        self.token_source: OAuth2TokenSource | None = None
+        if oauth2 is not None:
+            self.token_source = OAuth2TokenSource(
+                oauth2,
+                create_session(
+                    timeout=timeout,
+                    verify=verify,
+                    ca_bundle=ca_bundle,
+                    max_redirects=0,
+                    secrets=[oauth2.client_secret],
+                    service=rest_service(oauth2.token_url),
+                ),
+            )
+
+    def close(self) -> None:
+        """Release the connections of the client (and of its token endpoint)."""
+        self.session.close()
+        if self.token_source is not None:
+            self.token_source.session.close()
+
     def __repr__(self) -> str:
         service = self.service or "<origin>"
         return f"<RestClient service={service!r} format={self.format!r}>"
@@ -343,14 +370,27 @@ class RestClient:
             kwargs["auth"] = HeaderAuth(self.auth_headers, origin, params=self.auth_params)
 
         service = self.service_for(url)
+        tokens = self.token_source
+
+        def issue(token: str | None) -> requests.Response:
+            if token is not None:  # the bearer token, like any credential, to `origin` only
+                bearer = {**self.auth_headers, "Authorization": f"Bearer {token}"}
+                kwargs["auth"] = HeaderAuth(bearer, origin, params=self.auth_params)
+            if method in ("POST", "PUT", "PATCH"):  # never a silent redirect of a store
+                return self.session.send_body(method, url, stream=True, **kwargs)
+            return self.session.request(method, url, stream=True, **kwargs)
 
         def once() -> tuple[requests.Response, bytes]:
             attempts[0] += 1
             try:
-                if method in ("POST", "PUT", "PATCH"):  # never a silent redirect of a store
-                    response = self.session.send_body(method, url, stream=True, **kwargs)
-                else:
-                    response = self.session.request(method, url, stream=True, **kwargs)
+                token = tokens.token() if tokens is not None else None
+                try:
+                    response = issue(token)
+                except Unauthorized:
+                    if tokens is None or token is None:
+                        raise
+                    # A token revoked or expired early: one new token, one more try.
+                    response = issue(tokens.refresh(token))
                 if not read:
                     return response, b""
                 return response, self.session.read_body(response, max_bytes=self.max_body_bytes)

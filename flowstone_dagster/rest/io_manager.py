@@ -26,7 +26,7 @@ from flowstone_dagster.http import (
     DEFAULT_READ_TIMEOUT,
 )
 from flowstone_dagster.resilience import ResilienceResource, resolve
-from flowstone_dagster.rest.auth import NoAuth, RestAuth
+from flowstone_dagster.rest.auth import NoAuth, OAuth2ClientCredentials, RestAuth
 from flowstone_dagster.rest.client import (
     DEFAULT_MAX_BODY_BYTES,
     HeadInfo,
@@ -116,8 +116,10 @@ class RestIOManager(dg.ConfigurableIOManager):
         default=NoAuth(),
         discriminator="kind",
         description="Credentials, chosen by kind: none (the default), bearer (token), basic "
-        "(username, password) or api_key (key, in the header header or the query_param query "
-        "parameter). Secrets: use EnvVar('...').",
+        "(username, password), api_key (key, in the header header or the query_param query "
+        "parameter) or oauth2_client_credentials (token_url, client_id, client_secret, scopes: "
+        "a cached token, refreshed before expiry and once on a 401). Secrets: use "
+        "EnvVar('...').",
     )
     connect_timeout: float = Field(
         default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="Seconds to connect."
@@ -176,7 +178,7 @@ class RestIOManager(dg.ConfigurableIOManager):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for client in self._clients.values():
-            client.session.close()
+            client.close()
         self._clients.clear()
 
     def _client(
@@ -232,6 +234,7 @@ class RestIOManager(dg.ConfigurableIOManager):
             auth_headers=credentials.headers,
             auth_params=credentials.params,
             secrets=credentials.secrets,
+            oauth2=self.auth if isinstance(self.auth, OAuth2ClientCredentials) else None,
             timeout=(self.connect_timeout, self.read_timeout),
             max_body_bytes=self.max_body_bytes,
             max_redirects=self.max_redirects,
