@@ -34,6 +34,7 @@ from flowstone_dagster.errors import ConfigurationError, DecodeError
 __all__ = [
     "FORMATS",
     "MEDIA_TYPES",
+    "OwnedBody",
     "RestFormat",
     "decode",
     "dumps_json",
@@ -203,8 +204,30 @@ def _encode_csv(rows: Any) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+class OwnedBody:
+    """A response body handed to :func:`decode` with its only reference, so that the decoder
+    can drop the bytes once it has their text: a 100 MB body is then not held beside its text
+    while the value is built (what bare ``json.loads(response.content)`` also achieves).
+
+    The caller must keep no other reference::
+
+        handle = OwnedBody(body)
+        del body
+        value = decode(handle, "json", url=url)
+    """
+
+    __slots__ = ("_body",)
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def take(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+
 def decode(
-    body: bytes,
+    body: bytes | OwnedBody,
     fmt: str,
     *,
     url: str,
@@ -218,9 +241,10 @@ def decode(
     """
     try:
         if fmt == "bytes":
-            return body
+            return body.take() if isinstance(body, OwnedBody) else body
+        text = _text_of(body, fmt, encoding)  # an OwnedBody's bytes are dropped here
         with gc_paused():
-            return _decode_text_format(body, fmt, encoding, as_dataframe)
+            return _decode_text(text, fmt, as_dataframe)
     except (ValueError, UnicodeDecodeError, LookupError, csv.Error) as exc:
         raise DecodeError(
             f"response from {url} is not valid {fmt}: {type(exc).__name__}: {exc}",
@@ -232,17 +256,28 @@ def decode(
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _decode_text_format(body: bytes, fmt: str, encoding: str | None, as_dataframe: bool) -> Any:
-    if fmt in ("json", "ndjson", "csv") and body.startswith(_UTF8_BOM):
-        body = body[len(_UTF8_BOM) :]  # a BOM is not data (else the first column is '\ufeffid')
+def _text_of(body: bytes | OwnedBody, fmt: str, encoding: str | None) -> str:
+    """The body's text: JSON in the encoding RFC 8259 detection finds, others in ``encoding``
+    (else UTF-8); a byte-order mark before JSON, ndjson or CSV is not data (else the first CSV
+    column is ``'\\ufeffid'``)."""
+    raw = body.take() if isinstance(body, OwnedBody) else body
     if fmt == "json":
-        value = json.loads(body)
+        detected = json.detect_encoding(raw)
+        # utf-8-sig strips a BOM while decoding (no copy of the body to slice it off).
+        return str(raw, "utf-8-sig" if detected == "utf-8" else detected, "surrogatepass")
+    if fmt == "text":
+        return str(raw, encoding or "utf-8")
+    if encoding is None or encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        return str(raw, "utf-8-sig")
+    return str(raw, encoding).removeprefix("\ufeff")  # a BOM under a declared charset
+
+
+def _decode_text(text: str, fmt: str, as_dataframe: bool) -> Any:
+    if fmt == "json":
+        value = json.loads(text)
         if as_dataframe:
             return require_pandas().DataFrame(value if isinstance(value, list) else [value])
         return value
-    text = body.decode(encoding or "utf-8")
-    if fmt in ("ndjson", "csv"):
-        text = text.removeprefix("\ufeff")  # a BOM under a declared charset (utf-16, ...)
     if fmt == "text":
         return text
     if fmt == "ndjson":

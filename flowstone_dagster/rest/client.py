@@ -65,8 +65,10 @@ from flowstone_dagster.errors import (
 from flowstone_dagster.formats import (
     FORMATS,
     MEDIA_TYPES,
+    OwnedBody,
     decode,
     encode,
+    gc_paused,
     iter_records,
     require_pandas,
 )
@@ -468,7 +470,11 @@ class RestClient:
                 encoding=_declared_charset(response),
             )
             try:
-                while page := list(itertools.islice(records, STREAM_PAGE_ITEMS)):
+                while True:
+                    with gc_paused():  # as in decode(): building many records, no cycles
+                        page = list(itertools.islice(records, STREAM_PAGE_ITEMS))
+                    if not page:
+                        break
                     yield page
             except DecodeError as exc:
                 exc.service = self.service_for(url)
@@ -486,7 +492,9 @@ class RestClient:
         stats.status, stats.bytes, stats.pages = response.status_code, len(body), 1
         if response.status_code == 204 or not body:
             return None
-        return self._decode(body, url, response, as_dataframe)
+        handle = OwnedBody(body)
+        del body  # the decoder frees the bytes once it has their text
+        return self._decode(handle, url, response, as_dataframe)
 
     @contextlib.contextmanager
     def _load_span(self, url: str, partition: Any, asset: str | None) -> Iterator[_LoadStats]:
@@ -548,8 +556,11 @@ class RestClient:
             )
             stats.status = response.status_code
             stats.bytes += len(body)
-            page = self._decode(body, page_url, response, False) if body else None
-            del body
+            page = None
+            if body:
+                handle = OwnedBody(body)
+                del body  # the decoder frees the bytes once it has their text
+                page = self._decode(handle, page_url, response, False)
             items = self._items_of(page, page_url, pagination.items_path)
             try:
                 request = pagination.next_request(request, response, page, items)
@@ -585,7 +596,7 @@ class RestClient:
         return items
 
     def _decode(
-        self, body: bytes, url: str, response: requests.Response, as_dataframe: bool
+        self, body: OwnedBody, url: str, response: requests.Response, as_dataframe: bool
     ) -> Any:
         try:
             return decode(
