@@ -145,8 +145,8 @@ class RestIOManager(dg.ConfigurableIOManager):
     )
     verify_tls: bool = Field(
         default=True,
-        description="Verify TLS certificates. Off logs a WARNING naming the origin, once per "
-        "process.",
+        description="Verify TLS certificates. Off logs a WARNING naming the origin in the "
+        "step's log, once per step.",
     )
     ca_bundle: str | None = Field(default=None, description="PEM file of CAs to trust.")
     record_head: bool = Field(
@@ -168,6 +168,8 @@ class RestIOManager(dg.ConfigurableIOManager):
 
     # One client (so one connection pool) per asset configuration, for the manager's lifetime.
     _clients: dict[tuple[Any, ...], RestClient] = PrivateAttr(default_factory=dict)
+    # verify_tls=False is said once in the step's log (and once per process in Python's).
+    _warned_insecure: bool = PrivateAttr(default=False)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.resolved_service()  # fail at set-up on a malformed base_url
@@ -196,6 +198,13 @@ class RestIOManager(dg.ConfigurableIOManager):
             client = self._clients[cache_key] = self._new_client(
                 context, str(template), fmt, method
             )
+            if not self.verify_tls and not self._warned_insecure:
+                self._warned_insecure = True
+                context.log.warning(
+                    "TLS certificate verification is off (verify_tls=False) for "
+                    f"{self.resolved_service().removeprefix('rest:')}: anyone on the network "
+                    "path can impersonate the API; set ca_bundle to trust a private CA instead"
+                )
         return client
 
     def _new_client(

@@ -2,6 +2,7 @@
 and inside ``materialize``; streamed pages and records; partition ranges into typed inputs."""
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -437,3 +438,46 @@ def test_a_partition_range_loads_into_list_dataframe_or_mapping(
     mapping = result.output_for_node("as_mapping")
     assert list(mapping) == ["2025-01-01", "2025-01-02", "2025-01-03"]
     assert mapping["2025-01-02"] == ordered[2:4]
+
+
+# -- verify_tls=False is said in the step's log ---------------------------------------------------
+
+
+@dg.asset(io_manager_key="rest")
+def first() -> list[dict]:
+    return []
+
+
+@dg.asset(io_manager_key="rest")
+def second() -> list[dict]:
+    return []
+
+
+@dg.asset
+def both(first: list[dict], second: list[dict]) -> int:
+    return len(first) + len(second)
+
+
+@pytest.mark.dagster
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_verify_tls_off_warns_once_in_the_step_log(
+    untrusted_https_server: HTTPServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    for name in ("first", "second"):
+        untrusted_https_server.expect_request(f"/api/{name}").respond_with_json([{"n": 1}])
+    manager = RestIOManager(base_url=untrusted_https_server.url_for("/api"), verify_tls=False)
+    result = dg.materialize(
+        [first, second, both],
+        selection=[both],
+        resources={"rest": manager},
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert result.output_for_node("both") == 2
+    records = dagster_instance.all_logs(result.run_id)
+    warnings = [
+        r for r in records if r.level == logging.WARNING and "verify_tls=False" in r.user_message
+    ]
+    assert len(warnings) == 1  # two loads from two assets, one warning
+    origin = untrusted_https_server.url_for("/").rstrip("/")
+    assert origin in warnings[0].user_message
