@@ -221,7 +221,13 @@ class HttpSession(requests.Session):
         return response
 
     def send_body(
-        self, method: str, url: str, *, raise_for_status: bool = True, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        raise_for_status: bool = True,
+        follow_301: bool = False,
+        **kwargs: Any,
     ) -> requests.Response:
         """Send a request with a body (``POST``/``PUT``/``PATCH``) that never follows a redirect
         silently.
@@ -229,8 +235,9 @@ class HttpSession(requests.Session):
         301/302/303 raise :class:`RedirectRefused` naming the status and the (redacted)
         ``Location``; 307/308 are followed up to ``max_redirects`` times, re-sending the same
         method and the same ``data``, but only to the origin (scheme, host, port) of ``url``;
-        to another origin they raise :class:`RedirectRefused` naming both. ``data`` must be
-        bytes or a str (a stream could not be sent twice).
+        to another origin they raise :class:`RedirectRefused` naming both. With ``follow_301``
+        a 301 (a route moved for good) is followed like a 308: same origin only, same method
+        and body. ``data`` must be bytes or a str (a stream could not be sent twice).
         """
         method = method.upper()
         kwargs["allow_redirects"] = False
@@ -250,7 +257,7 @@ class HttpSession(requests.Session):
                     status, current, method, f"HTTP {status} from {where} without a Location header"
                 )
             shown = self.redact(target)
-            if status in REFUSED_BODY_REDIRECTS:
+            if status in REFUSED_BODY_REDIRECTS and not (follow_301 and status == 301):
                 raise self._refused(
                     status,
                     current,

@@ -237,6 +237,9 @@ class RestClient:
         timeout: ``(connect, read)`` seconds.
         max_body_bytes: a larger response raises ``ResponseTooLarge``.
         max_redirects: redirects followed before failing.
+        store_follows_301: a store answered 301 to the same origin re-sends its method and body
+            to the new location (a route moved for good) instead of raising ``RedirectRefused``;
+            302/303 are always refused, and any redirect to another origin.
         pagination: how a load follows pages, one of the kinds of
             :mod:`~flowstone_dagster.rest.pagination` (``LinkPagination()``,
             ``CursorPagination(cursor_path="meta.next")``, ``JsonLinkPagination``,
@@ -266,6 +269,7 @@ class RestClient:
         timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_redirects: int = 10,
+        store_follows_301: bool = False,
         pagination: RestPagination | None = None,
         verify: bool = True,
         ca_bundle: str | None = None,
@@ -294,6 +298,7 @@ class RestClient:
         self.method = method.upper()
         self.max_body_bytes = max_body_bytes
         self.pagination: RestPagination = pagination
+        self.store_follows_301 = store_follows_301
         self.resilience = resilience
         self.service = service
         secret_names = tuple(secret_headers)
@@ -379,7 +384,9 @@ class RestClient:
                 bearer = {**self.auth_headers, "Authorization": f"Bearer {token}"}
                 kwargs["auth"] = HeaderAuth(bearer, origin, params=self.auth_params)
             if method in ("POST", "PUT", "PATCH"):  # never a silent redirect of a store
-                return self.session.send_body(method, url, stream=True, **kwargs)
+                return self.session.send_body(
+                    method, url, stream=True, follow_301=self.store_follows_301, **kwargs
+                )
             return self.session.request(method, url, stream=True, **kwargs)
 
         def once() -> tuple[requests.Response, bytes]:
@@ -638,6 +645,7 @@ class RestClient:
                 )
             finally:
                 call.attempts = max(attempts[0], 1)
+            self._check_sent(response, body)
             call.set(status=response.status_code, bytes=len(body))
         return StoreResult(
             url=self.session.redact(response.url or url),
@@ -647,6 +655,22 @@ class RestClient:
             etag=response.headers.get("ETag"),
             location=response.headers.get("Location"),
         )
+
+    def _check_sent(self, response: requests.Response, body: bytes) -> None:
+        """The request the server answered (after any redirect) carried the whole body with
+        its length: never an empty or shortened re-send reported as stored."""
+        sent = response.request
+        length = sent.headers.get("Content-Length") if sent is not None else None
+        sent_body = sent.body if sent is not None else None
+        sent_size = len(sent_body) if isinstance(sent_body, (bytes, str)) else None
+        if length != str(len(body)) or sent_size != len(body):
+            raise ExternalServiceError(
+                f"{self.method} {self.session.redact(response.url or '')} was answered "
+                f"{response.status_code} for a request carrying {sent_size} bytes "
+                f"(Content-Length {length}), not the {len(body)} bytes to store; nothing is "
+                "reported as stored",
+                service=self.service_for(response.url or ""),
+            )
 
     def head(self, partition: Any = None) -> HeadInfo | None:
         """``HEAD`` the partition's URL: ``None`` when the value does not exist (404/410) or

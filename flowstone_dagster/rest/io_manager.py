@@ -133,6 +133,12 @@ class RestIOManager(dg.ConfigurableIOManager):
         description="Largest response body accepted; larger ones fail with ResponseTooLarge.",
     )
     max_redirects: int = Field(default=10, ge=0, description="Redirects followed.")
+    store_follows_301: bool = Field(
+        default=False,
+        description="A store answered 301 (moved permanently) to the same origin re-sends its "
+        "method and body there instead of failing with RedirectRefused. 302/303 always fail; "
+        "307/308 to the same origin are always followed; any redirect to another origin fails.",
+    )
     pagination: RestPagination = Field(
         default=NoPagination(),
         discriminator="kind",
@@ -247,6 +253,7 @@ class RestIOManager(dg.ConfigurableIOManager):
             timeout=(self.connect_timeout, self.read_timeout),
             max_body_bytes=self.max_body_bytes,
             max_redirects=self.max_redirects,
+            store_follows_301=self.store_follows_301,
             pagination=self.pagination,
             verify=self.verify_tls,
             ca_bundle=self.ca_bundle,

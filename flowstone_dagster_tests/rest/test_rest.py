@@ -19,9 +19,11 @@ from flowstone_dagster import (
     BasicAuth,
     BearerAuth,
     CursorPagination,
+    HttpSession,
     LinkPagination,
     RestClient,
     RestIOManager,
+    create_session,
     telemetry,
 )
 from flowstone_dagster.errors import (
@@ -1002,6 +1004,68 @@ def test_store_follows_307_308_on_the_same_origin_with_method_and_body(
     assert json.loads(second.get_data()) == {"value": 42}
     assert second.get_data() == first.get_data()
     assert second.headers["X-API-Key"] == SECRET
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+def test_store_follows_301_on_the_same_origin_when_asked(
+    httpserver: HTTPServer, method: str
+) -> None:
+    httpserver.expect_request("/data/old").respond_with_data(
+        "", status=301, headers={"Location": "/moved/new"}
+    )
+    httpserver.expect_request("/moved/new", method=method).respond_with_data("", status=201)
+    client = client_for(httpserver, method=method, store_follows_301=True)
+    result = client.store({"value": 42}, "old")
+    assert result.status == 201
+    (first, _), (second, _) = httpserver.log
+    assert second.method == method
+    assert second.get_data() == first.get_data() == b'{"value":42}'
+    assert second.headers["Content-Length"] == str(len(first.get_data()))
+
+
+@pytest.mark.parametrize("status", [302, 303])
+def test_store_follows_301_does_not_follow_302_or_303(httpserver: HTTPServer, status: int) -> None:
+    httpserver.expect_request("/data/old").respond_with_data(
+        "", status=status, headers={"Location": "/moved/new"}
+    )
+    with pytest.raises(HTTPError) as caught:
+        client_for(httpserver, store_follows_301=True).store([1], "old")
+    assert caught.value.status == status
+    assert len(httpserver.log) == 1
+
+
+def test_store_follows_301_never_to_another_origin(
+    httpserver: HTTPServer, other_origin: HTTPServer
+) -> None:
+    httpserver.expect_request("/data/p").respond_with_data(
+        "", status=301, headers={"Location": other_origin.url_for("/elsewhere")}
+    )
+    with pytest.raises(HTTPError):
+        client_for(httpserver, store_follows_301=True).store([1], "p")
+    assert len(other_origin.log) == 0
+
+
+class RedirectFollowingSession(HttpSession):
+    """What a store did before: requests' own redirect handling, which re-sends a PUT answered
+    301 without its body."""
+
+    def send_body(self, method: str, url: str, **kwargs: Any) -> Any:
+        kwargs.pop("follow_301", None)
+        kwargs["allow_redirects"] = True
+        return self.request(method, url, **kwargs)
+
+
+def test_a_store_whose_final_request_lost_its_body_is_an_error(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/data/old").respond_with_data(
+        "", status=301, headers={"Location": "/moved/new"}
+    )
+    httpserver.expect_request("/moved/new").respond_with_data("", status=201)
+    session = create_session()
+    session.__class__ = RedirectFollowingSession
+    client = client_for(httpserver, method="PUT", session=session)
+    with pytest.raises(ExternalServiceError, match="not the 11 bytes to store"):
+        client.store({"value": 4}, "old")
+    assert httpserver.log[1][0].get_data() == b""  # the re-send really was empty
 
 
 def test_store_refuses_307_to_another_origin(
