@@ -34,6 +34,7 @@ from flowstone_dagster.errors import ConfigurationError, DecodeError
 __all__ = [
     "FORMATS",
     "MEDIA_TYPES",
+    "NonFinite",
     "OwnedBody",
     "RestFormat",
     "decode",
@@ -127,10 +128,40 @@ def _json_key(key: Any) -> Any:
     return converted if isinstance(converted, (str, int, float, bool)) else str(converted)
 
 
-def dumps_json(value: Any) -> str:
+#: What a store does with NaN and infinities: ``null`` (JSON cannot hold them) or an error.
+NonFinite = Literal["null", "error"]
+
+
+def _strict_default(value: Any) -> Any:
+    """:func:`json_default` that refuses a non-finite numpy float instead of writing null."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        item = value.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"Out of range float values are not JSON compliant: {item!r}")
+    return json_default(value)
+
+
+def _non_finite_error(exc: ValueError) -> TypeError:
+    return TypeError(
+        f"it holds NaN or an infinity, which JSON cannot represent ({exc}); set non_finite to "
+        "'null' to store them as null, or clean the value"
+    )
+
+
+def dumps_json(value: Any, *, non_finite: NonFinite = "null") -> str:
     """``value`` as compact, valid JSON: NaN and infinities become ``null`` (never the
-    invalid tokens ``NaN``/``Infinity``), numpy scalars and dates serialise, and dict keys
-    that are dates or numpy numbers become strings."""
+    invalid tokens ``NaN``/``Infinity``), or with ``non_finite="error"`` raise ``TypeError``;
+    numpy scalars and dates serialise, and dict keys that are dates or numpy numbers become
+    strings."""
+    if non_finite == "error":
+        try:
+            return json.dumps(
+                value, default=_strict_default, separators=(",", ":"), allow_nan=False
+            )
+        except ValueError as exc:
+            if "Circular reference" in str(exc):
+                raise
+            raise _non_finite_error(exc) from None
     try:
         return json.dumps(value, default=json_default, separators=(",", ":"), allow_nan=False)
     except (ValueError, TypeError) as exc:
@@ -139,6 +170,16 @@ def dumps_json(value: Any) -> str:
         return json.dumps(
             _json_safe(value), default=json_default, separators=(",", ":"), allow_nan=False
         )
+
+
+def _check_finite_frame(frame: Any) -> None:
+    """Raise ``TypeError`` when a DataFrame's numeric columns hold NaN or an infinity."""
+    import numpy
+
+    numeric = frame.select_dtypes("number")
+    if numeric.size and not numpy.isfinite(numeric.to_numpy(dtype=float)).all():
+        bad = [c for c in numeric.columns if not numpy.isfinite(numeric[c].to_numpy(float)).all()]
+        raise _non_finite_error(ValueError(f"columns {', '.join(map(str, bad))}"))
 
 
 def is_dataframe(value: Any) -> bool:
@@ -158,20 +199,23 @@ def require_pandas() -> Any:
     return pandas
 
 
-def encode(value: Any, fmt: str) -> bytes:
+def encode(value: Any, fmt: str, *, non_finite: NonFinite = "null") -> bytes:
     """``value`` as a request body in ``fmt``.
 
-    Raises ``TypeError`` when the value does not fit the format (a str for ``bytes``, ...).
+    Raises ``TypeError`` when the value does not fit the format (a str for ``bytes``, ...), and
+    with ``non_finite="error"`` when a ``json``/``ndjson`` value holds NaN or an infinity.
     """
+    if fmt in ("json", "ndjson") and non_finite == "error" and is_dataframe(value):
+        _check_finite_frame(value)
     if fmt == "json":
         if is_dataframe(value):
             return str(value.to_json(orient="records", date_format="iso")).encode()
-        return dumps_json(value).encode()
+        return dumps_json(value, non_finite=non_finite).encode()
     if fmt == "ndjson":
         records = value.to_dict(orient="records") if is_dataframe(value) else value
         if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
             raise TypeError(f"ndjson stores a list of records, not {type(value).__name__}")
-        lines = [dumps_json(r) for r in records]
+        lines = [dumps_json(r, non_finite=non_finite) for r in records]
         return ("\n".join(lines) + "\n" if lines else "").encode()
     if fmt == "csv":
         if is_dataframe(value):

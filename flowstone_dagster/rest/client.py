@@ -65,6 +65,7 @@ from flowstone_dagster.errors import (
 from flowstone_dagster.formats import (
     FORMATS,
     MEDIA_TYPES,
+    NonFinite,
     OwnedBody,
     decode,
     encode,
@@ -237,6 +238,8 @@ class RestClient:
         timeout: ``(connect, read)`` seconds.
         max_body_bytes: a larger response raises ``ResponseTooLarge``.
         max_redirects: redirects followed before failing.
+        non_finite: ``null`` (the default) stores NaN and infinities in ``json``/``ndjson`` as
+            ``null``; ``error`` refuses such a value with ``TypeError`` before sending.
         store_follows_301: a store answered 301 to the same origin re-sends its method and body
             to the new location (a route moved for good) instead of raising ``RedirectRefused``;
             302/303 are always refused, and any redirect to another origin.
@@ -270,6 +273,7 @@ class RestClient:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_redirects: int = 10,
         store_follows_301: bool = False,
+        non_finite: NonFinite = "null",
         pagination: RestPagination | None = None,
         verify: bool = True,
         ca_bundle: str | None = None,
@@ -299,6 +303,9 @@ class RestClient:
         self.max_body_bytes = max_body_bytes
         self.pagination: RestPagination = pagination
         self.store_follows_301 = store_follows_301
+        if non_finite not in ("null", "error"):
+            raise ConfigurationError("must be null or error", field="non_finite")
+        self.non_finite: NonFinite = non_finite
         self.resilience = resilience
         self.service = service
         secret_names = tuple(secret_headers)
@@ -627,7 +634,7 @@ class RestClient:
         """
         url = self._url(partition)
         try:
-            body = encode(data, self.format)
+            body = encode(data, self.format, non_finite=self.non_finite)
         except TypeError as exc:
             what = f"asset {asset!r}" if asset else "the value"
             raise TypeError(f"cannot store {what} as {self.format}: {exc}") from None

@@ -17,6 +17,7 @@ from flowstone_dagster.errors import (
     ConfigurationError,
 )
 from flowstone_dagster.formats import (
+    NonFinite,
     RestFormat,
     require_pandas,
     wants_dataframe,
@@ -99,6 +100,11 @@ class RestIOManager(dg.ConfigurableIOManager):
         "input is annotated pd.DataFrame), text or bytes. Sets Content-Type and Accept.",
     )
     method: StoreMethod = Field(default="POST", description="HTTP method of stores.")
+    non_finite: NonFinite = Field(
+        default="null",
+        description="NaN and infinities in a stored json/ndjson value (JSON cannot hold them): "
+        "null writes them as null; error fails the step before anything is sent.",
+    )
     headers: dict[str, str] = Field(
         default_factory=dict,
         repr=False,  # may carry credentials
@@ -254,6 +260,7 @@ class RestIOManager(dg.ConfigurableIOManager):
             max_body_bytes=self.max_body_bytes,
             max_redirects=self.max_redirects,
             store_follows_301=self.store_follows_301,
+            non_finite=self.non_finite,
             pagination=self.pagination,
             verify=self.verify_tls,
             ca_bundle=self.ca_bundle,

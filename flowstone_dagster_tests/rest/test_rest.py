@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pytest
 from pytest_httpserver import HTTPServer
@@ -1153,10 +1154,33 @@ def test_dataframe_nan_is_stored_as_null(httpserver: HTTPServer, fmt: str) -> No
     assert rows[0]["t"].startswith("2025-01-15T00:00:00")
 
 
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        [{"a": float("nan")}],
+        [{"a": [1.0, float("-inf")]}],
+        [{"a": np.float64("inf")}],
+        pd.DataFrame({"a": [1.0, float("nan")]}),
+    ],
+    ids=["nan", "nested-inf", "numpy-inf", "dataframe-nan"],
+)
+def test_non_finite_error_refuses_the_value_and_sends_nothing(
+    httpserver: HTTPServer, fmt: str, value: Any
+) -> None:
+    client = client_for(httpserver, format=fmt, non_finite="error")
+    with pytest.raises(TypeError, match="NaN or an infinity") as raised:
+        client.store(value, "p", asset="prices")
+    assert "cannot store asset 'prices'" in str(raised.value)
+    assert "non_finite" in str(raised.value)
+    assert len(httpserver.log) == 0
+    httpserver.expect_request("/data/p").respond_with_data("", status=201)
+    client.store([{"a": 1.5, "b": np.int64(2)}], "p")  # finite values go through
+    assert len(httpserver.log) == 1
+
+
 def test_numpy_and_date_values_serialise(httpserver: HTTPServer) -> None:
     import datetime as dt
-
-    import numpy as np
 
     httpserver.expect_request("/data/p").respond_with_data("", status=201)
     value = {
