@@ -21,6 +21,7 @@ from flowstone_dagster import (
     OAuth2ClientCredentials,
     RestClient,
     RestIOManager,
+    telemetry,
 )
 from flowstone_dagster.errors import DecodeError, Unauthorized
 
@@ -121,9 +122,18 @@ def test_token_fetched_once_cached_and_sent_as_bearer(
     api = Api(httpserver, tokens)
     auth = oauth(tokens, scopes=["rows:read", "rows:write"], audience="https://api")
     client = RestClient(lambda _: httpserver.url_for("/api/rows"), pagination=PAGES, oauth2=auth)
-    assert client.load() == ALL_ROWS
-    assert client.load() == ALL_ROWS
+    events: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(events.append)
+    try:
+        assert client.load() == ALL_ROWS
+        assert client.load() == ALL_ROWS
+    finally:
+        remove()
     assert len(tokens.issued) == 1  # cached across requests and loads
+    (token_event,) = [e for e in events if e.name == "flowstone.http.request"]
+    assert token_event.measures["method"] == "POST"
+    assert token_event.measures["status"] == 200
+    assert [e.measures["pages"] for e in events if e.name == "flowstone.rest.load"] == [4, 4]
     assert set(api.seen) == {f"Bearer {tokens.issued[0]}"}
     assert tokens.forms == [
         {

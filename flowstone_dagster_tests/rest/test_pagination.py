@@ -223,7 +223,15 @@ def test_an_unpaginated_ndjson_or_csv_body_streams_in_pages(
         body = ("\ufeffid,name\n" + "".join(f'{r["id"]},"{r["name"]}"\n' for r in rows)).encode()
     httpserver.expect_request("/big").respond_with_data(body, content_type="text/plain")
     client = RestClient(lambda _: httpserver.url_for("/big"), format=fmt)
-    pages = list(client.iter_pages())
+    events: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(events.append)
+    try:
+        pages = list(client.iter_pages())
+    finally:
+        remove()
+    (event,) = [e for e in events if e.name == "flowstone.rest.load"]
+    assert event.measures["bytes"] == len(body)
+    assert event.measures["status"] == 200
     assert [len(p) for p in pages] == [STREAM_PAGE_ITEMS, 5]
     assert [r for p in pages for r in p] == rows
     assert list(client.iter_items()) == rows
