@@ -10,8 +10,9 @@ side's median round. Aim: the I/O manager within 1.1x of bare for small loads.
 (c) Peak memory of one load, each in a fresh process (the peak resident set, reset just before
 the load through ``/proc/self/clear_refs``, minus the resident set before it), against the body
 size: the ``--big-mb`` JSON body loaded bare and by ``RestClient`` (the decoded value and the
-transient cost of reading it), the same body as ``bytes``, and a ``--stream-mb`` ndjson body
-streamed with ``RestClient.iter_items`` (records consumed and dropped). ``retained`` is what the
+transient cost of reading it), the same body as ``bytes`` and streamed element by element with
+``RestClient.iter_items``, and a ``--stream-mb`` ndjson body streamed with ``iter_items``
+(records consumed and dropped). ``retained`` is what the
 loaded value still holds after the load; ``overhead`` is peak minus retained.
 """
 
@@ -74,6 +75,9 @@ def measure(mode: str, url: str) -> None:
         "bare-json": lambda: json.loads(requests.get(url, timeout=(10, 600)).content),
         "json": lambda: RestClient(lambda _: url, max_body_bytes=2**34).load(),
         "bytes": lambda: RestClient(lambda _: url, format="bytes", max_body_bytes=2**34).load(),
+        "json-stream": lambda: sum(
+            1 for _ in RestClient(lambda _: url, max_body_bytes=2**34).iter_items()
+        ),
         "ndjson-stream": lambda: sum(
             1 for _ in RestClient(lambda _: url, format="ndjson", max_body_bytes=2**34).iter_items()
         ),
@@ -157,6 +161,7 @@ def main() -> None:
             "bare requests + json.loads, json": _child("bare-json", f"{base_url}/api/big"),
             "RestClient.load, json": _child("json", f"{base_url}/api/big"),
             "RestClient.load, bytes": _child("bytes", f"{base_url}/api/big"),
+            "RestClient.iter_items, json": _child("json-stream", f"{base_url}/api/big"),
             "RestClient.iter_items, ndjson": _child("ndjson-stream", f"{base_url}/api/stream"),
         }
 

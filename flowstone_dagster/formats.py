@@ -360,18 +360,35 @@ class _ChunkReader(io.RawIOBase):
 def iter_records(
     chunks: Iterable[bytes], fmt: str, *, url: str, encoding: str | None = None
 ) -> Iterator[Any]:
-    """The records of an ``ndjson`` (one JSON value per line) or ``csv`` (one dict per row)
-    body, decoded as its chunks arrive: memory stays at about one chunk and one record,
-    whatever the body's size. A UTF-8 byte-order mark is skipped. Raises
-    :class:`~flowstone_dagster.errors.DecodeError` naming the URL, the format and the line."""
-    if fmt not in ("ndjson", "csv"):
+    """The records of a body, decoded as its chunks arrive: memory stays at about one chunk
+    and one record, whatever the body's size.
+
+    ``ndjson``: one JSON value per line; ``csv``: one dict per row; ``json``: each element of a
+    top-level array (another top-level value is one record). A UTF-8 byte-order mark is
+    skipped. Raises :class:`~flowstone_dagster.errors.DecodeError` naming the URL, the format
+    and where (the line, or for JSON the character)."""
+    if fmt not in ("json", "ndjson", "csv"):
         raise ConfigurationError(
-            f"streaming records needs the ndjson or csv format, not {fmt!r}", field="format"
+            f"streaming records needs the json, ndjson or csv format, not {fmt!r}", field="format"
         )
     stream = io.BufferedReader(_ChunkReader(chunks), buffer_size=1024 * 1024)
+    if fmt == "json":
+        encoding = None  # RFC 8259: JSON between systems is UTF-8, whatever the header says
     if stream.peek(3)[:3] == _UTF8_BOM and encoding in (None, "utf-8", "UTF-8", "utf8"):
         stream.read(3)
     text = io.TextIOWrapper(stream, encoding=encoding or "utf-8", newline="")
+    if fmt == "json":
+        array = _JsonArrayReader(text)
+        try:
+            yield from array
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(
+                f"response from {url} is not valid json at character {array.position}: "
+                f"{type(exc).__name__}: {getattr(exc, 'msg', exc)}",
+                url=url,
+                fmt=fmt,
+            ) from None
+        return
     line = 0
     rows = csv.DictReader(text) if fmt == "csv" else None
     try:
@@ -388,6 +405,101 @@ def iter_records(
             url=url,
             fmt=fmt,
         ) from None
+
+
+_JSON_READ = 1024 * 1024
+_JSON_WHITESPACE = " \t\n\r"
+_JSON_AFTER_VALUE = frozenset(_JSON_WHITESPACE + ",]}")
+
+
+class _JsonArrayReader:
+    """The elements of a top-level JSON array read from ``text`` a chunk at a time (another
+    top-level value is yielded whole). The text held is the unparsed rest of the current
+    chunk; a value cut by a chunk's end is parsed again with more text, which grows
+    geometrically so that a huge element costs linear time."""
+
+    def __init__(self, text: io.TextIOBase) -> None:
+        self._text = text
+        self._decoder = json.JSONDecoder()
+        self._buffer = ""
+        self._pos = 0
+        self._dropped = 0  # characters before the buffer
+        self._eof = False
+
+    @property
+    def position(self) -> int:
+        """Characters read before the current parse position."""
+        return self._dropped + self._pos
+
+    def _fill(self, grow: bool = False) -> bool:
+        if self._eof:
+            return False
+        pending = len(self._buffer) - self._pos
+        chunk = self._text.read(max(_JSON_READ, pending) if grow else _JSON_READ)
+        if not chunk:
+            self._eof = True
+            return False
+        self._dropped += self._pos
+        self._buffer = self._buffer[self._pos :] + chunk
+        self._pos = 0
+        return True
+
+    def _peek(self) -> str:
+        """The next character that is not whitespace (``""`` at the end)."""
+        while True:
+            buffer = self._buffer
+            while self._pos < len(buffer) and buffer[self._pos] in _JSON_WHITESPACE:
+                self._pos += 1
+            if self._pos < len(buffer):
+                return buffer[self._pos]
+            if not self._fill():
+                return ""
+
+    def _value(self) -> Any:
+        self._peek()
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self._buffer, self._pos)
+            except json.JSONDecodeError:
+                if self._fill(grow=True):
+                    continue
+                raise
+            # A value is complete when a delimiter follows it: a number cut by the chunk's end
+            # ("0" of "0.5", "1" of "1e3") parses, yet goes on in the next chunk.
+            if (
+                end == len(self._buffer) or self._buffer[end] not in _JSON_AFTER_VALUE
+            ) and self._fill(grow=True):
+                continue
+            self._pos = end
+            return value
+
+    def _expect_end(self) -> None:
+        if self._peek() != "":
+            raise json.JSONDecodeError("Extra data", self._buffer, self._pos)
+
+    def __iter__(self) -> Iterator[Any]:
+        first = self._peek()
+        if first == "":
+            return
+        if first != "[":
+            yield self._value()
+            self._expect_end()
+            return
+        self._pos += 1
+        if self._peek() == "]":
+            self._pos += 1
+            self._expect_end()
+            return
+        while True:
+            yield self._value()
+            separator = self._peek()
+            self._pos += 1
+            if separator == "]":
+                break
+            if separator != ",":
+                self._pos -= 1
+                raise json.JSONDecodeError("Expecting ',' delimiter", self._buffer, self._pos)
+        self._expect_end()
 
 
 def wants_dataframe(context: Any) -> bool:

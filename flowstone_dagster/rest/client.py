@@ -445,10 +445,11 @@ class RestClient:
         """The items of ``url_fn(partition)`` page by page, each page requested when the
         previous one has been consumed: memory holds one page, however many there are.
 
-        Without pagination, an ``ndjson`` or ``csv`` body is decoded as it arrives and yielded
-        in pages of ``STREAM_PAGE_ITEMS`` records (memory stays about one page, whatever the
-        body's size); a ``json`` body that is a list is one page (another value, a page of
-        that one value); 204 or an empty body yields nothing.
+        Without pagination, a ``json`` array (element by element), ``ndjson`` or ``csv`` body
+        is decoded as it arrives and yielded in pages of ``STREAM_PAGE_ITEMS`` records (memory
+        stays about one page, whatever the body's size); another ``json`` value is a page of
+        that one value, a ``text`` or ``bytes`` body a page of its value; 204 or an empty body
+        yields nothing.
 
         Each page's request goes through the resilience policy; a streamed body that breaks
         midway raises (the records already yielded cannot be taken back), so a retry is the
@@ -459,7 +460,7 @@ class RestClient:
             if not isinstance(self.pagination, NoPagination):
                 yield from self._pages(url, stats, self.pagination)
                 return
-            if self.format not in ("ndjson", "csv"):
+            if self.format not in ("json", "ndjson", "csv"):
                 value = self._load_one(url, stats, False)
                 if value is not None:
                     yield value if isinstance(value, list) else [value]

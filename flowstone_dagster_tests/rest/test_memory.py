@@ -60,3 +60,21 @@ def test_a_large_bytes_load_peaks_at_about_its_size() -> None:
     assert loaded == [body]
     # The body once (a list of chunks joined at the end peaked at twice the body).
     assert growth < 1.5 * len(body), f"peak grew {growth / MB:.0f} MB for a 64 MB body"
+
+
+@pytest.mark.multiprocess
+def test_a_streamed_json_array_holds_a_page_not_the_body() -> None:
+    body = b"[" + b",".join([LINE.strip()] * (48 * MB // len(LINE))) + b"]"
+    with serve_bodies({"/big": body}) as base_url:
+        client = RestClient(lambda _: f"{base_url}/big", format="json")
+        seen = [0]
+
+        def stream() -> None:
+            for record in client.iter_items():
+                assert record["id"] == 123456
+                seen[0] += 1
+
+        growth = peak_growth(stream)
+    assert seen[0] == 48 * MB // len(LINE)
+    # A whole load holds the body's text and every record: several times the 48 MB body.
+    assert growth < 24 * MB, f"peak grew {growth / MB:.0f} MB for a 48 MB streamed body"
