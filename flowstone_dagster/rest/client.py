@@ -457,45 +457,51 @@ class RestClient:
         """
         url = self._url(partition)
         with self._load_span(url, partition, asset) as stats:
-            if not isinstance(self.pagination, NoPagination):
-                yield from self._pages(url, stats, self.pagination)
-                return
-            if self.format not in ("json", "ndjson", "csv"):
-                value = self._load_one(url, stats, False)
-                if value is not None:
-                    yield value if isinstance(value, list) else [value]
-                return
-            response, _ = self._send(
-                stats.attempts, "GET", url, origin=url, headers=self.headers, read=False
-            )
-            stats.status, stats.pages = response.status_code, 1
-            chunks = self.session.iter_body(
-                response, max_bytes=self.max_body_bytes, consumer_time_counts=False
-            )
-
-            def counted() -> Iterator[bytes]:
-                for chunk in chunks:
-                    stats.bytes += len(chunk)
-                    yield chunk
-
-            records = iter_records(
-                counted(),
-                self.format,
-                url=self.session.redact(url),
-                encoding=_declared_charset(response),
-            )
             try:
-                while True:
-                    with gc_paused():  # as in decode(): building many records, no cycles
-                        page = list(itertools.islice(records, STREAM_PAGE_ITEMS))
-                    if not page:
-                        break
-                    yield page
-            except DecodeError as exc:
-                exc.service = self.service_for(url)
-                raise
-            finally:
-                chunks.close()
+                yield from self._iter_pages(url, stats)
+            except GeneratorExit:
+                return  # the consumer stopped early: the load ends there, not an error
+
+    def _iter_pages(self, url: str, stats: _LoadStats) -> Generator[list[Any], None, None]:
+        if not isinstance(self.pagination, NoPagination):
+            yield from self._pages(url, stats, self.pagination)
+            return
+        if self.format not in ("json", "ndjson", "csv"):
+            value = self._load_one(url, stats, False)
+            if value is not None:
+                yield value if isinstance(value, list) else [value]
+            return
+        response, _ = self._send(
+            stats.attempts, "GET", url, origin=url, headers=self.headers, read=False
+        )
+        stats.status, stats.pages = response.status_code, 1
+        chunks = self.session.iter_body(
+            response, max_bytes=self.max_body_bytes, consumer_time_counts=False
+        )
+
+        def counted() -> Iterator[bytes]:
+            for chunk in chunks:
+                stats.bytes += len(chunk)
+                yield chunk
+
+        records = iter_records(
+            counted(),
+            self.format,
+            url=self.session.redact(url),
+            encoding=_declared_charset(response),
+        )
+        try:
+            while True:
+                with gc_paused():  # as in decode(): building many records, no cycles
+                    page = list(itertools.islice(records, STREAM_PAGE_ITEMS))
+                if not page:
+                    break
+                yield page
+        except DecodeError as exc:
+            exc.service = self.service_for(url)
+            raise
+        finally:
+            chunks.close()  # the connection goes back (or is dropped) however the stream ends
 
     def iter_items(self, partition: Any = None, *, asset: str | None = None) -> Iterator[Any]:
         """The items of :meth:`iter_pages`, one by one."""

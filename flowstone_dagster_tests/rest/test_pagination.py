@@ -237,6 +237,25 @@ def test_an_unpaginated_ndjson_or_csv_body_streams_in_pages(
     assert list(client.iter_items()) == rows
 
 
+def test_a_stream_abandoned_early_ends_the_load_without_an_error(httpserver: HTTPServer) -> None:
+    rows = [{"id": i} for i in range(3 * STREAM_PAGE_ITEMS)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    httpserver.expect_request("/big").respond_with_data(body)
+    client = RestClient(lambda _: httpserver.url_for("/big"), format="ndjson")
+    events: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(events.append)
+    try:
+        pages = client.iter_pages()
+        assert next(pages) == rows[:STREAM_PAGE_ITEMS]
+        pages.close()
+        # The half-read connection was released: the client goes on working.
+        assert len(list(client.iter_items())) == len(rows)
+    finally:
+        remove()
+    loads = [e for e in events if e.name == "flowstone.rest.load"]
+    assert [e.ok for e in loads] == [True, True]
+
+
 def test_a_streamed_body_larger_than_the_limit_fails(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/big").respond_with_data(b'{"a": 1}\n' * 1000)
     client = RestClient(lambda _: httpserver.url_for("/big"), format="ndjson", max_body_bytes=500)
