@@ -204,8 +204,8 @@ def _declared_charset(response: requests.Response) -> str | None:
     """The charset the server declared, if any (``requests`` would guess ISO-8859-1 for any
     ``text/*`` without one; the formats default to UTF-8 instead)."""
     content_type = response.headers.get("Content-Type")
-    if not content_type:
-        return None
+    if not content_type or "charset" not in content_type.lower():
+        return None  # the common case, without building an email message for it
     message = email.message.Message()
     message["Content-Type"] = content_type
     charset = message.get_param("charset")
