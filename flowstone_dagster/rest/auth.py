@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 import dagster as dg
 from pydantic import Field, field_validator
 
-from flowstone_dagster.errors import DecodeError, HTTPError, Unauthorized
+from flowstone_dagster.errors import DecodeError, ExternalServiceError, HTTPError, Unauthorized
 from flowstone_dagster.http import HttpSession
 from flowstone_dagster.redaction import register_secret
 
@@ -243,7 +243,7 @@ class OAuth2TokenSource:
         headers = {"Accept": "application/json"}
         if config.client_auth == "basic":
             # RFC 6749 section 2.3.1: each part form-encoded before the basic encoding.
-            pair = f"{quote(config.client_id, safe='')}:{quote(config.client_secret, safe='')}"
+            pair = f"{quote_plus(config.client_id)}:{quote_plus(config.client_secret)}"
             encoded = base64.b64encode(pair.encode()).decode()
             register_secret(encoded)
             headers["Authorization"] = f"Basic {encoded}"
@@ -266,6 +266,12 @@ class OAuth2TokenSource:
                     service=exc.service,
                 ) from None
             raise
+        if response.status_code != 200:  # a redirect (never followed: it would move the secret)
+            raise ExternalServiceError(
+                f"the token endpoint {where} answered HTTP {response.status_code} instead of a "
+                "token; point token_url at the endpoint itself",
+                service=self.session.service,
+            )
         try:
             body = json.loads(response.content)
             token = body["access_token"]

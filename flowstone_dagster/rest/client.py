@@ -340,7 +340,6 @@ class RestClient:
                     timeout=timeout,
                     verify=verify,
                     ca_bundle=ca_bundle,
-                    max_redirects=0,
                     secrets=[oauth2.client_secret],
                     service=rest_service(oauth2.token_url),
                 ),

@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote_plus
 
 import dagster as dg
 import pytest
@@ -23,9 +23,9 @@ from flowstone_dagster import (
     RestIOManager,
     telemetry,
 )
-from flowstone_dagster.errors import DecodeError, Unauthorized
+from flowstone_dagster.errors import DecodeError, ExternalServiceError, Unauthorized
 
-SECRET = "client-5ecr3t-value-424242"
+SECRET = "client 5ecr3t+value/424242"  # characters RFC 6749's form-encoding must escape
 
 
 class TokenEndpoint:
@@ -54,7 +54,7 @@ class TokenEndpoint:
         authorization = request.headers.get("Authorization", "")
         if authorization.startswith("Basic "):
             pair = base64.b64decode(authorization[6:]).decode()
-            secret = unquote(pair.partition(":")[2])
+            secret = unquote_plus(pair.partition(":")[2])
         if self.refuse or secret != SECRET or form.get("grant_type") != "client_credentials":
             refusal = {"error": "invalid_client", "error_description": "unknown client"}
             return Response(json.dumps(refusal), status=401, content_type="application/json")
@@ -143,7 +143,7 @@ def test_token_fetched_once_cached_and_sent_as_bearer(
         }
     ]
     pair = base64.b64decode(tokens.authorizations[0].removeprefix("Basic ")).decode()  # type: ignore[union-attr]
-    assert pair == f"{auth.client_id}:{SECRET}"
+    assert pair == f"{auth.client_id}:client+5ecr3t%2Bvalue%2F424242"
     # Another client with the same credentials shares the process's token.
     other = RestClient(lambda _: httpserver.url_for("/api/rows"), pagination=PAGES, oauth2=auth)
     assert other.load() == ALL_ROWS
@@ -236,6 +236,22 @@ def test_a_token_response_without_a_token_is_a_decode_error(
     )
     with pytest.raises(DecodeError, match="access_token"):
         RestClient(lambda _: httpserver.url_for("/api/rows"), oauth2=auth).load()
+
+
+def test_a_token_endpoint_redirect_is_not_followed(
+    httpserver: HTTPServer, token_server: HTTPServer
+) -> None:
+    token_server.expect_request("/oauth/token").respond_with_data(
+        "", status=302, headers={"Location": httpserver.url_for("/steal")}
+    )
+    auth = OAuth2ClientCredentials(
+        token_url=token_server.url_for("/oauth/token"),
+        client_id=f"etl-{uuid.uuid4().hex[:8]}",
+        client_secret=SECRET,
+    )
+    with pytest.raises(ExternalServiceError, match="answered HTTP 302 instead of a token"):
+        RestClient(lambda _: httpserver.url_for("/api/rows"), oauth2=auth).load()
+    assert len(httpserver.log) == 0  # neither the redirect target nor the API was called
 
 
 def test_the_token_stays_on_the_api_origin_and_the_secret_on_the_token_endpoint(
