@@ -26,7 +26,8 @@ no LLM call. Each variable points one integration at a real system:
                                         PostgreSQL (schema ``analytics``) instead of DuckDB
 ``FLOWSTONE_DEMO_EXECUTOR``             ``celery``: steps run on Celery workers
                                         (``FLOWSTONE_CELERY_BROKER`` and
-                                        ``FLOWSTONE_CELERY_BACKEND``); see ``cluster/``
+                                        ``FLOWSTONE_CELERY_BACKEND``); ``k8s``: each step in
+                                        a Kubernetes Job; see ``cluster/``
 ======================================  =====================================================
 """
 
@@ -130,13 +131,18 @@ def read_warehouse(query: str) -> list[tuple[Any, ...]]:
 
 def executor() -> dg.ExecutorDefinition | None:
     """The Celery executor when ``FLOWSTONE_DEMO_EXECUTOR=celery`` (broker and result backend
-    from ``FLOWSTONE_CELERY_BROKER`` / ``FLOWSTONE_CELERY_BACKEND``), else Dagster's default
-    (multiprocess)."""
+    from ``FLOWSTONE_CELERY_BROKER`` / ``FLOWSTONE_CELERY_BACKEND``), dagster-k8s's
+    ``k8s_job_executor`` with ``k8s``, else Dagster's default (multiprocess)."""
     name = os.environ.get("FLOWSTONE_DEMO_EXECUTOR", "")
     if name in ("", "multiprocess"):
         return None
+    if name == "k8s":
+        # Each step in its own Kubernetes Job (dagster-k8s; see cluster/k8s/README.md).
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
     if name != "celery":
-        raise ValueError(f"FLOWSTONE_DEMO_EXECUTOR={name!r}: use 'celery' or leave it unset")
+        raise ValueError(f"FLOWSTONE_DEMO_EXECUTOR={name!r}: use 'celery', 'k8s' or leave it unset")
     from dagster_celery import celery_executor
 
     return celery_executor.configured(

@@ -281,6 +281,54 @@ class CeleryDeployment:
                     return str(backfill.backfill_id)
         raise RuntimeError("dagster job backfill returned but no backfill was recorded")
 
+    def launch(self, partition: str) -> str:
+        """Submit one run of the job for ``partition`` (``dagster job launch``, queued);
+        returns its run id."""
+        directory = self._node_dir("client")
+        tag = f"flowstone-{time.time_ns()}"
+        subprocess.run(
+            [
+                str(Path(sys.executable).with_name("dagster")),
+                "job",
+                "launch",
+                "-w",
+                str(HERE / "workspace.yaml"),
+                "-l",
+                LOCATION,
+                "-j",
+                JOB,
+                "--tags",
+                json.dumps({"dagster/partition": partition, "flowstone/cluster-run": tag}),
+            ],
+            cwd=directory,
+            env=self.environment(directory),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        with self.instance() as instance:
+            (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"flowstone/cluster-run": tag}))
+        return run.run_id
+
+    def worker(self, hostname: str) -> Node:
+        """The worker node of a Celery hostname (``worker-1@host``)."""
+        name = hostname.split("@", 1)[0]
+        return next(node for node in self.nodes if node.name == name)
+
+    def pool_processes(self, node: Node) -> list[int]:
+        """The pids of a worker node's Celery pool processes (where steps execute): the
+        children of its ``celery`` main process."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+        mains = children.get(node.process.pid, [])  # `dagster-celery` runs `celery` as a child
+        return [pid for main in mains for pid in children.get(main, [])]
+
     def wait(self, backfill_id: str, runs: int, timeout: float = 900) -> list[dg.DagsterRun]:
         """Wait until the backfill's ``runs`` runs have all finished; returns them."""
         give_up = time.monotonic() + timeout
