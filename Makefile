@@ -1,5 +1,5 @@
 # The commands a user runs. Every target installs what it needs first (bin/setup).
-.PHONY: setup test test-fast test-oldest check demo ui bench clean
+.PHONY: setup test test-fast test-oldest check demo demo-cluster ui bench clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,6 +39,11 @@ ui: setup
 	@mkdir -p $(DEMO_HOME)
 	@cp -n example_project/dagster.yaml $(DEMO_HOME)/dagster.yaml 2>/dev/null || true
 	DAGSTER_HOME=$(DEMO_HOME) $(BIN)/dagster dev -m example_project -h 127.0.0.1 -p 3000
+
+## make demo-cluster: the example on Celery workers (throwaway PostgreSQL and Redis, two workers,
+## the daemon), a backfill of every day, a report of where each step ran; stops all it started.
+demo-cluster: setup
+	$(BIN)/python -m example_project.cluster
 
 ## make bench: every bench/ script.
 bench: setup

@@ -27,7 +27,6 @@ import warnings
 from typing import Any
 
 import dagster as dg
-import duckdb
 from dagster_dbt import DbtProject, dbt_assets
 
 from example_project import settings
@@ -65,6 +64,10 @@ settings.prepare_dbt_manifest(dbt_project)
     manifest=dbt_project.manifest_path,
     partitions_def=daily,
     backfill_policy=one_day_per_run,
+    # Every day's run rebuilds the same seeds and dimension tables: one build at a time across
+    # the deployment (a Dagster concurrency pool limits steps; flowstone's max_concurrent
+    # limits calls within them).
+    pool="warehouse",
 )
 def warehouse(context: dg.AssetExecutionContext, dbt: DbtResource) -> Any:
     """Seeds and dimension models, rebuilt (idempotently) with each day's run."""
@@ -85,13 +88,10 @@ raw_orders = dg.AssetSpec(
 
 
 def _dimensions() -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
-    with duckdb.connect(str(settings.warehouse_path()), read_only=True) as warehouse_db:
-        customers = warehouse_db.execute(
-            "select customer_id, tenure_days, country from dim_customers"
-        ).fetchall()
-        products = warehouse_db.execute(
-            "select product_id, category, unit_price from dim_products"
-        ).fetchall()
+    customers = settings.read_warehouse(
+        "select customer_id, tenure_days, country from dim_customers"
+    )
+    products = settings.read_warehouse("select product_id, category, unit_price from dim_products")
     return (
         {row[0]: {"tenure_days": row[1], "country": row[2]} for row in customers},
         {row[0]: {"category": row[1], "unit_price": float(row[2])} for row in products},
@@ -239,6 +239,7 @@ daily_pipeline = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
+    executor=settings.executor(),
     assets=[warehouse, raw_orders, order_features, order_audit, scored_orders, daily_summary],
     jobs=[daily_pipeline],
     schedules=[dg.build_schedule_from_partitioned_job(daily_pipeline, hour_of_day=6)],

@@ -20,6 +20,14 @@ no LLM call. Each variable points one integration at a real system:
 ``FLOWSTONE_DEMO_INJECT_FAILURES``      ``1`` (default): the bundled API fails each day's first
                                         request once; ``0``: never; ``outage``: always
 ``FLOWSTONE_DEMO_BREAKER_TIMEOUT``      seconds the source API's circuit stays open (30)
+``FLOWSTONE_DEMO_SOURCE_RATE``          calls per second allowed to the source API, shared
+                                        by every process through the store (no limit)
+``FLOWSTONE_DEMO_WAREHOUSE_URL``        ``postgresql://...``: dbt builds the warehouse in
+                                        PostgreSQL (schema ``analytics``) instead of DuckDB
+``FLOWSTONE_DEMO_EXECUTOR``             ``celery``: steps run on Celery workers
+                                        (``FLOWSTONE_CELERY_BROKER`` and
+                                        ``FLOWSTONE_CELERY_BACKEND``); ``k8s``: each step in
+                                        a Kubernetes Job; see ``cluster/``
 ======================================  =====================================================
 """
 
@@ -30,6 +38,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import dagster as dg
@@ -42,6 +51,7 @@ from flowstone_dagster import (
     LLMResource,
     NotificationsResource,
     PostgresConfig,
+    RateLimitConfig,
     ResilienceResource,
     RetryConfig,
     ServicePolicy,
@@ -75,6 +85,75 @@ def warehouse_path() -> Path:
     return path
 
 
+#: The schema dbt builds in when the warehouse is PostgreSQL (``FLOWSTONE_DEMO_WAREHOUSE_URL``).
+WAREHOUSE_SCHEMA = "analytics"
+
+
+def warehouse_url() -> str | None:
+    """``FLOWSTONE_DEMO_WAREHOUSE_URL``: the warehouse in PostgreSQL rather than a DuckDB file,
+    for deployments whose steps run on different machines. Exported as the variables that
+    ``profiles.yml``'s ``postgres`` output reads, and selects that output."""
+    url = os.environ.get("FLOWSTONE_DEMO_WAREHOUSE_URL")
+    if not url:
+        return None
+    parts = urlsplit(url)
+    os.environ.update(
+        {
+            "FLOWSTONE_DEMO_DBT_TARGET": "postgres",
+            "FLOWSTONE_DEMO_WAREHOUSE_HOST": parts.hostname or "127.0.0.1",
+            "FLOWSTONE_DEMO_WAREHOUSE_PORT": str(parts.port or 5432),
+            "FLOWSTONE_DEMO_WAREHOUSE_USER": unquote(parts.username or ""),
+            "FLOWSTONE_DEMO_WAREHOUSE_PASSWORD": unquote(parts.password or ""),
+            "FLOWSTONE_DEMO_WAREHOUSE_DATABASE": parts.path.lstrip("/") or "postgres",
+        }
+    )
+    return url
+
+
+def read_warehouse(query: str) -> list[tuple[Any, ...]]:
+    """Rows of ``query`` from the warehouse dbt built: the DuckDB file, or PostgreSQL."""
+    url = warehouse_url()
+    if url is None:
+        import duckdb
+
+        with duckdb.connect(str(warehouse_path()), read_only=True) as warehouse_db:
+            return warehouse_db.execute(query).fetchall()
+    import psycopg2
+
+    connection = psycopg2.connect(url, options=f"-c search_path={WAREHOUSE_SCHEMA}")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(query)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+def executor() -> dg.ExecutorDefinition | None:
+    """The Celery executor when ``FLOWSTONE_DEMO_EXECUTOR=celery`` (broker and result backend
+    from ``FLOWSTONE_CELERY_BROKER`` / ``FLOWSTONE_CELERY_BACKEND``), dagster-k8s's
+    ``k8s_job_executor`` with ``k8s``, else Dagster's default (multiprocess)."""
+    name = os.environ.get("FLOWSTONE_DEMO_EXECUTOR", "")
+    if name in ("", "multiprocess"):
+        return None
+    if name == "k8s":
+        # Each step in its own Kubernetes Job (dagster-k8s; see cluster/k8s/README.md).
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    if name != "celery":
+        raise ValueError(f"FLOWSTONE_DEMO_EXECUTOR={name!r}: use 'celery', 'k8s' or leave it unset")
+    from dagster_celery import celery_executor
+
+    return celery_executor.configured(
+        {
+            "broker": {"env": "FLOWSTONE_CELERY_BROKER"},
+            "backend": {"env": "FLOWSTONE_CELERY_BACKEND"},
+        },
+        name="celery",
+    )
+
+
 def dbt_executable() -> str:
     """``dbt`` on PATH, else the one installed beside this Python (``.venv/bin/dbt``)."""
     return shutil.which("dbt") or str(Path(sys.executable).with_name("dbt"))
@@ -84,6 +163,7 @@ def prepare_dbt_manifest(project: DbtProject) -> None:
     """Parse the dbt project once, so that ``@dbt_assets`` has a manifest outside
     ``dagster dev`` too (``dagster job execute``, tests)."""
     warehouse_path()
+    warehouse_url()
     if project.manifest_path.exists():
         return
     subprocess.run(
@@ -124,11 +204,17 @@ def resilience() -> ResilienceResource:
                     threshold=3,
                     timeout=float(os.environ.get("FLOWSTONE_DEMO_BREAKER_TIMEOUT", "30")),
                 ),
+                rate_limit=_source_rate_limit(),
             ),
             "dbt": ServicePolicy(retry=RetryConfig(max_attempts=2, base_delay=1.0)),
         },
         retry_requested_after=5.0,
     )
+
+
+def _source_rate_limit() -> RateLimitConfig | None:
+    rate = os.environ.get("FLOWSTONE_DEMO_SOURCE_RATE")
+    return RateLimitConfig(limit=float(rate), period=1.0) if rate else None
 
 
 def external_db_config() -> PostgresConfig | SQLiteConfig:

@@ -8,13 +8,20 @@ recovers from it. ``FLOWSTONE_DEMO_INJECT_FAILURES=0`` turns that off, ``outage`
 request fail.
 
 Set ``FLOWSTONE_DEMO_API_URL`` to point the demo at a real API of the same shape instead.
+
+A deployment whose steps run on several machines runs it as one service for all of them
+(``python -m example_project.source_api --port 8765 --requests-log requests.log``); the log
+has one line per request, ``<unix time> <status> <day>``, for checking rate limits at the
+server.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
+import time
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
     failure_mode: ClassVar[str] = "1"
     failed_once: ClassVar[set[str]] = set()
     lock: ClassVar[threading.Lock] = threading.Lock()
+    requests_log: ClassVar[Path | None] = None
 
     def do_GET(self) -> None:
         prefix = "/raw_orders/"
@@ -52,6 +60,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.orders[day])
 
     def _send(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+        if self.requests_log is not None:
+            with self.lock, self.requests_log.open("a") as log:
+                log.write(f"{time.time():.6f} {status} {self.path.rsplit('/', 1)[-1]}\n")
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -74,3 +85,23 @@ def start_source_api() -> str:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="demo-source-api", daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def main() -> None:
+    """Serve the API in the foreground, as a service of a multi-machine deployment."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--requests-log", type=Path, help="append one line per request here")
+    arguments = parser.parse_args()
+    _Handler.orders = json.loads(DATA_FILE.read_text())
+    _Handler.failure_mode = os.environ.get("FLOWSTONE_DEMO_INJECT_FAILURES", "1")
+    _Handler.requests_log = arguments.requests_log
+    server = ThreadingHTTPServer((arguments.host, arguments.port), _Handler)
+    server.daemon_threads = True
+    print(f"source API on http://{arguments.host}:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

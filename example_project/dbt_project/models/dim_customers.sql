@@ -4,5 +4,5 @@ select
     name,
     country,
     cast(signup_date as date) as signup_date,
-    date_diff('day', cast(signup_date as date), date '2025-01-15') as tenure_days
+    {{ dbt.datediff("cast(signup_date as date)", "cast('2025-01-15' as date)", "day") }} as tenure_days
 from {{ ref('customers') }}
