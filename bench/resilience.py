@@ -12,9 +12,9 @@ most the call's deadline.
 For each store (memory, SQLite, PostgreSQL and Redis on loopback) it times a call that does
 nothing, bare and through the circuit breaker (closed, the common case), the rate limiter (a limit
 never reached) and both composed, single-threaded and with 8 threads, and prints the
-microseconds each wrapper adds per call against the bare call in the same run. Then four
-processes hammer one limiter on SQLite, PostgreSQL and Redis, and the achieved rate is compared
-with the limit.
+microseconds each wrapper adds per call against the bare call in the same run. Then eight
+processes hammer one limiter on SQLite, PostgreSQL and Redis: the achieved rate against the
+limit, and how many sliding windows (one starting at each admission) held more than the limit.
 """
 
 from __future__ import annotations
@@ -172,20 +172,34 @@ def bench_store_down() -> list[str]:
     return rows
 
 
+PROCESSES = 8
+
+
 def hammer(
     url: str, name: str, *, limit: int, period: float, seconds: float, start_at: float
-) -> int:
+) -> list[float]:
+    """Admissions (their times) of one process taking every slot it can for ``seconds``."""
     limiter = RateLimiter(name, limit, period, mode="wait", max_wait=60, store=url)
     delay = start_at - time.time()
     if delay > 0:
         time.sleep(delay)
     end = start_at + seconds
-    admitted = 0
+    admitted: list[float] = []
     while True:
         at = limiter.acquire()
         if at >= end:
             return admitted
-        admitted += 1
+        admitted.append(at)
+
+
+def windows_over(times: list[float], limit: int, period: float) -> int:
+    """How many sliding windows (one starting at each admission) hold more than ``limit``."""
+    over, end = 0, 0
+    for start, at in enumerate(times):
+        while end < len(times) and times[end] < at + period:
+            end += 1
+        over += end - start > limit
+    return over
 
 
 def bench_rate(label: str, url: str, pool: ProcessPoolExecutor) -> str:
@@ -196,13 +210,14 @@ def bench_rate(label: str, url: str, pool: ProcessPoolExecutor) -> str:
         pool.submit(
             hammer, url, name, limit=limit, period=period, seconds=seconds, start_at=start_at
         )
-        for _ in range(4)
+        for _ in range(PROCESSES)
     ]
-    admitted = sum(future.result() for future in futures)
-    rate, aim = admitted / seconds, limit / period
+    times = sorted(at for future in futures for at in future.result())
+    rate, aim = len(times) / seconds, limit / period
     return (
-        f"{label:<11} 4 processes: {admitted} calls in {seconds:g} s = {rate:.1f}/s "
-        f"against a limit of {aim:g}/s ({limit} per {period:g} s): {rate / aim:.1%} of the limit"
+        f"{label:<11} {PROCESSES} processes: {len(times)} calls in {seconds:g} s = {rate:.1f}/s "
+        f"against a limit of {aim:g}/s ({limit} per {period:g} s): {rate / aim:.1%} of the "
+        f"limit, {windows_over(times, limit, period)} windows over"
     )
 
 
@@ -232,8 +247,9 @@ def main() -> None:
             print(row, flush=True)
         print()
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=4, mp_context=context) as pool:
-            list(pool.map(time.sleep, [0.3] * 4))  # start and import in every worker first
+        with ProcessPoolExecutor(max_workers=PROCESSES, mp_context=context) as pool:
+            # start and import in every worker first
+            list(pool.map(time.sleep, [0.3] * PROCESSES))
             for label, url, _, _ in stores[1:]:
                 print(bench_rate(label, url, pool), flush=True)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")

@@ -86,6 +86,9 @@ class CeleryDeployment:
     postgres_url: str
     redis_url: str
     workers: int = 2
+    #: "celery" (steps on the Celery workers) or "multiprocess" (steps in subprocesses of
+    #: each run's process, as on one machine; no Celery worker is started): the baseline.
+    executor: str = "celery"
     #: Calls per second allowed to the source API (shared through the store), or None.
     source_rate: float | None = None
     #: The bundled source API's failures: "1" (each day's first request once), "0", "outage".
@@ -117,7 +120,7 @@ class CeleryDeployment:
                 "FLOWSTONE_RESILIENCE_STORE": _redis_db(self.redis_url, 0),
                 "FLOWSTONE_CELERY_BROKER": _redis_db(self.redis_url, 1),
                 "FLOWSTONE_CELERY_BACKEND": _redis_db(self.redis_url, 2),
-                "FLOWSTONE_DEMO_EXECUTOR": "celery",
+                "FLOWSTONE_DEMO_EXECUTOR": self.executor,
                 "FLOWSTONE_DEMO_INJECT_FAILURES": self.inject_failures,
                 "FLOWSTONE_DEMO_BREAKER_TIMEOUT": str(self.breaker_timeout),
                 "FLOWSTONE_DEMO_API_URL": self.source_api_url,
@@ -177,7 +180,7 @@ class CeleryDeployment:
             ],
         )
         self._wait_for(api, "source API on", timeout=30)
-        for index in range(1, self.workers + 1):
+        for index in range(1, self.workers + 1 if self.executor == "celery" else 1):
             worker = self._start(
                 f"worker-{index}",
                 [
