@@ -392,6 +392,10 @@ class ResilienceResource(dg.ConfigurableResource):
 
 
 _once_resources: dict[tuple[str, ...], ResilienceResource] = {}
+# The same policy object resolves to the same resource without serialising it again (that cost
+# about as much as the rest of an unguarded call); the entry holds the policy, so its id is not
+# reused while cached.
+_by_policy_object: dict[int, tuple[ServicePolicy, ResilienceResource]] = {}
 
 
 def resolve(
@@ -409,6 +413,9 @@ def resolve(
     if resource is not None:
         return resource
     policy = default_policy or ONCE
+    cached = _by_policy_object.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
     key = (policy.model_dump_json(),)
     found = _once_resources.get(key)
     if found is None:
@@ -419,4 +426,7 @@ def resolve(
         found = _once_resources[key] = ResilienceResource(
             store_url=None if shared else RESOLVED_STORE_URL, default_policy=policy
         )
+    if len(_by_policy_object) >= 256:  # policies built per call: keep the cache small
+        _by_policy_object.clear()
+    _by_policy_object[id(policy)] = (policy, found)
     return found
