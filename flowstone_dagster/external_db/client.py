@@ -38,7 +38,6 @@ from flowstone_dagster.external_db.adapters import (
     Adapter,
     ColumnInfo,
     SQLiteAdapter,
-    Where,
 )
 from flowstone_dagster.external_db.config import (
     DEFAULT_BUSY_TIMEOUT,
@@ -409,15 +408,15 @@ class ExternalDB:
 
     # -- tables ----------------------------------------------------------------------------------
 
-    def _schema(self, schema: str | None) -> str:
+    def _target(self, schema: str | None, table: str) -> tuple[str, str]:
+        """``(schema, table)`` in the database. SQLite has no schemas: a schema (an asset key
+        prefix) becomes a prefix of the table's name, ``sales__orders`` (as Dagster names the
+        asset's op), so that ``sales/orders`` and ``marketing/orders`` are distinct tables."""
         if isinstance(self.adapter, SQLiteAdapter):
-            if schema not in (None, "main"):
-                raise ConfigurationError(
-                    f"SQLite has no schemas; got {schema!r}: leave it unset (or 'main')",
-                    field="schema",
-                )
-            return "main"
-        return schema or "public"
+            if schema in (None, "main", "public"):
+                return "main", table
+            return "main", f"{schema}__{table}"
+        return schema or "public", table
 
     def load_table(
         self,
@@ -433,16 +432,20 @@ class ExternalDB:
 
         A missing table raises :class:`DatabaseError` with ``sqlstate`` ``42P01``.
         """
-        schema = self._schema(schema)
-        where = _where_of(partition, selection)
+        schema, table = self._target(schema, table)
+        if selection is None and partition is not None:
+            selection = PartitionSelection.of(partition)
         qualified = self.adapter.qualified(schema, table)
         self.adapter.identifier(schema, table)
+        windows = selection is not None and selection.has_windows
 
         def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
-            if isinstance(self.adapter, SQLiteAdapter) and (
-                self.adapter.columns(connection, schema, table) is None
-            ):
-                raise _missing_table(qualified)
+            info = None
+            if isinstance(self.adapter, SQLiteAdapter) or windows:
+                info = self.adapter.columns(connection, schema, table)
+                if info is None:
+                    raise _missing_table(qualified)
+            where = selection.where(_kinds(info)) if selection is not None else None
             return self.adapter.select(connection, schema, table, where)
 
         names, rows = self._run(
@@ -481,7 +484,7 @@ class ExternalDB:
         """
         if mode not in ("replace", "append"):
             raise ConfigurationError("must be 'replace' or 'append'", field="write_mode")
-        schema = self._schema(schema)
+        schema, table = self._target(schema, table)
         if selection is None and partition is not None:
             selection = PartitionSelection.of(partition)
         columns = to_columns(data)
@@ -490,7 +493,6 @@ class ExternalDB:
         self.adapter.identifier(schema, table)
         for name in columns.names:
             self.adapter.identifier(name)
-        where = selection.where() if selection is not None else None
         qualified = self.adapter.qualified(schema, table)
 
         def work(connection: Any) -> TableStoreResult:
@@ -501,7 +503,7 @@ class ExternalDB:
                 qualified=qualified,
                 columns=columns,
                 mode=mode,
-                where=where,
+                selection=selection,
                 create=create,
             )
 
@@ -523,7 +525,7 @@ class ExternalDB:
         qualified: str,
         columns: Columns,
         mode: WriteMode,
-        where: Where | None,
+        selection: PartitionSelection | None,
         create: bool,
     ) -> TableStoreResult:
         adapter = self.adapter
@@ -544,6 +546,12 @@ class ExternalDB:
         else:
             kinds = _fit(existing, columns, qualified, self.service)
             described = [(c.name, c.declared) for c in existing]
+        if selection is None:
+            where = None
+        elif existing is None:
+            where = selection.where(dict(zip(columns.names, kinds, strict=True)))
+        else:
+            where = selection.where(_kinds(existing))
         deleted = adapter.delete(connection, schema, table, where) if mode == "replace" else 0
         sent = adapter.insert(connection, schema, table, columns, kinds) if columns.rows else 0
         return TableStoreResult(qualified, columns.rows, deleted, sent, created, described)
@@ -587,14 +595,8 @@ def _missing_table(table: str, hint: str = "materialize its asset first") -> Dat
     )
 
 
-def _where_of(
-    partition: Mapping[str, Any] | None, selection: PartitionSelection | None
-) -> Where | None:
-    if selection is not None:
-        return selection.where()
-    if partition is not None:
-        return PartitionSelection.of(partition).where()
-    return None
+def _kinds(info: list[ColumnInfo] | None) -> dict[str, Kind | None]:
+    return {column.name: column.kind for column in info or ()}
 
 
 def _query(query: Query, params: Any, partition: Any, field: str) -> tuple[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import dagster as dg
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError
@@ -38,9 +38,10 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
                                                     user="etl", password=dg.EnvVar("PGPASSWORD")))
         ExternalDBIOManager(database=SQLiteConfig(path="/data/warehouse.sqlite3"))
 
-    The table is the asset key's last part, in the schema named by the key's prefix (the part
-    before the last), else ``schema``, else ``public`` (SQLite: no schemas). Asset definition
-    metadata overrides: ``table``, ``schema``, ``partition_expr`` (the column holding the
+    The table is the asset key's last part, in the schema named by metadata ``schema``, else
+    the ``schema`` field, else the key's prefix (the part before the last), else ``public``
+    (SQLite has no schemas: the schema prefixes the table's name, ``sales__orders``). Asset
+    definition metadata overrides: ``table``, ``schema``, ``partition_expr`` (the column holding the
     partition; for multi-partitions ``{dimension: column}``) and ``write_mode``.
 
     Output metadata (one key per fact; the table is in ``docs/external_db.md``):
@@ -59,8 +60,8 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
     schema_: str | None = Field(
         default=None,
         alias="schema",
-        description="PostgreSQL schema of tables whose asset key has no prefix (default "
-        "public); created when missing. SQLite: leave unset.",
+        description="Schema of tables without metadata `schema` (before the asset key's "
+        "prefix; default public); created when missing. SQLite: a prefix of the table name.",
     )
     write_mode: WriteMode = Field(
         default="replace",
@@ -93,12 +94,6 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
 
     _db: ExternalDB | None = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _sqlite_has_no_schemas(self) -> ExternalDBIOManager:
-        if self.database.kind == "sqlite" and self.schema_ not in (None, "main"):
-            raise ValueError("schema: SQLite has no schemas; leave it unset")
-        return self
-
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._db is not None:
             self._db.close()
@@ -119,7 +114,7 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
     def _table(self, asset_key: dg.AssetKey, metadata: Mapping[str, Any]) -> tuple[str | None, str]:
         table = metadata.get("table") or asset_key.path[-1]
         schema = metadata.get("schema") or self.schema_
-        if schema is None and len(asset_key.path) > 1 and self.database.kind == "postgres":
+        if schema is None and len(asset_key.path) > 1:
             schema = asset_key.path[-2]
         for field, value in (("table", table), ("schema", schema)):
             if value is not None and not isinstance(value, str):

@@ -46,14 +46,38 @@ class DimensionValue:
     key: Any = None
     start: dt.datetime | dt.date | None = None
     end: dt.datetime | dt.date | None = None
+    #: The partitions definition's time zone, for whole-day windows (held as dates).
+    zone: dt.tzinfo | None = None
 
     @property
     def is_window(self) -> bool:
         return self.start is not None
 
-    def conditions(self) -> list[Condition]:
+    def bounds(self, kind: Kind | None) -> tuple[Any, Any]:
+        """The window's bounds as values comparable with a column of ``kind``.
+
+        A ``timestamp`` column (no time zone) holds wall-clock times: the bounds are the
+        window's wall-clock times in the partitions definition's time zone, without the zone
+        (binding the aware bounds would make the database compare them as UTC, or as the
+        session's zone). A ``timestamptz`` column gets the instants; a ``date`` column dates.
+        """
+        start, end = self.start, self.end
+        if kind == "timestamp":
+            return _wall_clock(start), _wall_clock(end)
+        if kind == "timestamptz":
+            return _instant(start, self.tz), _instant(end, self.tz)
+        if kind == "date" and isinstance(start, dt.datetime) and isinstance(end, dt.datetime):
+            return start.date(), end.date()
+        return start, end
+
+    @property
+    def tz(self) -> dt.tzinfo | None:
+        return self.start.tzinfo if isinstance(self.start, dt.datetime) else self.zone
+
+    def conditions(self, kind: Kind | None = None) -> list[Condition]:
         if self.is_window:
-            return [Condition(self.column, ">=", self.start), Condition(self.column, "<", self.end)]
+            start, end = self.bounds(kind)
+            return [Condition(self.column, ">=", start), Condition(self.column, "<", end)]
         return [Condition(self.column, "=", self.key)]
 
     def describe(self) -> str:
@@ -84,13 +108,24 @@ class PartitionSelection:
         columns = [_check_column(column, "partition") for column in values]
         return cls([[DimensionValue(c, key=values[c]) for c in columns]], True, columns)
 
-    def where(self) -> Where:
+    @property
+    def has_windows(self) -> bool:
+        return any(value.is_window for alternative in self.alternatives for value in alternative)
+
+    def where(self, kinds: Mapping[str, Kind | None] | None = None) -> Where:
+        """The row filter; ``kinds`` are the table's column kinds (time-window bounds are
+        bound as the column's type: see :meth:`DimensionValue.bounds`)."""
+        kinds = kinds or {}
         if len(self.alternatives) > 1 and len(self.columns) == 1:
             values = [alternative[0] for alternative in self.alternatives]
             if all(not value.is_window for value in values):  # one dimension, several keys
                 return [[Condition(self.columns[0], "in", tuple(v.key for v in values))]]
         return [
-            [condition for value in alternative for condition in value.conditions()]
+            [
+                condition
+                for value in alternative
+                for condition in value.conditions(kinds.get(value.column))
+            ]
             for alternative in self.alternatives
         ]
 
@@ -144,6 +179,22 @@ class PartitionSelection:
                 )
 
 
+def _wall_clock(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=None)
+    if isinstance(value, dt.date):
+        return dt.datetime.combine(value, dt.time())
+    return value
+
+
+def _instant(value: Any, tz: dt.tzinfo | None) -> Any:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, dt.date):  # whole days: midnight in the partitions' time zone
+        return dt.datetime.combine(value, dt.time(), tz or dt.UTC)
+    return value
+
+
 def _kind_of_fill(value: Any) -> Kind | None:
     return infer_kind("partition", [value])
 
@@ -182,7 +233,9 @@ def _in_window(value: Any, window: DimensionValue) -> bool:
             value = value.replace(tzinfo=tz)
         return bool(start <= value < end)
     if isinstance(value, dt.datetime):
-        value = value.date() if value.tzinfo is None else value.astimezone(dt.UTC).date()
+        value = (
+            value.date() if value.tzinfo is None else value.astimezone(window.zone or dt.UTC).date()
+        )
     return bool(start <= value < end)
 
 
@@ -203,7 +256,9 @@ def _window_value(
 ) -> DimensionValue:
     whole_days = "%H" not in definition.fmt and window.start.time() == dt.time()
     if whole_days:
-        return DimensionValue(column, start=window.start.date(), end=window.end.date())
+        return DimensionValue(
+            column, start=window.start.date(), end=window.end.date(), zone=window.start.tzinfo
+        )
     return DimensionValue(column, start=window.start, end=window.end)
 
 

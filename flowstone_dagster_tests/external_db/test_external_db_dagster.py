@@ -211,7 +211,6 @@ def test_static_and_multi_partitions_on_sqlite(
             lambda: ExternalDBIOManager(database=SQLiteConfig(path="x.db"), statement_timeout=0),
             "statement_timeout",
         ),
-        (lambda: ExternalDBIOManager(database=SQLiteConfig(path="x.db"), schema="raw"), "schema"),
     ],
 )
 def test_bad_configuration_fails_when_built_naming_the_field(
