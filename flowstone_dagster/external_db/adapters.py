@@ -365,7 +365,9 @@ class PostgresAdapter:
             parts = []
             for condition in conditions:
                 column = self.identifier(condition.column)
-                if condition.op == "in":
+                if condition.op == "in" and not condition.value:
+                    parts.append(sql.SQL("FALSE"))  # IN of no keys: no row
+                elif condition.op == "in":
                     parts.append(sql.SQL("{} IN %s").format(column))
                     params.append(tuple(condition.value))
                 else:
@@ -406,11 +408,23 @@ class PostgresAdapter:
         return source.sent
 
     def select(
-        self, connection: Any, schema: str, table: str, where: Where | None
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        columns: Sequence[str] | None = None,
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """The rows of ``table`` matching ``where``: all columns, or ``columns`` in order."""
+        sql = self._sql
         clause, params = self._where(where)
+        projection = (
+            sql.SQL(", ").join(self.identifier(name) for name in columns)
+            if columns
+            else sql.SQL("*")
+        )
         statement = (
-            self._sql.SQL("SELECT * FROM {}").format(self.identifier(schema, table)) + clause
+            sql.SQL("SELECT {} FROM {}").format(projection, self.identifier(schema, table)) + clause
         )
         return self.query(connection, statement, params)
 
@@ -623,7 +637,9 @@ class SQLiteAdapter:
             parts = []
             for condition in conditions:
                 column = quote_sqlite(condition.column)
-                if condition.op == "in":
+                if condition.op == "in" and not condition.value:
+                    parts.append("0")  # IN of no keys: no row
+                elif condition.op == "in":
                     values = [sqlite_param(v) for v in condition.value]
                     parts.append(f"{column} IN ({', '.join('?' * len(values))})")
                     params.extend(values)
@@ -634,18 +650,22 @@ class SQLiteAdapter:
         return " WHERE " + " OR ".join(alternatives), params
 
     def _check_columns(
-        self, info: list[ColumnInfo] | None, table: str, where: Where | None
+        self,
+        info: list[ColumnInfo] | None,
+        table: str,
+        where: Where | None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         # SQLite reads a double-quoted name that is not a column as a string literal (a legacy
-        # quirk), so a filter on a missing column would silently match nothing: refuse it.
+        # quirk), so a filter on (or a selection of) a missing column would silently match
+        # nothing, or load the name as a value: refuse it.
         known = {column.name for column in info or ()}
-        for conditions in where or ():
-            for condition in conditions:
-                if condition.column not in known:
-                    raise DatabaseError(
-                        f"{self.where}: no such column {condition.column!r} in table {table}",
-                        table=table,
-                    )
+        named = [c.column for conditions in where or () for c in conditions]
+        for name in [*named, *(columns or ())]:
+            if name not in known:
+                raise DatabaseError(
+                    f"{self.where}: no such column {name!r} in table {table}", table=table
+                )
 
     def delete(self, connection: Any, schema: str, table: str, where: Where | None) -> int:
         self._check_columns(self.columns(connection, schema, table), table, where)
@@ -671,13 +691,22 @@ class SQLiteAdapter:
         return payload_size(values)
 
     def select(
-        self, connection: Any, schema: str, table: str, where: Where | None
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        columns: Sequence[str] | None = None,
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """The rows of ``table`` matching ``where``: all columns, or ``columns`` in order."""
         info = self.columns(connection, schema, table) or []
-        self._check_columns(info, table, where)
+        self._check_columns(info, table, where, columns)
         clause, params = self._where(where)
+        projection = ", ".join(map(quote_sqlite, columns)) if columns else "*"
         names, rows = self.query(
-            connection, f"SELECT * FROM {self.identifier(schema, table)}{clause}", params
+            connection,
+            f"SELECT {projection} FROM {self.identifier(schema, table)}{clause}",
+            params,
         )
         kinds = {column.name: column.kind for column in info}
         if not rows or not any(kinds.get(name) for name in names):

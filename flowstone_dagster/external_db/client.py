@@ -418,6 +418,11 @@ class ExternalDB:
             return "main", f"{schema}__{table}"
         return schema or "public", table
 
+    def qualified(self, schema: str | None, table: str) -> str:
+        """The table's name as the database shows it: ``schema.table`` on PostgreSQL, the
+        table on SQLite (``schema__table`` for a schema other than ``main``/``public``)."""
+        return self.adapter.qualified(*self._target(schema, table))
+
     def load_table(
         self,
         table: str,
@@ -425,10 +430,12 @@ class ExternalDB:
         schema: str | None = None,
         partition: Mapping[str, Any] | None = None,
         selection: PartitionSelection | None = None,
+        columns: Sequence[str] | None = None,
         as_dataframe: bool = False,
     ) -> Any:
         """The rows of ``table`` (all, or those equal to ``partition``, e.g. ``{"day": day}``,
-        or of a Dagster ``selection``), as a list of dicts or a DataFrame.
+        or of a Dagster ``selection``), as a list of dicts or a DataFrame; all columns, or
+        ``columns`` in that order.
 
         A missing table raises :class:`DatabaseError` with ``sqlstate`` ``42P01``.
         """
@@ -436,7 +443,7 @@ class ExternalDB:
         if selection is None and partition is not None:
             selection = PartitionSelection.of(partition)
         qualified = self.adapter.qualified(schema, table)
-        self.adapter.identifier(schema, table)
+        self.adapter.identifier(schema, table, *(columns or ()))
         windows = selection is not None and selection.has_windows
 
         def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -446,7 +453,7 @@ class ExternalDB:
                 if info is None:
                     raise _missing_table(qualified)
             where = selection.where(_kinds(info)) if selection is not None else None
-            return self.adapter.select(connection, schema, table, where)
+            return self.adapter.select(connection, schema, table, where, columns)
 
         names, rows = self._run(
             "flowstone.db.load",

@@ -48,6 +48,8 @@ class DimensionValue:
     end: dt.datetime | dt.date | None = None
     #: The partitions definition's time zone, for whole-day windows (held as dates).
     zone: dt.tzinfo | None = None
+    #: Several keys (a range of static partitions): ``column IN keys``; empty matches nothing.
+    keys: tuple[Any, ...] | None = None
 
     @property
     def is_window(self) -> bool:
@@ -78,12 +80,24 @@ class DimensionValue:
         if self.is_window:
             start, end = self.bounds(kind)
             return [Condition(self.column, ">=", start), Condition(self.column, "<", end)]
+        if self.keys is not None:
+            return [Condition(self.column, "in", self.keys)]
         return [Condition(self.column, "=", self.key)]
 
     def describe(self) -> str:
         if self.is_window:
             return f"{self.column} >= {self.start} AND {self.column} < {self.end}"
+        if self.keys is not None:
+            shown = ", ".join(map(str, self.keys[:5])) + (", ..." if len(self.keys) > 5 else "")
+            return f"{self.column} IN ({shown})"
         return f"{self.column} = {self.key}"
+
+    def matches(self, value: Any) -> bool:
+        if self.is_window:
+            return isinstance(value, (dt.date, dt.datetime)) and _in_window(value, self)
+        if self.keys is not None:
+            return value in self.keys or str(value) in map(str, self.keys)
+        return bool(value == self.key or str(value) == str(self.key))
 
 
 @dataclass
@@ -107,6 +121,14 @@ class PartitionSelection:
             raise ConfigurationError("must name at least one column", field="partition")
         columns = [_check_column(column, "partition") for column in values]
         return cls([[DimensionValue(c, key=values[c]) for c in columns]], True, columns)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether the selection matches no row (a dimension with no key: an input whose
+        partition mapping maps to no upstream partition)."""
+        return all(
+            any(value.keys == () for value in alternative) for alternative in self.alternatives
+        )
 
     @property
     def has_windows(self) -> bool:
@@ -240,15 +262,10 @@ def _in_window(value: Any, window: DimensionValue) -> bool:
 
 
 def _matches(combo: tuple[Any, ...], alternative: Sequence[DimensionValue]) -> bool:
-    for value, dimension in zip(combo, alternative, strict=True):
-        if value is None:
-            return False
-        if dimension.is_window:
-            if not isinstance(value, (dt.date, dt.datetime)) or not _in_window(value, dimension):
-                return False
-        elif value != dimension.key and str(value) != str(dimension.key):
-            return False
-    return True
+    return all(
+        value is not None and dimension.matches(value)
+        for value, dimension in zip(combo, alternative, strict=True)
+    )
 
 
 def _window_value(
@@ -268,6 +285,61 @@ def _check_column(value: Any, field_name: str) -> str:
             f"must be a column name (a non-empty string), got {value!r}", field=field_name
         )
     return value
+
+
+def _window_of(column: str, window: dg.TimeWindow) -> DimensionValue:
+    whole_days = window.start.time() == dt.time() and window.end.time() == dt.time()
+    if whole_days:
+        return DimensionValue(
+            column, start=window.start.date(), end=window.end.date(), zone=window.start.tzinfo
+        )
+    return DimensionValue(column, start=window.start, end=window.end)
+
+
+def selection_of_dimensions(
+    dimensions: Sequence[tuple[str, dg.TimeWindow | Sequence[str]]], *, single: bool
+) -> PartitionSelection:
+    """The rows of Dagster's table slice: one condition per dimension, ANDed (a time window,
+    or the keys of a range of static partitions), so that any range of a multi-partitioned
+    asset is one short filter however many keys it holds. ``single``: one partition is being
+    stored (its missing partition columns can be filled in)."""
+    values: list[DimensionValue] = []
+    for column, partitions in dimensions:
+        if isinstance(partitions, dg.TimeWindow):
+            values.append(_window_of(column, partitions))
+        elif len(partitions) == 1:
+            values.append(DimensionValue(column, key=partitions[0]))
+        else:
+            values.append(DimensionValue(column, keys=tuple(partitions)))
+    return PartitionSelection([values], single, [column for column, _ in dimensions])
+
+
+def check_partition_expr(context: dg.InputContext | dg.OutputContext, partition_expr: Any) -> None:
+    """A clear ``ConfigurationError`` when a partitioned asset's ``partition_expr`` is missing
+    or does not fit its partitions (one entry per dimension of a multi-partitioned asset)."""
+    if not context.has_asset_partitions:
+        return
+    asset = context.asset_key.to_user_string()
+    if partition_expr is None:
+        raise ConfigurationError(
+            f"asset {asset} is partitioned: set its metadata partition_expr to the column that "
+            'holds the partition (e.g. metadata={"partition_expr": "day"})',
+            field="partition_expr",
+        )
+    definition = context.asset_partitions_def
+    if isinstance(definition, dg.MultiPartitionsDefinition):
+        dimensions = [d.name for d in definition.partitions_defs]
+        if not isinstance(partition_expr, Mapping) or set(partition_expr) != set(dimensions):
+            raise ConfigurationError(
+                f"asset {asset} is multi-partitioned: partition_expr must map each dimension "
+                f"({', '.join(dimensions)}) to its column, e.g. "
+                f"{dict(zip(dimensions, dimensions, strict=True))}; got {partition_expr!r}",
+                field="partition_expr",
+            )
+        for dimension in dimensions:
+            _check_column(partition_expr[dimension], f"partition_expr.{dimension}")
+    else:
+        _check_column(partition_expr, "partition_expr")
 
 
 def select_partitions(
