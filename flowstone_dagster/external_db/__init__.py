@@ -15,6 +15,7 @@ from flowstone_dagster.external_db.config import PostgresConfig, SQLiteConfig
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
+    InvalidValue,
     SchemaMismatch,
 )
 from flowstone_dagster.external_db.io_manager import ExternalDBIOManager
@@ -24,6 +25,7 @@ __all__ = [
     "DatabaseError",
     "ExternalDB",
     "ExternalDBIOManager",
+    "InvalidValue",
     "PostgresConfig",
     "SQLiteConfig",
     "SchemaMismatch",

@@ -32,6 +32,7 @@ from flowstone_dagster.errors import CallTimeout, FlowstoneError, TransportError
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
+    InvalidValue,
 )
 from flowstone_dagster.external_db.types import (
     POSTGRES_TYPES,
@@ -41,6 +42,7 @@ from flowstone_dagster.external_db.types import (
     copy_text,
     decode_sqlite_column,
     gc_paused,
+    invalid_value,
     kind_of_postgres_type,
     kind_of_sqlite_type,
     payload_size,
@@ -268,6 +270,15 @@ class PostgresAdapter:
             )
         if self.is_disconnect(exc, connection):
             return TransportError(f"connection to {self.where} lost{on}: {message}")
+        if code and code.startswith("22"):
+            place = re.search(r"COPY [^,]+, line (\d+)(?:, column ([^:]+))?", diag.context or "")
+            return InvalidValue(
+                f"invalid value{on}: {message}; nothing was written (the transaction was "
+                "rolled back)",
+                table=table,
+                column=place.group(2) if place else None,
+                row=int(place.group(1)) if place else None,
+            )
         if code and code.startswith("23"):
             line = re.search(r"COPY [^,]+, line (\d+)", diag.context or "")
             return ConstraintViolation(
@@ -355,11 +366,13 @@ class PostgresAdapter:
                 )
             )
 
-    def _where(self, where: Where | None) -> tuple[Any, list[Any]]:
+    def _where(self, where: Where | None) -> Any:
+        """The ``WHERE`` clause, values as ``sql.Literal`` (psycopg2 quotes them exactly as it
+        binds parameters, which it also does client-side). No ``%s`` placeholders: psycopg2
+        would read a ``%`` inside a quoted identifier (a table named ``100% sales``) as one."""
         sql = self._sql
         if not where:
-            return sql.SQL(""), []
-        params: list[Any] = []
+            return sql.SQL("")
         alternatives = []
         for conditions in where:
             parts = []
@@ -368,20 +381,25 @@ class PostgresAdapter:
                 if condition.op == "in" and not condition.value:
                     parts.append(sql.SQL("FALSE"))  # IN of no keys: no row
                 elif condition.op == "in":
-                    parts.append(sql.SQL("{} IN %s").format(column))
-                    params.append(tuple(condition.value))
+                    parts.append(
+                        sql.SQL("{} IN ({})").format(
+                            column, sql.SQL(", ").join(map(sql.Literal, condition.value))
+                        )
+                    )
                 else:
-                    parts.append(sql.SQL("{} " + condition.op + " %s").format(column))
-                    params.append(condition.value)
+                    parts.append(
+                        sql.SQL("{} " + condition.op + " {}").format(
+                            column, sql.Literal(condition.value)
+                        )
+                    )
             alternatives.append(sql.SQL("(") + sql.SQL(" AND ").join(parts) + sql.SQL(")"))
-        return sql.SQL(" WHERE ") + sql.SQL(" OR ").join(alternatives), params
+        return sql.SQL(" WHERE ") + sql.SQL(" OR ").join(alternatives)
 
     def delete(self, connection: Any, schema: str, table: str, where: Where | None) -> int:
-        clause, params = self._where(where)
+        clause = self._where(where)
         with connection.cursor() as cursor:
             cursor.execute(
-                self._sql.SQL("DELETE FROM {}").format(self.identifier(schema, table)) + clause,
-                params,
+                self._sql.SQL("DELETE FROM {}").format(self.identifier(schema, table)) + clause
             )
             return int(cursor.rowcount)
 
@@ -405,6 +423,9 @@ class PostgresAdapter:
         )
         with connection.cursor() as cursor:
             cursor.copy_expert(statement, source, size=1 << 18)
+        if source.error is not None:
+            # The stream was ended early (see _CopySource); the caller rolls back.
+            raise invalid_value(columns, kinds, postgres=True) or source.error
         return source.sent
 
     def select(
@@ -417,7 +438,7 @@ class PostgresAdapter:
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """The rows of ``table`` matching ``where``: all columns, or ``columns`` in order."""
         sql = self._sql
-        clause, params = self._where(where)
+        clause = self._where(where)
         projection = (
             sql.SQL(", ").join(self.identifier(name) for name in columns)
             if columns
@@ -426,7 +447,7 @@ class PostgresAdapter:
         statement = (
             sql.SQL("SELECT {} FROM {}").format(projection, self.identifier(schema, table)) + clause
         )
-        return self.query(connection, statement, params)
+        return self.query(connection, statement)
 
     def query(
         self, connection: Any, statement: Any, params: Any = None
@@ -471,13 +492,23 @@ class _CopySource(io.RawIOBase):
         self._chunks = iter(chunks)
         self._buffer = b""
         self.sent = 0
+        self.error: Exception | None = None
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, None)
+        while self.error is None and (size < 0 or len(self._buffer) < size):
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                # Encoding a chunk failed (a value PostgreSQL cannot hold). Raising here would
+                # make psycopg2 abort the COPY, which the server reports as a cancelled
+                # statement (57014, read as a timeout): end the stream instead, and let the
+                # caller raise the error and roll the transaction back.
+                self.error = exc
+                self._buffer = b""
+                break
             if chunk is None:
                 break
             self._buffer += chunk
@@ -683,11 +714,14 @@ class SQLiteAdapter:
     ) -> int:
         names = ", ".join(quote_sqlite(name) for name in columns.names)
         marks = ", ".join("?" * len(columns.names))
-        values = sqlite_values(columns, kinds)
-        connection.executemany(
-            f"INSERT INTO {self.identifier(schema, table)} ({names}) VALUES ({marks})",
-            zip(*values, strict=True),
-        )
+        try:
+            values = sqlite_values(columns, kinds)
+            connection.executemany(
+                f"INSERT INTO {self.identifier(schema, table)} ({names}) VALUES ({marks})",
+                zip(*values, strict=True),
+            )
+        except (ValueError, UnicodeError, OverflowError) as exc:
+            raise invalid_value(columns, kinds, postgres=False) or exc from None
         return payload_size(values)
 
     def select(

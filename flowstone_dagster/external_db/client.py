@@ -23,6 +23,7 @@ data that does not fit it is a :class:`SchemaMismatch` before anything is writte
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -106,7 +107,15 @@ def _shape_rows(names: list[str], rows: list[tuple[Any, ...]], as_dataframe: boo
         pandas = require_pandas()
         if not rows:
             return pandas.DataFrame(columns=names)
-        return pandas.DataFrame.from_records(rows, columns=names)
+        frame = pandas.DataFrame.from_records(rows, columns=names)
+        for position, name in enumerate(names):
+            # pandas turns integers with a NULL into float64, which changes values past 2**53:
+            # such columns load as the nullable Int64 instead.
+            if frame.dtypes.iloc[position].kind == "f" and frame.iloc[:, position].hasnans:
+                values = list(map(operator.itemgetter(position), rows))
+                if set(map(type, values)) == {int, type(None)}:
+                    frame[name] = pandas.array(values, dtype="Int64")
+        return frame
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
@@ -582,6 +591,29 @@ def _fit(
                 found=kind,
                 service=service,
             )
+        if column.kind == "integer" and kind == "float":
+            # A pandas integer column with a missing value arrives as float64: whole numbers
+            # fit the integer column, anything else is a mismatch naming the value.
+            position = columns.names.index(name)
+            values = columns.values[position]
+            fraction = next(
+                (v for v in values if v is not None and not float(v).is_integer()), None
+            )
+            if fraction is None:
+                columns.values[position] = [None if v is None else int(v) for v in values]
+                columns.kinds[position] = "integer"
+                kinds.append(column.kind)
+                continue
+            else:
+                raise SchemaMismatch(
+                    f"column {name!r} of {table} is {column.declared}, but the data holds "
+                    f"{fraction!r}, not a whole number; round the data, or migrate the column",
+                    table=table,
+                    column=name,
+                    expected=column.declared,
+                    found=kind,
+                    service=service,
+                )
         if not accepts(column.kind, kind):
             raise SchemaMismatch(
                 f"column {name!r} of {table} is {column.declared}, but the data holds {kind} "

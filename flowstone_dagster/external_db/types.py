@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flowstone_dagster.external_db.errors import InvalidValue
 from flowstone_dagster.formats import gc_paused, is_dataframe, json_default
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "decode_sqlite_column",
     "gc_paused",
     "infer_kind",
+    "invalid_value",
     "kind_of_postgres_type",
     "kind_of_sqlite_type",
     "payload_size",
@@ -427,9 +429,11 @@ def copy_text(columns: Columns, kinds: Sequence[Kind | None], start: int, stop: 
             escaped = _escape_all(texts)
             if escaped is None:
                 row = start + next(i for i, v in enumerate(chunk) if "\x00" in str(v or ""))
-                raise ValueError(
+                raise InvalidValue(
                     f"column {name!r}, row {row + 1}: PostgreSQL text cannot contain NUL "
-                    "(\\x00) characters; remove them or store the value as bytes"
+                    "(\\x00) characters; remove them or store the value as bytes",
+                    column=name,
+                    row=row + 1,
                 )
             texts = escaped
         else:
@@ -441,6 +445,53 @@ def copy_text(columns: Columns, kinds: Sequence[Kind | None], start: int, stop: 
     if not encoded:
         return ""
     return "\n".join(map("\t".join, zip(*encoded, strict=True))) + "\n"
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _why_invalid(value: Any, kind: Kind | None, postgres: bool) -> str | None:
+    """Why the database cannot hold ``value`` (``None``: it can)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if postgres and "\x00" in value:
+            return "PostgreSQL text cannot contain NUL (\\x00) characters"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "the text holds a lone surrogate, which is not valid UTF-8"
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value not in _INT64 and (kind == "integer" or not postgres):
+            return f"{value} is out of range for a 64-bit integer"
+        return None
+    if isinstance(value, (dict, list)):
+        try:
+            _to_json(value).encode("utf-8")
+        except ValueError:
+            return "JSON cannot hold NaN or infinite floats"
+        except TypeError as exc:
+            return f"cannot be written as JSON ({exc})"
+    return None
+
+
+def invalid_value(
+    columns: Columns, kinds: Sequence[Kind | None], *, postgres: bool
+) -> InvalidValue | None:
+    """The first value of ``columns`` the database cannot hold, as an :class:`InvalidValue`
+    naming its column and row (``None`` when every value can be stored). Called after an
+    encoding or binding failure, to say where it is."""
+    for name, values, kind in zip(columns.names, columns.values, kinds, strict=True):
+        for row, value in enumerate(values):
+            reason = _why_invalid(value, kind, postgres)
+            if reason is not None:
+                return InvalidValue(
+                    f"column {name!r}, row {row + 1}: {reason}; nothing was written",
+                    column=name,
+                    row=row + 1,
+                )
+    return None
 
 
 def _sqlite_timestamptz(value: Any) -> str:

@@ -21,6 +21,7 @@ from flowstone_dagster.external_db import ExternalDB, PostgresConfig, SQLiteConf
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
+    InvalidValue,
     SchemaMismatch,
 )
 from flowstone_dagster_tests.support.postgres import PostgresCluster
@@ -415,3 +416,62 @@ def test_default_service_names_the_database_server(tmp_path: Path) -> None:
     assert sqlite.service == f"db:sqlite:{tmp_path / 'warehouse.sqlite3'}"
     named = ExternalDB.sqlite(tmp_path / "warehouse.sqlite3", service="warehouse")
     assert named.service == "warehouse"
+
+
+# -- values that must fail clearly, or round-trip unchanged --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "reason"),
+    [
+        pytest.param("ok", "a\x00b", "NUL", id="nul-in-text"),
+        pytest.param({"x": 1}, {"x": float("nan")}, "NaN", id="nan-in-json"),
+        pytest.param("ok", "lone \ud800 surrogate", "surrogate", id="lone-surrogate"),
+        pytest.param(5, 2**64, "out of range", id="int-beyond-64-bits"),
+    ],
+)
+def test_a_bad_value_is_a_data_error_naming_column_and_row(
+    target: Target, good: Any, bad: Any, reason: str
+) -> None:
+    target.db.store_table("kept", [{"v": 7, "w": good}])
+    rows: list[dict[str, Any]] = [{"v": 1, "w": good}] * 25_000 + [{"v": 2, "w": bad}]
+    if target.name == "sqlite" and bad == "a\x00b":  # SQLite text holds NUL
+        target.db.store_table("kept", rows)
+        assert target.db.load_table("kept")[-1] == {"v": 2, "w": bad}
+        return
+    with pytest.raises(InvalidValue) as raised:
+        target.db.store_table("kept", rows)
+    error = raised.value
+    assert (error.column, error.row) == ("w", 25_001)
+    assert reason in str(error)
+    assert not is_retryable(error)
+    assert target.db.load_table("kept") == [{"v": 7, "w": good}]
+
+
+def test_percent_and_other_characters_in_identifiers(target: Target) -> None:
+    table, column = "100% of % sales", "share %s %(x)s"
+    selection = {"day %": DAY}
+    target.db.store_table(table, [{column: 1}], partition=selection)
+    target.db.store_table(table, [{column: 2}], partition=selection)
+    assert target.db.load_table(table, partition=selection) == [{column: 2, "day %": DAY}]
+    target.db.store_table(table, [{column: 3, "day %": DAY}])  # replace all, no WHERE
+    assert target.db.load_table(table) == [{column: 3, "day %": DAY}]
+
+
+def test_nullable_integers_stay_integers_in_dataframes(target: Target) -> None:
+    big = 2**53 + 1
+    frame = pd.DataFrame({"n": pd.array([big, None], dtype="Int64")})
+    target.db.store_table("nullable", frame)
+    loaded = target.db.load_table("nullable", as_dataframe=True)
+    assert str(loaded["n"].dtype) == "Int64"
+    assert loaded["n"].tolist()[0] == big
+    assert loaded["n"].isna().tolist() == [False, True]
+
+
+def test_a_float_column_of_whole_numbers_fits_an_integer_column(target: Target) -> None:
+    target.db.store_table("counts", pd.DataFrame({"n": [1, 2]}))  # bigint / INTEGER
+    frame = pd.DataFrame({"n": [3, None]})  # pandas makes this float64 with NaN
+    target.db.store_table("counts", frame)
+    assert [row["n"] for row in target.db.load_table("counts")] == [3, None]
+    with pytest.raises(SchemaMismatch, match=r"1\.5"):
+        target.db.store_table("counts", pd.DataFrame({"n": [1.5]}))
