@@ -330,14 +330,30 @@ class PostgresAdapter:
             ColumnInfo(name, kind_of_postgres_type(udt), declared) for name, udt, declared in rows
         ]
 
-    def lock_table(self, connection: Any, schema: str, table: str) -> None:
-        """Serialize stores to one table (until the transaction ends), so that two concurrent
-        replacements of the same partition cannot both insert their rows."""
+    def _advisory(self, connection: Any, function: str, key: str) -> None:
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                (f"flowstone.db:{schema}.{table}",),
-            )
+            cursor.execute(f"SELECT {function}(hashtextextended(%s, 0))", (f"flowstone.db:{key}",))
+
+    def lock_rows(self, connection: Any, schema: str, table: str, partition: str | None) -> None:
+        """Lock what a store replaces until the transaction ends, so that two concurrent
+        replacements of the same rows cannot both insert theirs.
+
+        ``partition`` (one partition's filter): that partition only, plus a shared lock on the
+        table, so that stores of *different* partitions of one table run at the same time.
+        ``None`` (a range of partitions, the whole table, an append): the table, exclusively.
+        """
+        qualified = f"{schema}.{table}"
+        if partition is None:
+            self._advisory(connection, "pg_advisory_xact_lock", qualified)
+            return
+        self._advisory(connection, "pg_advisory_xact_lock_shared", qualified)
+        self._advisory(connection, "pg_advisory_xact_lock", f"{qualified}|{partition}")
+
+    def lock_creation(self, connection: Any, schema: str) -> None:
+        """Serialize the first stores into a schema until the transaction ends: two of them
+        running ``CREATE SCHEMA IF NOT EXISTS`` (or ``CREATE TABLE IF NOT EXISTS``) at once
+        make one fail with a unique violation on the catalog."""
+        self._advisory(connection, "pg_advisory_xact_lock", f"create:{schema}")
 
     def create_table(
         self,
@@ -556,9 +572,16 @@ class SQLiteAdapter:
 
     def connect(self) -> Any:
         try:
-            return sqlite3.connect(
+            connection = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
+            # WAL: readers read the last committed state while a store writes or commits,
+            # instead of waiting up to busy_timeout (the mode is kept by the file). NORMAL
+            # synchronous is WAL's durable-across-crashes setting (a power loss may lose the
+            # last commits, never corrupt the file).
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            return connection
         except sqlite3.Error as exc:
             raise DatabaseError(f"cannot open {self.where}: {exc}; check `path`") from None
 
@@ -639,7 +662,10 @@ class SQLiteAdapter:
             ColumnInfo(name, kind_of_sqlite_type(declared), declared) for name, declared in rows
         ]
 
-    def lock_table(self, connection: Any, schema: str, table: str) -> None:
+    def lock_rows(self, connection: Any, schema: str, table: str, partition: str | None) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already holds the database's write lock."""
+
+    def lock_creation(self, connection: Any, schema: str) -> None:
         """Nothing to do: ``BEGIN IMMEDIATE`` already holds the database's write lock."""
 
     def create_table(

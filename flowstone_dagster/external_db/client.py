@@ -545,8 +545,18 @@ class ExternalDB:
         create: bool,
     ) -> TableStoreResult:
         adapter = self.adapter
-        adapter.lock_table(connection, schema, table)
+        one_partition = (
+            selection.describe()
+            if selection is not None and selection.single and mode == "replace"
+            else None
+        )
+        adapter.lock_rows(connection, schema, table, one_partition)
         existing = adapter.columns(connection, schema, table)
+        if existing is None:
+            # Creating the table: wait for any other first store into the schema, then look
+            # again (it may have created the table meanwhile).
+            adapter.lock_creation(connection, schema)
+            existing = adapter.columns(connection, schema, table)
         created = False
         if existing is None:
             if not create:

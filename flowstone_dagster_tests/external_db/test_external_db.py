@@ -475,3 +475,21 @@ def test_a_float_column_of_whole_numbers_fits_an_integer_column(target: Target) 
     assert [row["n"] for row in target.db.load_table("counts")] == [3, None]
     with pytest.raises(SchemaMismatch, match=r"1\.5"):
         target.db.store_table("counts", pd.DataFrame({"n": [1.5]}))
+
+
+def test_sqlite_readers_are_not_blocked_by_a_writer(tmp_path: Path) -> None:
+    """WAL mode: a writer holding the database's exclusive lock (as a store does while it
+    commits) leaves readers reading the last committed rows."""
+    path = tmp_path / "wal.sqlite3"
+    with ExternalDB.sqlite(path, busy_timeout=1) as db:
+        db.store_table("t", [{"a": 1}])
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN EXCLUSIVE")
+            writer.execute('INSERT INTO "t" VALUES (2)')
+            assert db.load_table("t") == [{"a": 1}]
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
