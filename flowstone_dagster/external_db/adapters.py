@@ -74,6 +74,9 @@ class Condition:
     column: str
     op: Literal["=", ">=", "<", "in"]
     value: Any
+    #: ``column`` is a SQL expression the user wrote (Dagster's ``partition_expr``), used as
+    #: it is, not a column name to quote.
+    expression: bool = False
 
 
 #: A row filter: any of the alternatives (OR), each all of its conditions (AND). ``[]`` and
@@ -393,7 +396,11 @@ class PostgresAdapter:
         for conditions in where:
             parts = []
             for condition in conditions:
-                column = self.identifier(condition.column)
+                column = (
+                    sql.SQL("({})").format(sql.SQL(condition.column))
+                    if condition.expression
+                    else self.identifier(condition.column)
+                )
                 if condition.op == "in" and not condition.value:
                     parts.append(sql.SQL("FALSE"))  # IN of no keys: no row
                 elif condition.op == "in":
@@ -693,7 +700,11 @@ class SQLiteAdapter:
         for conditions in where:
             parts = []
             for condition in conditions:
-                column = quote_sqlite(condition.column)
+                column = (
+                    f"({condition.column})"
+                    if condition.expression
+                    else quote_sqlite(condition.column)
+                )
                 if condition.op == "in" and not condition.value:
                     parts.append("0")  # IN of no keys: no row
                 elif condition.op == "in":
@@ -717,7 +728,7 @@ class SQLiteAdapter:
         # quirk), so a filter on (or a selection of) a missing column would silently match
         # nothing, or load the name as a value: refuse it.
         known = {column.name for column in info or ()}
-        named = [c.column for conditions in where or () for c in conditions]
+        named = [c.column for conditions in where or () for c in conditions if not c.expression]
         for name in [*named, *(columns or ())]:
             if name not in known:
                 raise DatabaseError(

@@ -453,11 +453,12 @@ class ExternalDB:
             selection = PartitionSelection.of(partition)
         qualified = self.adapter.qualified(schema, table)
         self.adapter.identifier(schema, table, *(columns or ()))
-        windows = selection is not None and selection.has_windows
 
         def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
             info = None
-            if isinstance(self.adapter, SQLiteAdapter) or windows:
+            # The column types decide how time-window bounds are bound, and whether a
+            # partition_expr is a column or an expression.
+            if isinstance(self.adapter, SQLiteAdapter) or selection is not None:
                 info = self.adapter.columns(connection, schema, table)
                 if info is None:
                     raise _missing_table(qualified)
@@ -484,8 +485,12 @@ class ExternalDB:
         partition: Mapping[str, Any] | None = None,
         selection: PartitionSelection | None = None,
         create: bool = True,
+        declared: Sequence[tuple[str, Kind]] | None = None,
     ) -> TableStoreResult:
         """Store ``data`` (a list of dicts or a DataFrame) in ``table``, in one transaction.
+
+        ``declared`` (column names and kinds) creates the table when ``data`` has no columns
+        (an empty list), so that an empty first output still leaves a table to load from.
 
         ``mode="replace"`` first deletes the rows being replaced: those of ``partition`` (e.g.
         ``{"day": date(2025, 1, 15)}``; missing partition columns are filled in, and every row
@@ -504,6 +509,13 @@ class ExternalDB:
         if selection is None and partition is not None:
             selection = PartitionSelection.of(partition)
         columns = to_columns(data)
+        if not columns.names and declared:
+            columns = Columns(
+                [name for name, _ in declared],
+                [[] for _ in declared],
+                [kind for _, kind in declared],
+                0,
+            )
         if selection is not None:
             selection.apply(columns)
         self.adapter.identifier(schema, table)

@@ -23,11 +23,13 @@ from typing import Any, Literal
 
 import dagster as dg
 
+from flowstone_dagster.errors import ConfigurationError
 from flowstone_dagster.external_db.adapters import UNDEFINED_TABLE
 from flowstone_dagster.external_db.client import ExternalDB, TableStoreResult, WriteMode
 from flowstone_dagster.external_db.dagster_db import DbClient, TableSlice
 from flowstone_dagster.external_db.errors import DatabaseError
 from flowstone_dagster.external_db.partitions import PartitionSelection, selection_of_dimensions
+from flowstone_dagster.external_db.types import POSTGRES_TYPES, Kind, kind_of_declared_type
 
 __all__ = ["ExternalDbClient", "TableSession"]
 
@@ -76,6 +78,7 @@ class TableSession:
             mode=mode if self.replace else "append",
             selection=selection,
             create=self.create_tables,
+            declared=_declared_columns(context),
         )
         return _output_metadata(result, selection, mode)
 
@@ -108,6 +111,26 @@ class TableSession:
                 table=exc.table,
                 service=exc.service,
             ) from None
+
+
+def _declared_columns(context: dg.OutputContext) -> list[tuple[str, Kind]] | None:
+    """The columns of the output's ``dagster/column_schema`` definition metadata, to create
+    the table from when the first output is empty."""
+    value = (context.definition_metadata or {}).get("dagster/column_schema")
+    schema = getattr(value, "schema", value)
+    if not isinstance(schema, dg.TableSchema):
+        return None
+    declared: list[tuple[str, Kind]] = []
+    for column in schema.columns:
+        kind = kind_of_declared_type(column.type)
+        if kind is None:
+            raise ConfigurationError(
+                f"column {column.name!r} has type {column.type!r}, which names no column type "
+                f"(use one of: {', '.join(POSTGRES_TYPES)}, or PostgreSQL's type names)",
+                field="dagster/column_schema",
+            )
+        declared.append((column.name, kind))
+    return declared
 
 
 def _empty(as_dataframe: bool) -> Any:

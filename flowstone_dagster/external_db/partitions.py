@@ -23,6 +23,7 @@ into statements).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,9 @@ class DimensionValue:
         session's zone). A ``timestamptz`` column gets the instants; a ``date`` column dates.
         """
         start, end = self.start, self.end
-        if kind == "timestamp":
+        if kind == "timestamp" or (kind is None and isinstance(start, dt.datetime)):
+            # Also a column of unknown type or an expression: the window's wall-clock times,
+            # as Dagster's database I/O managers compare them.
             return _wall_clock(start), _wall_clock(end)
         if kind == "timestamptz":
             return _instant(start, self.tz), _instant(end, self.tz)
@@ -76,13 +79,17 @@ class DimensionValue:
     def tz(self) -> dt.tzinfo | None:
         return self.start.tzinfo if isinstance(self.start, dt.datetime) else self.zone
 
-    def conditions(self, kind: Kind | None = None) -> list[Condition]:
+    def conditions(self, kind: Kind | None = None, *, expression: bool = False) -> list[Condition]:
+        column = self.column
         if self.is_window:
             start, end = self.bounds(kind)
-            return [Condition(self.column, ">=", start), Condition(self.column, "<", end)]
+            return [
+                Condition(column, ">=", start, expression),
+                Condition(column, "<", end, expression),
+            ]
         if self.keys is not None:
-            return [Condition(self.column, "in", self.keys)]
-        return [Condition(self.column, "=", self.key)]
+            return [Condition(column, "in", self.keys, expression)]
+        return [Condition(column, "=", self.key, expression)]
 
     def describe(self) -> str:
         if self.is_window:
@@ -112,6 +119,12 @@ class PartitionSelection:
     alternatives: list[list[DimensionValue]]
     single: bool
     columns: list[str] = field(default_factory=list)
+    #: Whether a partition column that is neither in the data nor in the table may be a SQL
+    #: expression (Dagster's ``partition_expr``); ``ExternalDB``'s ``partition=`` names columns.
+    expressions: bool = False
+
+    def _is_expression(self, column: str, known: Any) -> bool:
+        return self.expressions and column not in known and is_expression(column)
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> PartitionSelection:
@@ -146,7 +159,10 @@ class PartitionSelection:
             [
                 condition
                 for value in alternative
-                for condition in value.conditions(kinds.get(value.column))
+                for condition in value.conditions(
+                    kinds.get(value.column),
+                    expression=self._is_expression(value.column, kinds),
+                )
             ]
             for alternative in self.alternatives
         ]
@@ -164,6 +180,8 @@ class PartitionSelection:
         """
         for position, column in enumerate(self.columns):
             sample = self.alternatives[0][position]
+            if self._is_expression(column, data.names):
+                continue  # a SQL expression: the database evaluates it, rows are not checked
             if column not in data.names:
                 if not self.single:
                     raise ValueError(
@@ -182,23 +200,39 @@ class PartitionSelection:
     def _check_rows(self, data: Columns) -> None:
         if not data.rows:
             return
-        indexes = [data.names.index(column) for column in self.columns]
+        checked = [p for p, column in enumerate(self.columns) if column in data.names]
+        if not checked:
+            return
+        columns = [self.columns[p] for p in checked]
+        alternatives = [[alternative[p] for p in checked] for alternative in self.alternatives]
+        indexes = [data.names.index(column) for column in columns]
         combos = set(zip(*(data.values[i] for i in indexes), strict=True))
         for combo in combos:
-            if not any(_matches(combo, alternative) for alternative in self.alternatives):
+            if not any(_matches(combo, alternative) for alternative in alternatives):
                 row = next(
                     r
                     for r in range(data.rows)
                     if tuple(data.values[i][r] for i in indexes) == combo
                 )
                 found = ", ".join(
-                    f"{column}={value!s}" for column, value in zip(self.columns, combo, strict=True)
+                    f"{column}={value!s}" for column, value in zip(columns, combo, strict=True)
                 )
                 raise ValueError(
                     f"row {row + 1} ({found}) is outside the partition being stored "
                     f"({self.describe()}); a store replaces exactly its partition's rows, so every "
                     "row must belong to it (or leave the partition column out to have it filled in)"
                 )
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def is_expression(partition_expr: str) -> bool:
+    """Whether ``partition_expr`` is a SQL expression (``CAST(at AS DATE)``) rather than a
+    column name. Only consulted for a name that is not a column of the data or the table: such
+    a name that is a plain identifier is a column to fill in; anything else is SQL the user
+    wrote, used as it is (as in Dagster's database I/O managers)."""
+    return _NAME.fullmatch(partition_expr) is None
 
 
 def _wall_clock(value: Any) -> Any:
@@ -311,7 +345,9 @@ def selection_of_dimensions(
             values.append(DimensionValue(column, key=partitions[0]))
         else:
             values.append(DimensionValue(column, keys=tuple(partitions)))
-    return PartitionSelection([values], single, [column for column, _ in dimensions])
+    return PartitionSelection(
+        [values], single, [column for column, _ in dimensions], expressions=True
+    )
 
 
 def check_partition_expr(context: dg.InputContext | dg.OutputContext, partition_expr: Any) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "gc_paused",
     "infer_kind",
     "invalid_value",
+    "kind_of_declared_type",
     "kind_of_postgres_type",
     "kind_of_sqlite_type",
     "payload_size",
@@ -197,6 +198,8 @@ def accepts(existing: str | None, kind: str | None) -> bool:
     return kind in _ACCEPTS.get(existing, frozenset({existing}))
 
 
+_KIND_NAMES = frozenset(POSTGRES_TYPES)
+
 _POSTGRES_KINDS: dict[str, Kind] = {
     "int2": "integer",
     "int4": "integer",
@@ -219,6 +222,39 @@ _POSTGRES_KINDS: dict[str, Kind] = {
     "jsonb": "json",
     "uuid": "uuid",
 }
+
+
+_DECLARED_KINDS: dict[str, Kind] = {
+    "bigint": "integer",
+    "integer": "integer",
+    "int": "integer",
+    "smallint": "integer",
+    "double precision": "float",
+    "double": "float",
+    "float": "float",
+    "real": "float",
+    "decimal": "numeric",
+    "string": "text",
+    "str": "text",
+    "character varying": "text",
+    "boolean": "boolean",
+    "datetime": "timestamp",
+    "timestamp without time zone": "timestamp",
+    "timestamp with time zone": "timestamptz",
+    "bytes": "bytes",
+    "blob": "bytes",
+}
+
+
+def kind_of_declared_type(type_name: str) -> Kind | None:
+    """The kind of a column type as a user declares it (``dagster/column_schema``): PostgreSQL's
+    names (``bigint``, ``int8``, ``timestamp with time zone``, ``varchar(20)``), this package's
+    kinds (``integer``, ``timestamptz``, ``json``) and common ones (``int``, ``string``,
+    ``float``, ``datetime``); ``None`` when unknown."""
+    name = type_name.strip().lower().split("(", 1)[0].strip()
+    if name in _KIND_NAMES:
+        return name  # type: ignore[return-value]
+    return _DECLARED_KINDS.get(name) or _POSTGRES_KINDS.get(name)
 
 
 def kind_of_postgres_type(udt_name: str) -> Kind | None:

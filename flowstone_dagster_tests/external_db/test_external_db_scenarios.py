@@ -402,3 +402,82 @@ def typed_reader(typed_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_parameterized_list_annotations(backend: Backend) -> None:
     result = backend.materialize([typed_rows, typed_reader])
     assert result.output_for_node("typed_reader") == [{"k": "v"}]
+
+
+# -- empty first outputs -------------------------------------------------------------------------
+
+
+@dg.asset(
+    io_manager_key="db",
+    metadata={
+        "dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn("id", "bigint"), dg.TableColumn("name", "text")]
+        )
+    },
+)
+def nothing_yet() -> list[dict[str, Any]]:
+    return []
+
+
+@dg.asset(io_manager_key="db")
+def empty_frame() -> pd.DataFrame:
+    return pd.DataFrame({"n": pd.Series([], dtype="int64"), "x": pd.Series([], dtype="float")})
+
+
+@dg.asset(io_manager_key="db")
+def reads_empty(nothing_yet: pd.DataFrame, empty_frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"declared": ",".join(nothing_yet.columns), "frame": ",".join(empty_frame.columns)}]
+
+
+def test_an_empty_first_output_creates_the_table(backend: Backend) -> None:
+    result = backend.materialize([nothing_yet, empty_frame, reads_empty])
+    assert result.output_for_node("reads_empty") == [{"declared": "id,name", "frame": "n,x"}]
+    backend.materialize([nothing_yet, empty_frame, reads_empty])  # and again, on the tables
+    if backend.kind == "postgres":
+        types = backend.sql(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name IN ('nothing_yet', 'empty_frame') ORDER BY table_name, column_name"
+        )
+        assert types == [
+            ("n", "bigint"),
+            ("x", "double precision"),
+            ("id", "bigint"),
+            ("name", "text"),
+        ]
+
+
+# -- partition_expr as a SQL expression ----------------------------------------------------------
+
+
+def _expression_assets(expression: str) -> list[Any]:
+    @dg.asset(
+        name="visits",
+        partitions_def=daily,
+        io_manager_key="db",
+        metadata={"partition_expr": expression},
+    )
+    def visits(context: dg.AssetExecutionContext) -> list[dict[str, Any]]:
+        day = dt.datetime.fromisoformat(context.partition_key)
+        return [{"at": day + dt.timedelta(hours=h), "n": h} for h in (1, 13)]
+
+    @dg.asset(
+        name="visits_read",
+        partitions_def=daily,
+        io_manager_key="db",
+        metadata={"partition_expr": "day"},
+    )
+    def visits_read(visits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"rows": len(visits), "columns": ",".join(visits[0])}]
+
+    return [visits, visits_read]
+
+
+def test_partition_expr_may_be_a_sql_expression(backend: Backend) -> None:
+    """As in Dagster's database I/O managers: the expression filters the rows (no column of
+    that name is created), and re-running a partition replaces its rows."""
+    expression = "CAST(at AS DATE)" if backend.kind == "postgres" else "date(at)"
+    assets = _expression_assets(expression)
+    for day in ("2025-01-14", "2025-01-15", "2025-01-15"):
+        result = backend.materialize(assets, partition_key=day)
+        assert result.output_for_node("visits_read") == [{"rows": 2, "columns": "at,n"}]
+    assert backend.sql('SELECT count(*) FROM "visits"') == [(4,)]
