@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
+import logging
 import math
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,8 +61,11 @@ __all__ = [
     "PostgresAdapter",
     "SQLiteAdapter",
     "Where",
+    "is_local_host",
     "quote_sqlite",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Rows per chunk of a COPY stream: bounds the memory of encoding to one chunk's text.
 COPY_CHUNK_ROWS = 20_000
@@ -94,6 +100,41 @@ class ColumnInfo:
     declared: str
 
 
+_unverified_warned: set[tuple[str, int]] = set()
+_unverified_lock = threading.Lock()
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` is this machine: ``localhost``, a loopback address or a Unix socket
+    directory (a path)."""
+    if host.startswith("/") or host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_unverified(host: str, port: int, sslmode: str) -> None:
+    """A WARNING, once per server per process, that the server's certificate is not verified
+    (a server on this machine excepted: nothing is on the network path)."""
+    if is_local_host(host):
+        return
+    with _unverified_lock:
+        if (host, port) in _unverified_warned:
+            return
+        _unverified_warned.add((host, port))
+    logger.warning(
+        "PostgreSQL at %s:%s: TLS certificate verification is off (sslmode=%s): anyone on the "
+        "network path can impersonate the server%s; set sslrootcert (sslmode then defaults to "
+        "verify-full) to verify it",
+        host,
+        port,
+        sslmode,
+        " or read the traffic" if sslmode in ("disable", "allow", "prefer") else "",
+    )
+
+
 def _cut_row(message: str) -> str:
     # PostgreSQL's context "COPY t, line 50001: "<the row's text>"" carries the row's data;
     # keep the line number, drop the data.
@@ -118,7 +159,7 @@ class PostgresAdapter:
         database: str,
         user: str,
         password: str | None,
-        sslmode: str = "prefer",
+        sslmode: str = "require",
         sslrootcert: str | None = None,
         connect_timeout: float = 10.0,
         application_name: str = "flowstone-dagster",
@@ -136,6 +177,8 @@ class PostgresAdapter:
         self._password = password
         self.sslmode = sslmode
         self.sslrootcert = sslrootcert
+        if sslmode not in ("verify-ca", "verify-full"):
+            _warn_unverified(host, port, sslmode)
         self.connect_timeout = connect_timeout
         self.application_name = application_name
 

@@ -46,7 +46,7 @@ from flowstone_dagster.external_db.config import (
     DEFAULT_STATEMENT_TIMEOUT,
     PostgresConfig,
     SQLiteConfig,
-    SSLMode,
+    SSLModeSetting,
 )
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
@@ -185,7 +185,7 @@ class ExternalDB:
         password: str | None = None,
         host: str = "localhost",
         port: int = 5432,
-        sslmode: SSLMode = "prefer",
+        sslmode: SSLModeSetting = "auto",
         sslrootcert: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         **options: Any,

@@ -4,6 +4,7 @@ telemetry."""
 
 import datetime as dt
 import decimal
+import logging
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import CallTimeout, is_retryable
+from flowstone_dagster.errors import CallTimeout, TransportError, is_retryable
 from flowstone_dagster.external_db import ExternalDB, PostgresConfig, SQLiteConfig
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
@@ -493,3 +494,63 @@ def test_sqlite_readers_are_not_blocked_by_a_writer(tmp_path: Path) -> None:
             writer.close()
     with sqlite3.connect(path) as check:
         assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "sslmode", "sslrootcert", "resolved"),
+    [
+        ("db.internal", "auto", None, "require"),
+        ("10.0.0.5", "auto", None, "require"),
+        ("db.internal", "auto", "/etc/ssl/our-ca.pem", "verify-full"),
+        ("localhost", "auto", None, "prefer"),
+        ("127.0.0.1", "auto", None, "prefer"),
+        ("::1", "auto", None, "prefer"),
+        ("/var/run/postgresql", "auto", None, "prefer"),
+        ("db.internal", "prefer", None, "prefer"),  # the documented opt-down
+        ("db.internal", "verify-ca", "/etc/ssl/our-ca.pem", "verify-ca"),
+    ],
+)
+def test_sslmode_defaults_to_an_encrypted_connection_off_this_machine(
+    host: str, sslmode: Any, sslrootcert: str | None, resolved: str
+) -> None:
+    config = PostgresConfig(
+        host=host, database="d", user="u", sslmode=sslmode, sslrootcert=sslrootcert
+    )
+    assert config.adapter().sslmode == resolved
+
+
+def test_unverified_tls_logs_one_warning_per_server(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="flowstone_dagster.external_db.adapters"):
+        for _ in range(2):
+            PostgresConfig(host="warn-once.internal", database="d", user="u").adapter()
+        PostgresConfig(
+            host="verified.internal", database="d", user="u", sslrootcert="/etc/ca.pem"
+        ).adapter()
+        PostgresConfig(host="127.0.0.1", database="d", user="u").adapter()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "warn-once.internal:5432" in messages[0]
+    assert "verification is off (sslmode=require)" in messages[0]
+
+
+@pytest.mark.postgres
+def test_required_tls_against_a_server_without_it_fails_clearly(
+    pg_database: PostgresCluster,
+) -> None:
+    """The test cluster has no TLS: sslmode=require refuses to fall back to plain text."""
+    with (
+        ExternalDB.postgres(
+            host=pg_database.host,
+            port=pg_database.port,
+            database=pg_database.database,
+            user=pg_database.user,
+            password=pg_database.password,
+            sslmode="require",
+        ) as db,
+        pytest.raises(TransportError, match="SSL") as raised,
+    ):
+        db.load("SELECT 1")
+    assert pg_database.password not in str(raised.value)
