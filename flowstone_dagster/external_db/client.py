@@ -38,6 +38,8 @@ from flowstone_dagster.external_db.adapters import (
     UNDEFINED_TABLE,
     Adapter,
     ColumnInfo,
+    CopiedFrame,
+    PostgresAdapter,
     SQLiteAdapter,
 )
 from flowstone_dagster.external_db.config import (
@@ -109,12 +111,17 @@ def _shape_rows(names: list[str], rows: list[tuple[Any, ...]], as_dataframe: boo
             return pandas.DataFrame(columns=names)
         frame = pandas.DataFrame.from_records(rows, columns=names)
         for position, name in enumerate(names):
-            # pandas turns integers with a NULL into float64, which changes values past 2**53:
-            # such columns load as the nullable Int64 instead.
-            if frame.dtypes.iloc[position].kind == "f" and frame.iloc[:, position].hasnans:
+            # pandas turns integers with a NULL into float64, which changes values past 2**53,
+            # and booleans with a NULL into objects: such columns load as the nullable Int64
+            # and boolean dtypes instead (as COPY loads them).
+            kind = frame.dtypes.iloc[position].kind
+            if (kind == "f" and frame.iloc[:, position].hasnans) or kind == "O":
                 values = list(map(operator.itemgetter(position), rows))
-                if set(map(type, values)) == {int, type(None)}:
+                types = set(map(type, values))
+                if types == {int, type(None)}:
                     frame[name] = pandas.array(values, dtype="Int64")
+                elif types == {bool, type(None)}:
+                    frame[name] = pandas.array(values, dtype="boolean")
         return frame
     return [dict(zip(names, row, strict=True)) for row in rows]
 
@@ -454,18 +461,27 @@ class ExternalDB:
         qualified = self.adapter.qualified(schema, table)
         self.adapter.identifier(schema, table, *(columns or ()))
 
-        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+        adapter = self.adapter
+        copy_frames = as_dataframe and isinstance(adapter, PostgresAdapter)
+
+        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]] | CopiedFrame:
             info = None
-            # The column types decide how time-window bounds are bound, and whether a
-            # partition_expr is a column or an expression.
-            if isinstance(self.adapter, SQLiteAdapter) or selection is not None:
-                info = self.adapter.columns(connection, schema, table)
+            # The column types decide how time-window bounds are bound, whether a
+            # partition_expr is a column or an expression, and whether COPY can load a frame.
+            if isinstance(adapter, SQLiteAdapter) or selection is not None or copy_frames:
+                info = adapter.columns(connection, schema, table)
                 if info is None:
                     raise _missing_table(qualified)
             where = selection.where(_kinds(info)) if selection is not None else None
-            return self.adapter.select(connection, schema, table, where, columns)
+            if copy_frames and isinstance(adapter, PostgresAdapter) and info is not None:
+                copied = adapter.copy_frame(
+                    connection, schema, table, where, columns=columns, info=info
+                )
+                if copied is not None:
+                    return copied
+            return adapter.select(connection, schema, table, where, columns)
 
-        names, rows = self._run(
+        result = self._run(
             "flowstone.db.load",
             work,
             _load_measures,
@@ -473,6 +489,9 @@ class ExternalDB:
             idempotent=True,
             table=qualified,
         )
+        if isinstance(result, CopiedFrame):
+            return result.frame
+        names, rows = result
         return _shape(names, rows, as_dataframe)
 
     def store_table(
@@ -675,7 +694,11 @@ def _query(query: Query, params: Any, partition: Any, field: str) -> tuple[str, 
     return query, params
 
 
-def _load_measures(result: tuple[list[str], list[tuple[Any, ...]]]) -> dict[str, Any]:
+def _load_measures(
+    result: tuple[list[str], list[tuple[Any, ...]]] | CopiedFrame,
+) -> dict[str, Any]:
+    if isinstance(result, CopiedFrame):
+        return {"rows": len(result.frame), "bytes": result.size}
     _, rows = result
     if not rows:
         return {"rows": 0, "bytes": 0}

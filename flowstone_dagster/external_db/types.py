@@ -338,7 +338,10 @@ _DTYPE_KINDS: dict[str, Kind] = {"i": "integer", "u": "integer", "f": "float", "
 
 
 def _frame_to_columns(frame: Any) -> tuple[list[str], list[list[Any]], list[Kind | None]]:
-    """A DataFrame's columns as Python values, NaN/NaT/NA as None, and dtype kinds as hints."""
+    """A DataFrame's columns as Python values, NaN/NaT/NA as None, and dtype kinds as hints.
+
+    Numeric, boolean and datetime columns are converted a column at a time (``tolist``,
+    ``to_pydatetime``), not a value at a time."""
     import pandas as pd
 
     names: list[str] = []
@@ -348,17 +351,21 @@ def _frame_to_columns(frame: Any) -> tuple[list[str], list[list[Any]], list[Kind
         names.append(_check_name(name))
         series = frame[name]
         kind_code = series.dtype.kind
+        missing = series.isna()
+        gaps = bool(missing.any())
         if kind_code == "M":
             hints.append("timestamptz" if getattr(series.dtype, "tz", None) else "timestamp")
-            column = [None if v is pd.NaT else v.to_pydatetime() for v in series]
+            column = series.array.to_pydatetime().tolist()
         else:
             hints.append(_DTYPE_KINDS.get(kind_code))
-            missing = series.isna()
-            column = series.astype(object).tolist()
-            if missing.any():
-                column = [None if gone else v for v, gone in zip(column, missing, strict=True)]
+            if kind_code in "iufb" and not gaps:
+                column = series.tolist()  # numpy scalars to Python ints/floats/bools in C
+            else:
+                column = series.astype(object).tolist()
             if kind_code == "O":
                 column = [v.to_pydatetime() if isinstance(v, pd.Timestamp) else v for v in column]
+        if gaps:
+            column = [None if gone else v for v, gone in zip(column, missing.tolist(), strict=True)]
         values.append(column)
     return names, values, hints
 
@@ -385,8 +392,10 @@ def _to_columns(data: Any) -> Columns:
         rows = len(rows_list)
     if len(set(names)) != len(names):
         raise TypeError(f"duplicate column names in {names}")
+    # A DataFrame dtype (numbers, booleans, datetimes) is the column's kind: its values need
+    # no looking at. Object columns (and lists of dicts) are inferred from their values.
     kinds = [
-        infer_kind(name, column) or hint
+        hint or infer_kind(name, column)
         for name, column, hint in zip(names, values, hints, strict=True)
     ]
     return Columns(names, values, kinds, rows)

@@ -554,3 +554,38 @@ def test_required_tls_against_a_server_without_it_fails_clearly(
     ):
         db.load("SELECT 1")
     assert pg_database.password not in str(raised.value)
+
+
+@pytest.mark.postgres
+def test_dataframes_load_through_copy_as_they_load_row_by_row(pg_database: PostgresCluster) -> None:
+    """A DataFrame load reads COPY's output with pandas; it must give the same frame as the
+    row-by-row load (used when a column has a type COPY does not load, here jsonb)."""
+    texts = ["plain", "tab\tnew\nline", 'quote " comma , back \\ slash', "", None, "\\N", "é✓"]
+    n = len(texts)
+    frame = pd.DataFrame(
+        {
+            "i": list(range(n)),
+            "i_null": pd.array([1, None, 3, None, 2**53 + 1, 6, 7], dtype="Int64"),
+            "f": [0.1, float("nan"), 1e300, -0.0, 2.5, 3.0, 1 / 3],
+            "t": texts,
+            "b": [True, False, None, True, False, True, False],
+            "ts": pd.to_datetime(["2025-01-15 10:00:00.123456"] * (n - 1) + [None]),
+            "tz": pd.to_datetime(["2025-01-15T10:00:00+01:00"] * n, utc=True),
+            "j": [{"k": i} for i in range(n)],
+        }
+    )
+    with ExternalDB.postgres(
+        host=pg_database.host,
+        port=pg_database.port,
+        database=pg_database.database,
+        user=pg_database.user,
+        password=pg_database.password,
+    ) as db:
+        db.store_table("copied", frame)
+        names = ["i", "i_null", "f", "t", "b", "ts", "tz"]
+        copied = db.load_table("copied", columns=names, as_dataframe=True)
+        row_by_row = db.load_table("copied", columns=[*names, "j"], as_dataframe=True)
+    pd.testing.assert_frame_equal(copied, row_by_row[names])
+    assert copied["t"].tolist()[:4] == texts[:4]
+    assert copied["t"].isna().tolist() == [False, False, False, False, True, False, False]
+    assert copied["i_null"].tolist()[4] == 2**53 + 1
