@@ -33,6 +33,7 @@ PUBLIC = {
     "DatabaseError", "DbtExecutableNotFound", "DbtFailed", "DbtNothingSelected",
     "DbtProfileNotFound", "DbtProjectNotFound", "DbtResource", "DbtResult",
     "DbtWarehouseUnreachable", "DecodeError", "EmailConfig", "ExternalDB", "ExternalDBIOManager",
+    "ExternalDBResource",
     "ExternalServiceError", "FlowstoneError", "Forbidden", "HTTPError", "HttpSession",
     "InvalidJSON", "InvalidValue", "LLMClient", "LLMResource", "LLMResponse",
     "MaxAttemptsExceeded", "NotFound",

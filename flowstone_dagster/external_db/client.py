@@ -23,10 +23,11 @@ data that does not fit it is a :class:`SchemaMismatch` before anything is writte
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -265,9 +266,11 @@ class ExternalDB:
             remaining if self.statement_timeout is None else min(remaining, self.statement_timeout)
         )
 
-    def _attempt(
-        self, work: Callable[[Any], T], *, write: bool, idempotent: bool, table: str | None
-    ) -> T:
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool, idempotent: bool, table: str | None) -> Iterator[Any]:
+        """A connection inside a transaction (statement timeout set), committed when the block
+        ends, rolled back (or replaced, when lost) when it raises; driver errors become the
+        taxonomy's, never chained (their messages may quote a password)."""
         adapter = self.adapter
         with self._lock:
             timeout = self._timeout()
@@ -284,10 +287,9 @@ class ExternalDB:
                     self._discard()
                     connection, reused = self._checkout()
                     adapter.begin(connection, timeout, write=write)
-                result = work(connection)
+                yield connection
                 committing = True
                 adapter.commit(connection)
-                return result
             except BaseException as exc:
                 lost = adapter.is_disconnect(exc, connection)
                 error = adapter.translate(exc, table=table, timeout=timeout, connection=connection)
@@ -311,6 +313,34 @@ class ExternalDB:
                 if getattr(error, "service", None) is None:
                     error.service = self.service  # type: ignore[attr-defined]
                 raise error from None
+
+    def _attempt(
+        self, work: Callable[[Any], T], *, write: bool, idempotent: bool, table: str | None
+    ) -> T:
+        with self._transaction(write=write, idempotent=idempotent, table=table) as connection:
+            return work(connection)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """The database's own DB-API connection (psycopg2 or sqlite3) for SQL of your own,
+        inside one transaction: committed when the block ends, rolled back when it raises::
+
+            with db.connection() as connection:
+                cursor = connection.cursor()
+                cursor.execute("UPDATE orders SET status = %s WHERE id = %s", ["paid", 42])
+
+        Statements are bounded by ``statement_timeout``; errors are the taxonomy's
+        (``ConstraintViolation``, ``CallTimeout``, ``DatabaseError``...). The block runs once:
+        ``resilience`` retries only the package's own calls, which it can run again. One
+        ``flowstone.db.connection`` event per block. The connection is the one this
+        ``ExternalDB`` reuses: do not close it or keep it past the block.
+        """
+        measures: dict[str, Any] = {"adapter": self.adapter.name, "service": self.service}
+        with (
+            telemetry.span("flowstone.db.connection", **measures),
+            self._transaction(write=True, idempotent=False, table=None) as connection,
+        ):
+            yield connection
 
     def _run(
         self,

@@ -481,3 +481,44 @@ def test_partition_expr_may_be_a_sql_expression(backend: Backend) -> None:
         result = backend.materialize(assets, partition_key=day)
         assert result.output_for_node("visits_read") == [{"rows": 2, "columns": "at,n"}]
     assert backend.sql('SELECT count(*) FROM "visits"') == [(4,)]
+
+
+# -- ExternalDBResource: SQL of your own --------------------------------------------------------
+
+
+def test_the_resource_runs_your_sql_in_one_transaction(backend: Backend, events: list[Any]) -> None:
+    from flowstone_dagster import ConstraintViolation, ExternalDBResource
+
+    mark = "%s" if backend.kind == "postgres" else "?"
+    resource = ExternalDBResource(database=backend.manager.database)
+
+    @dg.asset
+    def ledger(warehouse: ExternalDBResource) -> None:
+        with warehouse.get_connection() as connection:
+            cursor = connection.cursor()
+            cursor.execute("CREATE TABLE ledger (id integer PRIMARY KEY, amount integer)")
+            cursor.execute(f"INSERT INTO ledger VALUES ({mark}, {mark})", (1, 10))
+
+    @dg.asset(deps=[ledger])
+    def double_entry(warehouse: ExternalDBResource) -> None:
+        with warehouse.get_connection() as connection:
+            cursor = connection.cursor()
+            cursor.execute(f"INSERT INTO ledger VALUES ({mark}, {mark})", (2, 20))
+            cursor.execute(f"INSERT INTO ledger VALUES ({mark}, {mark})", (1, 30))  # duplicate
+
+    result = dg.materialize(
+        [ledger, double_entry],
+        resources={"warehouse": resource},
+        instance=backend.instance,
+        raise_on_error=False,
+    )
+    assert result.is_node_success("ledger")
+    assert not result.is_node_success("double_entry")
+    error = result.failure_data_for_node("double_entry").error  # type: ignore[union-attr]
+    assert error is not None
+    assert ConstraintViolation.__name__ in str(error.to_string())
+    # The failed block was rolled back as a whole: row 2 is not there either.
+    assert backend.sql("SELECT id, amount FROM ledger") == [(1, 10)]
+    connections = [e for e in events if e.name == "flowstone.db.connection"]
+    assert [e.outcome for e in connections] == ["ok", "error"]
+    assert connections[0].measures["adapter"] == backend.kind
