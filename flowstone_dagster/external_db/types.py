@@ -355,6 +355,7 @@ def _frame_to_columns(frame: Any) -> tuple[list[str], list[list[Any]], list[Kind
         gaps = bool(missing.any())
         if kind_code == "M":
             hints.append("timestamptz" if getattr(series.dtype, "tz", None) else "timestamp")
+            _refuse_nanoseconds(name, series)
             column = series.array.to_pydatetime().tolist()
         else:
             hints.append(_DTYPE_KINDS.get(kind_code))
@@ -368,6 +369,27 @@ def _frame_to_columns(frame: Any) -> tuple[list[str], list[list[Any]], list[Kind
             column = [None if gone else v for v, gone in zip(column, missing.tolist(), strict=True)]
         values.append(column)
     return names, values, hints
+
+
+def _refuse_nanoseconds(name: str, series: Any) -> None:
+    """Timestamps are stored to the microsecond (PostgreSQL's precision, and SQLite's text):
+    a value with nanoseconds would change without an error, so it is refused."""
+    import numpy as np
+
+    unit = np.datetime_data(series.dtype.base if hasattr(series.dtype, "base") else series.dtype)
+    if unit[0] != "ns":
+        return
+    ticks = series.array.asi8
+    lost = np.flatnonzero((ticks % 1000 != 0) & ~series.isna().to_numpy())
+    if len(lost):
+        row = int(lost[0])
+        raise InvalidValue(
+            f"column {name!r}, row {row + 1}: {series.iloc[row]} has nanoseconds, which would be "
+            "lost (timestamps are stored to the microsecond); round them first, e.g. "
+            "frame[column].dt.floor('us')",
+            column=name,
+            row=row + 1,
+        )
 
 
 def to_columns(data: Any) -> Columns:

@@ -589,3 +589,13 @@ def test_dataframes_load_through_copy_as_they_load_row_by_row(pg_database: Postg
     assert copied["t"].tolist()[:4] == texts[:4]
     assert copied["t"].isna().tolist() == [False, False, False, False, True, False, False]
     assert copied["i_null"].tolist()[4] == 2**53 + 1
+
+
+def test_timestamps_with_nanoseconds_are_refused_not_rounded(target: Target) -> None:
+    at = pd.to_datetime(["2025-01-15 10:00:00.000001", "2025-01-15 10:00:00.000001001"])
+    with pytest.raises(InvalidValue) as raised:
+        target.db.store_table("precise", pd.DataFrame({"at": at}))
+    assert (raised.value.column, raised.value.row) == ("at", 2)
+    assert "nanoseconds" in str(raised.value)
+    target.db.store_table("precise", pd.DataFrame({"at": at.floor("us")}))
+    assert len(target.db.load_table("precise")) == 2
