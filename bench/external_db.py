@@ -186,7 +186,7 @@ def _sqlite(frame: pd.DataFrame, rounds: int, workdir: Path) -> dict[str, list[f
     results: dict[str, list[float]] = {
         k: [] for k in ("io_store", "pd_store", "io_load", "pd_load")
     }
-    path = workdir / "bench.sqlite3"
+    path = workdir / f"bench-{len(frame)}.sqlite3"
     config = ExternalDBIOManager(database=SQLiteConfig(path=str(path)))
     manager = Manager(config, "via_io_manager")
     manager.store(frame)()

@@ -39,7 +39,7 @@ from flowstone_dagster.external_db.adapters import (
     UNDEFINED_TABLE,
     Adapter,
     ColumnInfo,
-    CopiedFrame,
+    LoadedFrame,
     PostgresAdapter,
     SQLiteAdapter,
 )
@@ -494,7 +494,7 @@ class ExternalDB:
         adapter = self.adapter
         copy_frames = as_dataframe and isinstance(adapter, PostgresAdapter)
 
-        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]] | CopiedFrame:
+        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]] | LoadedFrame:
             info = None
             # The column types decide how time-window bounds are bound, whether a
             # partition_expr is a column or an expression, and whether COPY can load a frame.
@@ -503,6 +503,10 @@ class ExternalDB:
                 if info is None:
                     raise _missing_table(qualified)
             where = selection.where(_kinds(info)) if selection is not None else None
+            if as_dataframe and isinstance(adapter, SQLiteAdapter) and info is not None:
+                return adapter.select_frame(
+                    connection, schema, table, where, columns=columns, info=info
+                )
             if copy_frames and isinstance(adapter, PostgresAdapter) and info is not None:
                 copied = adapter.copy_frame(
                     connection, schema, table, where, columns=columns, info=info
@@ -519,7 +523,7 @@ class ExternalDB:
             idempotent=True,
             table=qualified,
         )
-        if isinstance(result, CopiedFrame):
+        if isinstance(result, LoadedFrame):
             return result.frame
         names, rows = result
         return _shape(names, rows, as_dataframe)
@@ -725,9 +729,9 @@ def _query(query: Query, params: Any, partition: Any, field: str) -> tuple[str, 
 
 
 def _load_measures(
-    result: tuple[list[str], list[tuple[Any, ...]]] | CopiedFrame,
+    result: tuple[list[str], list[tuple[Any, ...]]] | LoadedFrame,
 ) -> dict[str, Any]:
-    if isinstance(result, CopiedFrame):
+    if isinstance(result, LoadedFrame):
         return {"rows": len(result.frame), "bytes": result.size}
     _, rows = result
     if not rows:

@@ -599,3 +599,33 @@ def test_timestamps_with_nanoseconds_are_refused_not_rounded(target: Target) -> 
     assert "nanoseconds" in str(raised.value)
     target.db.store_table("precise", pd.DataFrame({"at": at.floor("us")}))
     assert len(target.db.load_table("precise")) == 2
+
+
+def test_sqlite_dataframes_load_a_column_at_a_time_as_row_by_row(tmp_path: Path) -> None:
+    """The DataFrame load builds each column at once (timestamps parsed by pandas); it must give
+    the frame the rows give (the list-of-dicts load, made a frame by the same rules)."""
+    from flowstone_dagster.external_db.client import _shape_rows
+
+    n = 5
+    frame = pd.DataFrame(
+        {
+            "i": list(range(n)),
+            "i_null": pd.array([1, None, 3, None, 2**53 + 1], dtype="Int64"),
+            "f": [0.1, float("nan"), 1e300, -0.0, 2.5],
+            "t": ["plain", "tab\tnew\nline", "", None, "é✓"],
+            "b": [True, False, None, True, False],
+            "ts": pd.to_datetime(["2025-01-15 10:00:00.123456"] * (n - 1) + [None]),
+            "tz": pd.to_datetime(["2025-01-15T10:00:00+01:00"] * n, utc=True),
+            "d": [dt.date(2025, 1, i + 1) for i in range(n)],
+            "j": [{"k": i} for i in range(n)],
+            "n": [decimal.Decimal("1.10")] * n,
+        }
+    )
+    with ExternalDB.sqlite(tmp_path / "frames.sqlite3") as db:
+        db.store_table("frames", frame)
+        loaded = db.load_table("frames", as_dataframe=True)
+        rows = db.load_table("frames")
+    names = list(frame.columns)
+    expected = _shape_rows(names, [tuple(row[name] for name in names) for row in rows], True)
+    pd.testing.assert_frame_equal(loaded, expected)
+    assert loaded["i_null"].tolist()[4] == 2**53 + 1
