@@ -16,7 +16,7 @@ COPY or ``executemany``, SQLite's table-name prefix for schemas); the client is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -202,11 +202,3 @@ class ExternalDbClient(DbClient[TableSession]):
         """``schema.table`` on PostgreSQL, the table (``schema__table`` for a schema) on
         SQLite."""
         return self._db().qualified(table_slice.schema, table_slice.table)
-
-
-def empty_slice_dimensions(
-    definition: dg.MultiPartitionsDefinition, partition_expr: Mapping[str, str]
-) -> Sequence[tuple[str, Sequence[str]]]:
-    """Each dimension with no key: the slice of an input whose partition mapping maps to no
-    upstream partition (which Dagster's ``DbIOManager`` cannot build for multi-partitions)."""
-    return [(partition_expr[d.name], []) for d in definition.partitions_defs]

@@ -9,15 +9,15 @@ A partitioned asset names the column that holds its partition in its definition 
               metadata={"partition_expr": {"date": "day", "region": "region"}})
     def sales() -> list[dict]: ...
 
-:func:`select_partitions` turns the partitions of an output or input context into a
-:class:`PartitionSelection`: the row filter (``day = '2025-01-15'``; a time window
-``day >= '2025-01-01' AND day < '2025-01-08'``; ``region IN (...)``; for multi-partitions one
-condition per dimension), the values to fill in when the data lacks the partition column, and
-the check that every stored row belongs to the partitions being written.
+:func:`selection_of_dimensions` turns Dagster's table slice (``TableSlice.partition_dimensions``:
+per dimension a time window or a list of keys) into a :class:`PartitionSelection`: the row filter
+with one condition per dimension (``day = '2025-01-15'``; a time window ``day >= '2025-01-01' AND
+day < '2025-01-08'``; ``region IN (...)``), the values to fill in when the data lacks the
+partition column, and the check that every stored row belongs to the partitions being written.
+Time-window bounds are bound as the column's type (:meth:`DimensionValue.bounds`).
 
-``partition_expr`` is a column name, always quoted as an identifier: unlike Dagster's
-Snowflake/DuckDB I/O managers, SQL expressions are not accepted (they would be SQL text pasted
-into statements).
+``partition_expr`` is a column name, quoted as an identifier, or, as in Dagster's database I/O
+managers, a SQL expression the user wrote (:func:`is_expression`), used as it is.
 """
 
 from __future__ import annotations
@@ -34,7 +34,13 @@ from flowstone_dagster.errors import ConfigurationError
 from flowstone_dagster.external_db.adapters import Condition, Where
 from flowstone_dagster.external_db.types import Columns, Kind, infer_kind
 
-__all__ = ["DimensionValue", "PartitionSelection", "select_partitions"]
+__all__ = [
+    "DimensionValue",
+    "PartitionSelection",
+    "check_partition_expr",
+    "is_expression",
+    "selection_of_dimensions",
+]
 
 
 @dataclass(frozen=True)
@@ -142,10 +148,6 @@ class PartitionSelection:
         return all(
             any(value.keys == () for value in alternative) for alternative in self.alternatives
         )
-
-    @property
-    def has_windows(self) -> bool:
-        return any(value.is_window for alternative in self.alternatives for value in alternative)
 
     def where(self, kinds: Mapping[str, Kind | None] | None = None) -> Where:
         """The row filter; ``kinds`` are the table's column kinds (time-window bounds are
@@ -302,17 +304,6 @@ def _matches(combo: tuple[Any, ...], alternative: Sequence[DimensionValue]) -> b
     )
 
 
-def _window_value(
-    column: str, definition: dg.TimeWindowPartitionsDefinition, window: dg.TimeWindow
-) -> DimensionValue:
-    whole_days = "%H" not in definition.fmt and window.start.time() == dt.time()
-    if whole_days:
-        return DimensionValue(
-            column, start=window.start.date(), end=window.end.date(), zone=window.start.tzinfo
-        )
-    return DimensionValue(column, start=window.start, end=window.end)
-
-
 def _check_column(value: Any, field_name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(
@@ -376,62 +367,3 @@ def check_partition_expr(context: dg.InputContext | dg.OutputContext, partition_
             _check_column(partition_expr[dimension], f"partition_expr.{dimension}")
     else:
         _check_column(partition_expr, "partition_expr")
-
-
-def select_partitions(
-    context: dg.InputContext | dg.OutputContext, partition_expr: Any
-) -> PartitionSelection | None:
-    """The partitions ``context`` covers as rows, or ``None`` for an unpartitioned asset."""
-    if not context.has_asset_partitions:
-        return None
-    asset = context.asset_key.to_user_string()
-    if partition_expr is None:
-        raise ConfigurationError(
-            f"asset {asset} is partitioned: set its metadata partition_expr to the column that "
-            'holds the partition (e.g. metadata={"partition_expr": "day"})',
-            field="partition_expr",
-        )
-    definition = context.asset_partitions_def
-    if isinstance(definition, dg.TimeWindowPartitionsDefinition):
-        column = _check_column(partition_expr, "partition_expr")
-        window = context.asset_partitions_time_window
-        single = len(context.asset_partition_keys) == 1
-        return PartitionSelection([[_window_value(column, definition, window)]], single, [column])
-    keys = list(context.asset_partition_keys)
-    if isinstance(definition, dg.MultiPartitionsDefinition):
-        return _multi(asset, definition, keys, partition_expr)
-    column = _check_column(partition_expr, "partition_expr")
-    alternatives = [[DimensionValue(column, key=key)] for key in keys]
-    return PartitionSelection(alternatives, len(keys) == 1, [column])
-
-
-def _multi(
-    asset: str, definition: dg.MultiPartitionsDefinition, keys: list[str], partition_expr: Any
-) -> PartitionSelection:
-    dimensions = [d.name for d in definition.partitions_defs]
-    if not isinstance(partition_expr, Mapping) or set(partition_expr) != set(dimensions):
-        raise ConfigurationError(
-            f"asset {asset} is multi-partitioned: partition_expr must map each dimension "
-            f"({', '.join(dimensions)}) to its column, e.g. "
-            f"{dict(zip(dimensions, dimensions, strict=True))}; got {partition_expr!r}",
-            field="partition_expr",
-        )
-    columns = [_check_column(partition_expr[d], f"partition_expr.{d}") for d in dimensions]
-    alternatives: list[list[DimensionValue]] = []
-    for key in keys:
-        multi = (
-            key
-            if isinstance(key, dg.MultiPartitionKey)
-            else definition.get_partition_key_from_str(key)
-        )
-        values: list[DimensionValue] = []
-        for dimension, column in zip(dimensions, columns, strict=True):
-            part = multi.keys_by_dimension[dimension]
-            sub = definition.get_partitions_def_for_dimension(dimension)
-            if isinstance(sub, dg.TimeWindowPartitionsDefinition):
-                window = sub.time_window_for_partition_key(part)
-                values.append(_window_value(column, sub, window))
-            else:
-                values.append(DimensionValue(column, key=part))
-        alternatives.append(values)
-    return PartitionSelection(alternatives, len(keys) == 1, columns)
