@@ -896,14 +896,7 @@ class SQLiteAdapter:
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """The rows of ``table`` matching ``where``: all columns, or ``columns`` in order."""
         info = self.columns(connection, schema, table) or []
-        self._check_columns(info, table, where, columns)
-        clause, params = self._where(where)
-        projection = ", ".join(map(quote_sqlite, columns)) if columns else "*"
-        names, rows = self.query(
-            connection,
-            f"SELECT {projection} FROM {self.identifier(schema, table)}{clause}",
-            params,
-        )
+        names, rows = self._select(connection, schema, table, where, columns=columns, info=info)
         kinds = {column.name: column.kind for column in info}
         if not rows or not any(kinds.get(name) for name in names):
             return names, rows
@@ -911,6 +904,25 @@ class SQLiteAdapter:
             by_column = zip(names, zip(*rows, strict=True), strict=True)
             decoded = [decode_sqlite_column(kinds.get(n), list(values)) for n, values in by_column]
             return names, list(zip(*decoded, strict=True))
+
+    def _select(
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        *,
+        columns: Sequence[str] | None,
+        info: list[ColumnInfo],
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        self._check_columns(info, table, where, columns)
+        clause, params = self._where(where)
+        projection = ", ".join(map(quote_sqlite, columns)) if columns else "*"
+        return self.query(
+            connection,
+            f"SELECT {projection} FROM {self.identifier(schema, table)}{clause}",
+            params,
+        )
 
     def select_frame(
         self,
@@ -926,14 +938,7 @@ class SQLiteAdapter:
         one ``fromisoformat`` per value); the same frame as a row-by-row load."""
         import pandas as pd
 
-        self._check_columns(info, table, where, columns)
-        clause, params = self._where(where)
-        projection = ", ".join(map(quote_sqlite, columns)) if columns else "*"
-        names, rows = self.query(
-            connection,
-            f"SELECT {projection} FROM {self.identifier(schema, table)}{clause}",
-            params,
-        )
+        names, rows = self._select(connection, schema, table, where, columns=columns, info=info)
         kinds = {column.name: column.kind for column in info}
         if not rows:
             return LoadedFrame(pd.DataFrame(columns=names), 0)

@@ -8,14 +8,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.external_db.client import ExternalDB, WriteMode
 from flowstone_dagster.external_db.config import (
-    DEFAULT_STATEMENT_TIMEOUT,
     PostgresConfig,
-    SQLiteConfig,
 )
 from flowstone_dagster.external_db.dagster_db import (
     DbIOManager,
@@ -25,8 +23,9 @@ from flowstone_dagster.external_db.dagster_db import (
 )
 from flowstone_dagster.external_db.db_client import ExternalDbClient
 from flowstone_dagster.external_db.partitions import check_partition_expr
+from flowstone_dagster.external_db.resource import ExternalDBSettings
 from flowstone_dagster.external_db.type_handlers import default_type_handlers
-from flowstone_dagster.resilience import ResilienceResource, resolve
+from flowstone_dagster.resilience import resolve
 
 __all__ = ["ExternalDBIOManager"]
 
@@ -136,7 +135,7 @@ class _DbIOManager(DbIOManager):
             )
 
 
-class ExternalDBIOManager(dg.ConfigurableIOManagerFactory):
+class ExternalDBIOManager(dg.ConfigurableIOManagerFactory, ExternalDBSettings):
     """Stores each asset or op output as rows of a table and loads inputs from it, through
     Dagster's ``DbIOManager`` (the rules of dagster-duckdb, dagster-snowflake and dagster-gcp).
 
@@ -162,11 +161,6 @@ class ExternalDBIOManager(dg.ConfigurableIOManagerFactory):
     for appends, where no Dagster key holds the row count).
     """
 
-    database: PostgresConfig | SQLiteConfig = Field(
-        discriminator="kind",
-        description="The database: postgres (host, port, database, user, password, sslmode, "
-        "sslrootcert, connect_timeout) or sqlite (path, busy_timeout).",
-    )
     schema_: str | None = Field(
         default=None,
         alias="schema",
@@ -183,43 +177,14 @@ class ExternalDBIOManager(dg.ConfigurableIOManagerFactory):
         description="Create a missing table from the data's types; if false a missing table is "
         "an error.",
     )
-    statement_timeout: float | None = Field(
-        default=DEFAULT_STATEMENT_TIMEOUT,
-        gt=0,
-        description="Seconds a statement may run before it is cancelled (CallTimeout). Null: no "
-        "limit.",
-    )
-    service: str | None = Field(
-        default=None,
-        description="Service name in errors, telemetry and the resilience policy. Null: the "
-        "database server, db:postgresql://host:port/database (no user or password) or "
-        "db:sqlite:<absolute path>.",
-    )
-    resilience: ResilienceResource | None = Field(
-        default=None,
-        description="Retry/breaker/rate-limit policy for each database call (policy `service`), "
-        "and whether errors become Dagster control flow (its dagster_errors). Without it, each "
-        "call is made once and errors are mapped to Dagster.",
-    )
-
-    _db: ExternalDB | None = PrivateAttr(default=None)
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     @property
     def db(self) -> ExternalDB:
         """The :class:`ExternalDB` this manager stores through (one per process)."""
-        if self._db is None:
-            self._db = ExternalDB.from_config(
-                self.database,
-                statement_timeout=self.statement_timeout,
-                resilience=self.resilience,
-                service=self.service,
-            )
-        return self._db
+        return self.get_client()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close_client()
 
     def _dagster_errors(self, call: Callable[[], T]) -> T:
         """The one mapping to Dagster (``resolve(resilience).dagster_retries``): an open circuit

@@ -37,13 +37,13 @@ from flowstone_dagster.external_db.config import (
 )
 from flowstone_dagster.resilience import ResilienceResource
 
-__all__ = ["ExternalDBResource"]
+__all__ = ["ExternalDBResource", "ExternalDBSettings"]
 
 
-class ExternalDBResource(dg.ConfigurableResource):
-    """A PostgreSQL or SQLite database for SQL of your own (``get_connection()``) and for
-    :class:`~flowstone_dagster.external_db.client.ExternalDB`'s table and query methods
-    (``get_client()``)."""
+class ExternalDBSettings(dg.Config):
+    """The database and how to call it: the fields :class:`ExternalDBResource` and
+    :class:`~flowstone_dagster.ExternalDBIOManager` share, and the one :class:`ExternalDB`
+    each builds from them (one per process, its connection reused)."""
 
     database: PostgresConfig | SQLiteConfig = Field(
         discriminator="kind",
@@ -64,8 +64,9 @@ class ExternalDBResource(dg.ConfigurableResource):
     )
     resilience: ResilienceResource | None = Field(
         default=None,
-        description="Retry/breaker/rate-limit policy for each call of get_client()'s methods "
-        "(policy `service`). get_connection() blocks run once.",
+        description="Retry/breaker/rate-limit policy for each database call (policy `service`), "
+        "and whether errors become Dagster control flow (its dagster_errors). Without it, each "
+        "call is made once and errors are mapped to Dagster.",
     )
 
     _client: ExternalDB | None = PrivateAttr(default=None)
@@ -81,6 +82,22 @@ class ExternalDBResource(dg.ConfigurableResource):
             )
         return self._client
 
+    def close_client(self) -> None:
+        """Close the client's connection (at the end of a run)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class ExternalDBResource(dg.ConfigurableResource, ExternalDBSettings):
+    """A PostgreSQL or SQLite database for SQL of your own (``get_connection()``) and for
+    :class:`~flowstone_dagster.external_db.client.ExternalDB`'s table and query methods
+    (``get_client()``). ``get_connection()`` blocks run once (``resilience`` applies to
+    ``get_client()``'s calls)."""
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close_client()
+
     @contextmanager
     def get_connection(self) -> Iterator[Any]:
         """The database's DB-API connection (psycopg2 or sqlite3) inside one transaction,
@@ -88,8 +105,3 @@ class ExternalDBResource(dg.ConfigurableResource):
         :meth:`ExternalDB.connection`)."""
         with self.get_client().connection() as connection:
             yield connection
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None

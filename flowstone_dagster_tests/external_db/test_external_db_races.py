@@ -17,6 +17,16 @@ pytestmark = pytest.mark.postgres
 ROUNDS = 15
 
 
+def _dsn(pg: PostgresCluster) -> dict[str, Any]:
+    return {
+        "host": pg.host,
+        "port": pg.port,
+        "database": pg.database,
+        "user": pg.user,
+        "password": pg.password,
+    }
+
+
 def _first_stores(dsn: dict[str, Any], name: str, barrier: Any, results: Any) -> None:
     """One process: in each round, wait for the other, then store into a new schema."""
     try:
@@ -36,13 +46,7 @@ def _first_stores(dsn: dict[str, Any], name: str, barrier: Any, results: Any) ->
 def test_first_stores_into_a_new_schema_from_two_processes_never_race(
     pg_database: PostgresCluster,
 ) -> None:
-    dsn = {
-        "host": pg_database.host,
-        "port": pg_database.port,
-        "database": pg_database.database,
-        "user": pg_database.user,
-        "password": pg_database.password,
-    }
+    dsn = _dsn(pg_database)
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)
     results = context.Queue()
@@ -69,13 +73,7 @@ def test_different_partitions_of_one_table_store_while_one_is_held(
     """A transaction holding partition 15's lock (as a long store of it would) leaves the store
     of partition 16 free, and makes another store of partition 15 wait (here: past its
     statement_timeout of 1 s)."""
-    dsn = {
-        "host": pg_database.host,
-        "port": pg_database.port,
-        "database": pg_database.database,
-        "user": pg_database.user,
-        "password": pg_database.password,
-    }
+    dsn = _dsn(pg_database)
     day15, day16 = {"day": dt.date(2025, 1, 15)}, {"day": dt.date(2025, 1, 16)}
     with ExternalDB.postgres(**dsn, statement_timeout=1) as db:
         db.store_table("events", [{"n": 1}], partition=day15)
