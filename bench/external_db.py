@@ -1,34 +1,40 @@
-"""The external DB I/O manager against ``psql``'s ``\\copy``, same server, same run.
+"""The external DB I/O manager against bare COPY and pandas, same server, same run.
 
-    .venv/bin/python bench/external_db.py [--rows 100000] [--rounds 5]
+    .venv/bin/python bench/external_db.py [--rows 100000 1000000] [--rounds 3]
 
-Starts a throwaway PostgreSQL cluster, then per round (alternating sides, each side's median
-round reported):
+A DataFrame of (int64, float64, text, timestamp) columns, per size, in interleaved rounds (each
+side's median round reported):
 
-- store: ``ExternalDBIOManager.handle_output`` of ``--rows`` rows of (integer, text, float,
-  date) as a list of dicts (one transaction: DELETE of the previous rows, COPY) against
-  ``psql -c BEGIN -c "DELETE ..." -c "\\copy ... from <file>" -c COMMIT`` of the same rows from
-  a file;
-- load: ``ExternalDBIOManager.load_input`` (rows back as a list of dicts) against
-  ``psql -c "\\copy (select ...) to <file>"``.
+PostgreSQL (a throwaway cluster started here):
 
-``psql`` starts a process and a connection per run; the I/O manager reuses its connection, as it
-does across the outputs of a step. Aim: within 1.5x of psql on store and 2x on load.
+- store: ``ExternalDBIOManager``'s ``handle_output`` (one transaction: DELETE of the previous
+  rows, COPY) against ``psql -c BEGIN -c "DELETE ..." -c "\\copy ... from <file>" -c COMMIT``
+  of the same rows from a file, and against a bare psycopg2 ``copy_expert`` of the same frame
+  (``to_csv`` into a buffer, DELETE and COPY in one transaction, on an open connection);
+- load: ``load_input`` as a DataFrame against ``psql -c "\\copy (select ...) to <file>"`` and a
+  bare ``COPY ... TO STDOUT`` with ``copy_expert`` read back by ``pandas.read_csv``.
+
+SQLite: ``handle_output``/``load_input`` against pandas ``to_sql`` (after a DELETE, in one
+transaction) and ``read_sql``.
+
+``psql`` starts a process and a connection per run; the I/O manager and the psycopg2 baseline
+reuse theirs, as the I/O manager does across the outputs of a step. Aims: store <= 1.2x and load
+<= 1.5x ``copy_expert`` on PostgreSQL; SQLite <= 1.2x ``to_sql``/``read_sql``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import io
 import logging
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 # The repository root instead of bench/ first on sys.path: bench/http.py would shadow the
@@ -37,19 +43,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import dagster as dg  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import psycopg2  # noqa: E402
 
-from flowstone_dagster.external_db import ExternalDBIOManager, PostgresConfig  # noqa: E402
+from flowstone_dagster.external_db import (  # noqa: E402
+    ExternalDBIOManager,
+    PostgresConfig,
+    SQLiteConfig,
+)
 from flowstone_dagster_tests.support.postgres import PostgresCluster  # noqa: E402
 
 PSQL = "/usr/bin/psql"
+COLUMNS = "id, score, name, at"
 
 
-def _rows(n: int) -> list[dict[str, object]]:
-    start = dt.date(2024, 1, 1)
-    return [
-        {"id": i, "name": f"customer-{i}", "score": i * 0.25, "day": start + dt.timedelta(i % 366)}
-        for i in range(n)
-    ]
+def _frame(n: int) -> pd.DataFrame:
+    ids = np.arange(n, dtype="int64")
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "score": ids * 0.25,
+            "name": [f"customer-{i}" for i in range(n)],
+            "at": pd.Timestamp("2024-01-01") + pd.to_timedelta(ids % 100_000, unit="s"),
+        }
+    )
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -58,22 +76,35 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    logging.getLogger("dagster").setLevel(logging.INFO)
+class Manager:
+    """An ``ExternalDBIOManager``'s I/O manager, called as Dagster calls it. The contexts are
+    built before the clock starts (Dagster builds them whatever the I/O manager)."""
 
-    rows = _rows(args.rows)
-    workdir = Path(tempfile.mkdtemp(prefix="flowstone-bench-db-"))
-    workdir.chmod(0o777)  # psql may write its output file here
+    def __init__(self, config: ExternalDBIOManager, table: str) -> None:
+        self.config = config
+        self.io = config.create_io_manager(dg.build_init_resource_context())
+        self.key = dg.AssetKey(table)
+
+    def store(self, frame: pd.DataFrame) -> Callable[[], None]:
+        context = dg.build_output_context(asset_key=self.key)
+        return lambda: self.io.handle_output(context, frame)
+
+    def load(self) -> Callable[[], pd.DataFrame]:
+        context = dg.build_input_context(
+            asset_key=self.key,
+            upstream_output=dg.build_output_context(asset_key=self.key),
+            dagster_type=dg.PythonObjectDagsterType(pd.DataFrame),
+        )
+        return lambda: self.io.load_input(context)
+
+
+def _postgres(frame: pd.DataFrame, rounds: int, workdir: Path) -> dict[str, list[float]]:
     source = workdir / "rows.tsv"
-    source.write_text(
-        "".join(f"{r['id']}\t{r['name']}\t{r['score']!r}\t{r['day']}\n" for r in rows)
-    )
+    frame.to_csv(source, sep="\t", header=False, index=False)
     target = workdir / "out.tsv"
-
+    results: dict[str, list[float]] = {
+        k: [] for k in ("io_store", "psql_store", "copy_store", "io_load", "psql_load", "copy_load")
+    }
     with PostgresCluster.start() as pg:
         env = {**os.environ, "PGPASSWORD": pg.password}
         connection = ["-h", pg.host, "-p", str(pg.port), "-U", pg.user, "-d", pg.database, "-q"]
@@ -84,8 +115,33 @@ def main() -> None:
                 argv += ["-c", command]
             subprocess.run(argv, env=env, check=True, capture_output=True)
 
-        psql("CREATE TABLE via_psql (id bigint, name text, score double precision, day date)")
-        manager = ExternalDBIOManager(
+        definition = "(id bigint, score double precision, name text, at timestamp)"
+        psql(f"CREATE TABLE via_psql {definition}", f"CREATE TABLE via_copy {definition}")
+        raw = psycopg2.connect(pg.dsn)
+
+        def copy_store() -> None:
+            buffer = io.StringIO()
+            frame.to_csv(buffer, sep="\t", header=False, index=False)
+            buffer.seek(0)
+            with raw, raw.cursor() as cursor:
+                cursor.execute("DELETE FROM via_copy")
+                cursor.copy_expert(f"COPY via_copy ({COLUMNS}) FROM STDIN", buffer)
+
+        def copy_load() -> pd.DataFrame:
+            buffer = io.StringIO()
+            with raw, raw.cursor() as cursor:
+                cursor.copy_expert(f"COPY (SELECT {COLUMNS} FROM via_copy) TO STDOUT", buffer)
+            buffer.seek(0)
+            return pd.read_csv(
+                buffer,
+                sep="\t",
+                names=["id", "score", "name", "at"],
+                parse_dates=["at"],
+                na_values=["\\N"],
+                keep_default_na=False,
+            )
+
+        config = ExternalDBIOManager(
             database=PostgresConfig(
                 host=pg.host,
                 port=pg.port,
@@ -94,52 +150,96 @@ def main() -> None:
                 password=pg.password,
             )
         )
-        key = dg.AssetKey("via_io_manager")
+        manager = Manager(config, "via_io_manager")
+        manager.store(frame)()  # create the table, open the connection
+        loaded = manager.load()()
+        assert len(loaded) == len(frame)
+        assert loaded["id"].tolist()[:3] == [0, 1, 2]
+        copy_store()
+        assert len(copy_load()) == len(frame)
 
-        def output_context() -> dg.OutputContext:  # one per store: metadata is added once
-            return dg.build_output_context(asset_key=key)
-
-        def input_context() -> dg.InputContext:
-            return dg.build_input_context(asset_key=key, upstream_output=output_context())
-
-        manager.handle_output(output_context(), rows)  # create the table, open the connection
-        assert manager.load_input(input_context()) == rows
-
-        results: dict[str, list[float]] = {
-            k: [] for k in ("io_store", "psql_store", "io_load", "psql_load")
-        }
-        for _ in range(args.rounds):
-            storing, loading = output_context(), input_context()
-            results["io_store"].append(_timed(partial(manager.handle_output, storing, rows)))
+        for _ in range(rounds):
+            results["io_store"].append(_timed(manager.store(frame)))
             results["psql_store"].append(
                 _timed(
                     lambda: psql(
                         "BEGIN",
                         "DELETE FROM via_psql",
-                        f"\\copy via_psql (id, name, score, day) from '{source}'",
+                        f"\\copy via_psql ({COLUMNS}) from '{source}'",
                         "COMMIT",
                     )
                 )
             )
-            results["io_load"].append(_timed(partial(manager.load_input, loading)))
+            results["copy_store"].append(_timed(copy_store))
+            results["io_load"].append(_timed(manager.load()))
             results["psql_load"].append(
-                _timed(
-                    lambda: psql(
-                        f"\\copy (SELECT id, name, score, day FROM via_psql) to '{target}'"
-                    )
-                )
+                _timed(lambda: psql(f"\\copy (SELECT {COLUMNS} FROM via_psql) to '{target}'"))
             )
-        assert len(target.read_text().splitlines()) == args.rows  # every row came back
-        manager.db.close()
+            results["copy_load"].append(_timed(copy_load))
+        assert len(target.read_text().splitlines()) == len(frame)
+        raw.close()
+        config.db.close()
+    return results
 
-    median = {name: statistics.median(times) for name, times in results.items()}
-    print(f"{args.rows} rows of (integer, text, float, date), {args.rounds} rounds, median round")
-    for what in ("store", "load"):
-        ours, theirs = median[f"io_{what}"], median[f"psql_{what}"]
-        print(
-            f"{what:5}  I/O manager {ours * 1000:8.1f} ms   psql \\copy {theirs * 1000:8.1f} ms"
-            f"   ratio {ours / theirs:.2f}x"
+
+def _sqlite(frame: pd.DataFrame, rounds: int, workdir: Path) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {
+        k: [] for k in ("io_store", "pd_store", "io_load", "pd_load")
+    }
+    path = workdir / f"bench-{len(frame)}.sqlite3"
+    config = ExternalDBIOManager(database=SQLiteConfig(path=str(path)))
+    manager = Manager(config, "via_io_manager")
+    manager.store(frame)()
+    assert len(manager.load()()) == len(frame)
+    raw = sqlite3.connect(path)
+    frame.to_sql("via_pandas", raw, index=False)
+
+    def pandas_store() -> None:
+        with raw:
+            raw.execute("DELETE FROM via_pandas")
+            frame.to_sql("via_pandas", raw, index=False, if_exists="append")
+
+    for _ in range(rounds):
+        results["io_store"].append(_timed(manager.store(frame)))
+        results["pd_store"].append(_timed(pandas_store))
+        results["io_load"].append(_timed(manager.load()))
+        results["pd_load"].append(
+            _timed(lambda: pd.read_sql("SELECT * FROM via_pandas", raw, parse_dates=["at"]))
         )
+    raw.close()
+    config.db.close()
+    return results
+
+
+def _report(title: str, results: dict[str, list[float]], baselines: list[str]) -> None:
+    median = {name: statistics.median(times) for name, times in results.items()}
+    print(title)
+    for what in ("store", "load"):
+        ours = median[f"io_{what}"]
+        line = f"  {what:5}  I/O manager {ours * 1000:9.1f} ms"
+        for baseline in baselines:
+            theirs = median[f"{baseline}_{what}"]
+            line += f"   {baseline} {theirs * 1000:9.1f} ms ({ours / theirs:.2f}x)"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["postgres", "sqlite"], default=None)
+    args = parser.parse_args()
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix="flowstone-bench-db-"))
+    workdir.chmod(0o777)  # psql may write its output file here
+    for rows in args.rows:
+        frame = _frame(rows)
+        what = f"{rows} rows of (int64, float64, text, timestamp), {args.rounds} rounds, median"
+        if args.only in (None, "postgres"):
+            results = _postgres(frame, args.rounds, workdir)
+            _report(f"PostgreSQL, {what}", results, ["copy", "psql"])
+        if args.only in (None, "sqlite"):
+            _report(f"SQLite, {what}", _sqlite(frame, args.rounds, workdir), ["pd"])
 
 
 if __name__ == "__main__":

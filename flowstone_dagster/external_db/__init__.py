@@ -2,7 +2,9 @@
 
 - :mod:`.client`: :class:`ExternalDB` (transactions, COPY, schema checks; testable without
   Dagster);
-- :mod:`.io_manager`: :class:`ExternalDBIOManager`, the Dagster I/O manager;
+- :mod:`.io_manager`: :class:`ExternalDBIOManager`, the Dagster I/O manager, on Dagster's
+  ``DbIOManager`` (:mod:`.db_client`, :mod:`.type_handlers`; :mod:`.dagster_db` imports the base);
+- :mod:`.resource`: :class:`ExternalDBResource`, the database as a resource (``get_connection()``);
 - :mod:`.config`: :class:`PostgresConfig` / :class:`SQLiteConfig`, the database to use;
 - :mod:`.adapters`: one adapter per database; :mod:`.types`: column types and values;
   :mod:`.partitions`: partition bounds; :mod:`.errors`: :class:`DatabaseError` and its kinds.
@@ -15,15 +17,19 @@ from flowstone_dagster.external_db.config import PostgresConfig, SQLiteConfig
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
+    InvalidValue,
     SchemaMismatch,
 )
 from flowstone_dagster.external_db.io_manager import ExternalDBIOManager
+from flowstone_dagster.external_db.resource import ExternalDBResource
 
 __all__ = [
     "ConstraintViolation",
     "DatabaseError",
     "ExternalDB",
     "ExternalDBIOManager",
+    "ExternalDBResource",
+    "InvalidValue",
     "PostgresConfig",
     "SQLiteConfig",
     "SchemaMismatch",

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
+import logging
 import math
+import operator
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ from flowstone_dagster.errors import CallTimeout, FlowstoneError, TransportError
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
+    InvalidValue,
 )
 from flowstone_dagster.external_db.types import (
     POSTGRES_TYPES,
@@ -41,6 +46,7 @@ from flowstone_dagster.external_db.types import (
     copy_text,
     decode_sqlite_column,
     gc_paused,
+    invalid_value,
     kind_of_postgres_type,
     kind_of_sqlite_type,
     payload_size,
@@ -53,11 +59,15 @@ __all__ = [
     "Adapter",
     "ColumnInfo",
     "Condition",
+    "LoadedFrame",
     "PostgresAdapter",
     "SQLiteAdapter",
     "Where",
+    "is_local_host",
     "quote_sqlite",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Rows per chunk of a COPY stream: bounds the memory of encoding to one chunk's text.
 COPY_CHUNK_ROWS = 20_000
@@ -72,6 +82,9 @@ class Condition:
     column: str
     op: Literal["=", ">=", "<", "in"]
     value: Any
+    #: ``column`` is a SQL expression the user wrote (Dagster's ``partition_expr``), used as
+    #: it is, not a column name to quote.
+    expression: bool = False
 
 
 #: A row filter: any of the alternatives (OR), each all of its conditions (AND). ``[]`` and
@@ -87,6 +100,41 @@ class ColumnInfo:
     name: str
     kind: Kind | None
     declared: str
+
+
+_unverified_warned: set[tuple[str, int]] = set()
+_unverified_lock = threading.Lock()
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` is this machine: ``localhost``, a loopback address or a Unix socket
+    directory (a path)."""
+    if host.startswith("/") or host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_unverified(host: str, port: int, sslmode: str) -> None:
+    """A WARNING, once per server per process, that the server's certificate is not verified
+    (a server on this machine excepted: nothing is on the network path)."""
+    if is_local_host(host):
+        return
+    with _unverified_lock:
+        if (host, port) in _unverified_warned:
+            return
+        _unverified_warned.add((host, port))
+    logger.warning(
+        "PostgreSQL at %s:%s: TLS certificate verification is off (sslmode=%s): anyone on the "
+        "network path can impersonate the server%s; set sslrootcert (sslmode then defaults to "
+        "verify-full) to verify it",
+        host,
+        port,
+        sslmode,
+        " or read the traffic" if sslmode in ("disable", "allow", "prefer") else "",
+    )
 
 
 def _cut_row(message: str) -> str:
@@ -113,7 +161,7 @@ class PostgresAdapter:
         database: str,
         user: str,
         password: str | None,
-        sslmode: str = "prefer",
+        sslmode: str = "require",
         sslrootcert: str | None = None,
         connect_timeout: float = 10.0,
         application_name: str = "flowstone-dagster",
@@ -131,6 +179,8 @@ class PostgresAdapter:
         self._password = password
         self.sslmode = sslmode
         self.sslrootcert = sslrootcert
+        if sslmode not in ("verify-ca", "verify-full"):
+            _warn_unverified(host, port, sslmode)
         self.connect_timeout = connect_timeout
         self.application_name = application_name
 
@@ -268,6 +318,15 @@ class PostgresAdapter:
             )
         if self.is_disconnect(exc, connection):
             return TransportError(f"connection to {self.where} lost{on}: {message}")
+        if code and code.startswith("22"):
+            place = re.search(r"COPY [^,]+, line (\d+)(?:, column ([^:]+))?", diag.context or "")
+            return InvalidValue(
+                f"invalid value{on}: {message}; nothing was written (the transaction was "
+                "rolled back)",
+                table=table,
+                column=place.group(2) if place else None,
+                row=int(place.group(1)) if place else None,
+            )
         if code and code.startswith("23"):
             line = re.search(r"COPY [^,]+, line (\d+)", diag.context or "")
             return ConstraintViolation(
@@ -319,14 +378,30 @@ class PostgresAdapter:
             ColumnInfo(name, kind_of_postgres_type(udt), declared) for name, udt, declared in rows
         ]
 
-    def lock_table(self, connection: Any, schema: str, table: str) -> None:
-        """Serialize stores to one table (until the transaction ends), so that two concurrent
-        replacements of the same partition cannot both insert their rows."""
+    def _advisory(self, connection: Any, function: str, key: str) -> None:
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                (f"flowstone.db:{schema}.{table}",),
-            )
+            cursor.execute(f"SELECT {function}(hashtextextended(%s, 0))", (f"flowstone.db:{key}",))
+
+    def lock_rows(self, connection: Any, schema: str, table: str, partition: str | None) -> None:
+        """Lock what a store replaces until the transaction ends, so that two concurrent
+        replacements of the same rows cannot both insert theirs.
+
+        ``partition`` (one partition's filter): that partition only, plus a shared lock on the
+        table, so that stores of *different* partitions of one table run at the same time.
+        ``None`` (a range of partitions, the whole table, an append): the table, exclusively.
+        """
+        qualified = f"{schema}.{table}"
+        if partition is None:
+            self._advisory(connection, "pg_advisory_xact_lock", qualified)
+            return
+        self._advisory(connection, "pg_advisory_xact_lock_shared", qualified)
+        self._advisory(connection, "pg_advisory_xact_lock", f"{qualified}|{partition}")
+
+    def lock_creation(self, connection: Any, schema: str) -> None:
+        """Serialize the first stores into a schema until the transaction ends: two of them
+        running ``CREATE SCHEMA IF NOT EXISTS`` (or ``CREATE TABLE IF NOT EXISTS``) at once
+        make one fail with a unique violation on the catalog."""
+        self._advisory(connection, "pg_advisory_xact_lock", f"create:{schema}")
 
     def create_table(
         self,
@@ -355,31 +430,44 @@ class PostgresAdapter:
                 )
             )
 
-    def _where(self, where: Where | None) -> tuple[Any, list[Any]]:
+    def _where(self, where: Where | None) -> Any:
+        """The ``WHERE`` clause, values as ``sql.Literal`` (psycopg2 quotes them exactly as it
+        binds parameters, which it also does client-side). No ``%s`` placeholders: psycopg2
+        would read a ``%`` inside a quoted identifier (a table named ``100% sales``) as one."""
         sql = self._sql
         if not where:
-            return sql.SQL(""), []
-        params: list[Any] = []
+            return sql.SQL("")
         alternatives = []
         for conditions in where:
             parts = []
             for condition in conditions:
-                column = self.identifier(condition.column)
-                if condition.op == "in":
-                    parts.append(sql.SQL("{} IN %s").format(column))
-                    params.append(tuple(condition.value))
+                column = (
+                    sql.SQL("({})").format(sql.SQL(condition.column))
+                    if condition.expression
+                    else self.identifier(condition.column)
+                )
+                if condition.op == "in" and not condition.value:
+                    parts.append(sql.SQL("FALSE"))  # IN of no keys: no row
+                elif condition.op == "in":
+                    parts.append(
+                        sql.SQL("{} IN ({})").format(
+                            column, sql.SQL(", ").join(map(sql.Literal, condition.value))
+                        )
+                    )
                 else:
-                    parts.append(sql.SQL("{} " + condition.op + " %s").format(column))
-                    params.append(condition.value)
+                    parts.append(
+                        sql.SQL("{} " + condition.op + " {}").format(
+                            column, sql.Literal(condition.value)
+                        )
+                    )
             alternatives.append(sql.SQL("(") + sql.SQL(" AND ").join(parts) + sql.SQL(")"))
-        return sql.SQL(" WHERE ") + sql.SQL(" OR ").join(alternatives), params
+        return sql.SQL(" WHERE ") + sql.SQL(" OR ").join(alternatives)
 
     def delete(self, connection: Any, schema: str, table: str, where: Where | None) -> int:
-        clause, params = self._where(where)
+        clause = self._where(where)
         with connection.cursor() as cursor:
             cursor.execute(
-                self._sql.SQL("DELETE FROM {}").format(self.identifier(schema, table)) + clause,
-                params,
+                self._sql.SQL("DELETE FROM {}").format(self.identifier(schema, table)) + clause
             )
             return int(cursor.rowcount)
 
@@ -403,16 +491,94 @@ class PostgresAdapter:
         )
         with connection.cursor() as cursor:
             cursor.copy_expert(statement, source, size=1 << 18)
+        if source.error is not None:
+            # The stream was ended early (see _CopySource); the caller rolls back.
+            raise invalid_value(columns, kinds, postgres=True) or source.error
         return source.sent
 
-    def select(
-        self, connection: Any, schema: str, table: str, where: Where | None
-    ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        clause, params = self._where(where)
-        statement = (
-            self._sql.SQL("SELECT * FROM {}").format(self.identifier(schema, table)) + clause
+    def copy_frame(
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        *,
+        columns: Sequence[str] | None,
+        info: list[ColumnInfo],
+    ) -> LoadedFrame | None:
+        """The rows as a DataFrame through ``COPY (SELECT ...) TO STDOUT`` (CSV) parsed by
+        pandas, without a Python object per value; the same dtypes as a row-by-row load.
+        ``None`` when a column's type is not one COPY loads here (see ``_COPY_LOAD_KINDS``)."""
+        import pandas as pd
+
+        kinds = {column.name: column.kind for column in info}
+        names = list(columns) if columns else [column.name for column in info]
+        if any(kinds.get(name) not in _COPY_LOAD_KINDS for name in names):
+            return None
+        sql = self._sql
+        select = sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(self.identifier(name) for name in names),
+            self.identifier(schema, table),
+        ) + self._where(where)
+        statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, NULL {})").format(
+            select, sql.Literal(_COPY_NULL)
         )
-        return self.query(connection, statement, params)
+        buffer = io.BytesIO()
+        with connection.cursor() as cursor:
+            cursor.copy_expert(statement, buffer, size=1 << 18)
+        size = buffer.tell()
+        buffer.seek(0)
+        dtypes: dict[int, Any] = {}
+        for position, name in enumerate(names):
+            kind = kinds[name]
+            dtypes[position] = {"integer": "Int64", "float": "float64", "boolean": "boolean"}.get(
+                kind or "", "str"
+            )
+        frame = pd.read_csv(
+            buffer,
+            header=None,
+            names=list(range(len(names))),
+            dtype=dtypes,
+            na_values=[_COPY_NULL],
+            keep_default_na=False,
+            true_values=["t"],
+            false_values=["f"],
+            encoding="utf-8",
+        )
+        for position, name in enumerate(names):
+            kind = kinds[name]
+            column = frame[position]
+            if kind == "integer" and not column.hasnans:
+                frame[position] = column.astype("int64")
+            elif kind == "boolean" and not column.hasnans:
+                frame[position] = column.astype(bool)
+            elif kind in ("timestamp", "timestamptz"):
+                frame[position] = pd.to_datetime(
+                    column, format="ISO8601", utc=kind == "timestamptz"
+                )
+        frame.columns = names
+        return LoadedFrame(frame, size)
+
+    def select(
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        columns: Sequence[str] | None = None,
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """The rows of ``table`` matching ``where``: all columns, or ``columns`` in order."""
+        sql = self._sql
+        clause = self._where(where)
+        projection = (
+            sql.SQL(", ").join(self.identifier(name) for name in columns)
+            if columns
+            else sql.SQL("*")
+        )
+        statement = (
+            sql.SQL("SELECT {} FROM {}").format(projection, self.identifier(schema, table)) + clause
+        )
+        return self.query(connection, statement)
 
     def query(
         self, connection: Any, statement: Any, params: Any = None
@@ -441,6 +607,23 @@ class PostgresAdapter:
                 extras.execute_batch(cursor, statement, params, page_size=1000)
 
 
+@dataclass(frozen=True)
+class LoadedFrame:
+    """A DataFrame loaded a column at a time (PostgreSQL: ``COPY ... TO STDOUT``), and its
+    size in bytes (received, or :func:`payload_size` of its values)."""
+
+    frame: Any
+    size: int
+
+
+#: Column kinds a DataFrame load reads through COPY (parsed by pandas in C); a table with any
+#: other column (numeric, json, bytea, uuid, date, time, an unknown type) loads row by row.
+_COPY_LOAD_KINDS = frozenset({"integer", "float", "text", "boolean", "timestamp", "timestamptz"})
+#: COPY's NULL in CSV output: not a value a column is likely to hold (PostgreSQL quotes a value
+#: equal to it, but pandas does not tell quoted from unquoted fields).
+_COPY_NULL = "\\N<flowstone-null>"
+
+
 def _unview(row: tuple[Any, ...], binary: list[int]) -> tuple[Any, ...]:
     values = list(row)
     for i in binary:
@@ -457,13 +640,23 @@ class _CopySource(io.RawIOBase):
         self._chunks = iter(chunks)
         self._buffer = b""
         self.sent = 0
+        self.error: Exception | None = None
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, None)
+        while self.error is None and (size < 0 or len(self._buffer) < size):
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                # Encoding a chunk failed (a value PostgreSQL cannot hold). Raising here would
+                # make psycopg2 abort the COPY, which the server reports as a cancelled
+                # statement (57014, read as a timeout): end the stream instead, and let the
+                # caller raise the error and roll the transaction back.
+                self.error = exc
+                self._buffer = b""
+                break
             if chunk is None:
                 break
             self._buffer += chunk
@@ -511,9 +704,16 @@ class SQLiteAdapter:
 
     def connect(self) -> Any:
         try:
-            return sqlite3.connect(
+            connection = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
+            # WAL: readers read the last committed state while a store writes or commits,
+            # instead of waiting up to busy_timeout (the mode is kept by the file). NORMAL
+            # synchronous is WAL's durable-across-crashes setting (a power loss may lose the
+            # last commits, never corrupt the file).
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            return connection
         except sqlite3.Error as exc:
             raise DatabaseError(f"cannot open {self.where}: {exc}; check `path`") from None
 
@@ -594,7 +794,10 @@ class SQLiteAdapter:
             ColumnInfo(name, kind_of_sqlite_type(declared), declared) for name, declared in rows
         ]
 
-    def lock_table(self, connection: Any, schema: str, table: str) -> None:
+    def lock_rows(self, connection: Any, schema: str, table: str, partition: str | None) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already holds the database's write lock."""
+
+    def lock_creation(self, connection: Any, schema: str) -> None:
         """Nothing to do: ``BEGIN IMMEDIATE`` already holds the database's write lock."""
 
     def create_table(
@@ -622,8 +825,14 @@ class SQLiteAdapter:
         for conditions in where:
             parts = []
             for condition in conditions:
-                column = quote_sqlite(condition.column)
-                if condition.op == "in":
+                column = (
+                    f"({condition.column})"
+                    if condition.expression
+                    else quote_sqlite(condition.column)
+                )
+                if condition.op == "in" and not condition.value:
+                    parts.append("0")  # IN of no keys: no row
+                elif condition.op == "in":
                     values = [sqlite_param(v) for v in condition.value]
                     parts.append(f"{column} IN ({', '.join('?' * len(values))})")
                     params.extend(values)
@@ -634,18 +843,22 @@ class SQLiteAdapter:
         return " WHERE " + " OR ".join(alternatives), params
 
     def _check_columns(
-        self, info: list[ColumnInfo] | None, table: str, where: Where | None
+        self,
+        info: list[ColumnInfo] | None,
+        table: str,
+        where: Where | None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         # SQLite reads a double-quoted name that is not a column as a string literal (a legacy
-        # quirk), so a filter on a missing column would silently match nothing: refuse it.
+        # quirk), so a filter on (or a selection of) a missing column would silently match
+        # nothing, or load the name as a value: refuse it.
         known = {column.name for column in info or ()}
-        for conditions in where or ():
-            for condition in conditions:
-                if condition.column not in known:
-                    raise DatabaseError(
-                        f"{self.where}: no such column {condition.column!r} in table {table}",
-                        table=table,
-                    )
+        named = [c.column for conditions in where or () for c in conditions if not c.expression]
+        for name in [*named, *(columns or ())]:
+            if name not in known:
+                raise DatabaseError(
+                    f"{self.where}: no such column {name!r} in table {table}", table=table
+                )
 
     def delete(self, connection: Any, schema: str, table: str, where: Where | None) -> int:
         self._check_columns(self.columns(connection, schema, table), table, where)
@@ -663,22 +876,27 @@ class SQLiteAdapter:
     ) -> int:
         names = ", ".join(quote_sqlite(name) for name in columns.names)
         marks = ", ".join("?" * len(columns.names))
-        values = sqlite_values(columns, kinds)
-        connection.executemany(
-            f"INSERT INTO {self.identifier(schema, table)} ({names}) VALUES ({marks})",
-            zip(*values, strict=True),
-        )
+        try:
+            values = sqlite_values(columns, kinds)
+            connection.executemany(
+                f"INSERT INTO {self.identifier(schema, table)} ({names}) VALUES ({marks})",
+                zip(*values, strict=True),
+            )
+        except (ValueError, UnicodeError, OverflowError) as exc:
+            raise invalid_value(columns, kinds, postgres=False) or exc from None
         return payload_size(values)
 
     def select(
-        self, connection: Any, schema: str, table: str, where: Where | None
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        columns: Sequence[str] | None = None,
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """The rows of ``table`` matching ``where``: all columns, or ``columns`` in order."""
         info = self.columns(connection, schema, table) or []
-        self._check_columns(info, table, where)
-        clause, params = self._where(where)
-        names, rows = self.query(
-            connection, f"SELECT * FROM {self.identifier(schema, table)}{clause}", params
-        )
+        names, rows = self._select(connection, schema, table, where, columns=columns, info=info)
         kinds = {column.name: column.kind for column in info}
         if not rows or not any(kinds.get(name) for name in names):
             return names, rows
@@ -686,6 +904,67 @@ class SQLiteAdapter:
             by_column = zip(names, zip(*rows, strict=True), strict=True)
             decoded = [decode_sqlite_column(kinds.get(n), list(values)) for n, values in by_column]
             return names, list(zip(*decoded, strict=True))
+
+    def _select(
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        *,
+        columns: Sequence[str] | None,
+        info: list[ColumnInfo],
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        self._check_columns(info, table, where, columns)
+        clause, params = self._where(where)
+        projection = ", ".join(map(quote_sqlite, columns)) if columns else "*"
+        return self.query(
+            connection,
+            f"SELECT {projection} FROM {self.identifier(schema, table)}{clause}",
+            params,
+        )
+
+    def select_frame(
+        self,
+        connection: Any,
+        schema: str,
+        table: str,
+        where: Where | None,
+        *,
+        columns: Sequence[str] | None,
+        info: list[ColumnInfo],
+    ) -> LoadedFrame:
+        """The rows as a DataFrame built a column at a time (timestamps parsed by pandas, not
+        one ``fromisoformat`` per value); the same frame as a row-by-row load."""
+        import pandas as pd
+
+        names, rows = self._select(connection, schema, table, where, columns=columns, info=info)
+        kinds = {column.name: column.kind for column in info}
+        if not rows:
+            return LoadedFrame(pd.DataFrame(columns=names), 0)
+        data: dict[str, Any] = {}
+        size = 0
+        with gc_paused():
+            for position, name in enumerate(names):
+                values = list(map(operator.itemgetter(position), rows))
+                size += payload_size([values])
+                kind = kinds.get(name)
+                types = set(map(type, values))
+                if kind in ("timestamp", "timestamptz") and types <= {str, type(None)}:
+                    data[name] = pd.to_datetime(
+                        values, format="ISO8601", utc=kind == "timestamptz"
+                    ).as_unit("us")
+                    continue
+                values = decode_sqlite_column(kind, values)
+                types = set(map(type, values))
+                if types == {int, type(None)}:
+                    data[name] = pd.array(values, dtype="Int64")
+                elif types == {bool, type(None)}:
+                    data[name] = pd.array(values, dtype="boolean")
+                else:
+                    data[name] = values
+            frame = pd.DataFrame(data, columns=names)
+        return LoadedFrame(frame, size)
 
     def query(
         self, connection: Any, statement: str, params: Any = None

@@ -23,9 +23,11 @@ data that does not fit it is a :class:`SchemaMismatch` before anything is writte
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -37,8 +39,9 @@ from flowstone_dagster.external_db.adapters import (
     UNDEFINED_TABLE,
     Adapter,
     ColumnInfo,
+    LoadedFrame,
+    PostgresAdapter,
     SQLiteAdapter,
-    Where,
 )
 from flowstone_dagster.external_db.config import (
     DEFAULT_BUSY_TIMEOUT,
@@ -46,7 +49,7 @@ from flowstone_dagster.external_db.config import (
     DEFAULT_STATEMENT_TIMEOUT,
     PostgresConfig,
     SQLiteConfig,
-    SSLMode,
+    SSLModeSetting,
 )
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
@@ -107,7 +110,20 @@ def _shape_rows(names: list[str], rows: list[tuple[Any, ...]], as_dataframe: boo
         pandas = require_pandas()
         if not rows:
             return pandas.DataFrame(columns=names)
-        return pandas.DataFrame.from_records(rows, columns=names)
+        frame = pandas.DataFrame.from_records(rows, columns=names)
+        for position, name in enumerate(names):
+            # pandas turns integers with a NULL into float64, which changes values past 2**53,
+            # and booleans with a NULL into objects: such columns load as the nullable Int64
+            # and boolean dtypes instead (as COPY loads them).
+            kind = frame.dtypes.iloc[position].kind
+            if (kind == "f" and frame.iloc[:, position].hasnans) or kind == "O":
+                values = list(map(operator.itemgetter(position), rows))
+                types = set(map(type, values))
+                if types == {int, type(None)}:
+                    frame[name] = pandas.array(values, dtype="Int64")
+                elif types == {bool, type(None)}:
+                    frame[name] = pandas.array(values, dtype="boolean")
+        return frame
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
@@ -177,7 +193,7 @@ class ExternalDB:
         password: str | None = None,
         host: str = "localhost",
         port: int = 5432,
-        sslmode: SSLMode = "prefer",
+        sslmode: SSLModeSetting = "auto",
         sslrootcert: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         **options: Any,
@@ -250,9 +266,11 @@ class ExternalDB:
             remaining if self.statement_timeout is None else min(remaining, self.statement_timeout)
         )
 
-    def _attempt(
-        self, work: Callable[[Any], T], *, write: bool, idempotent: bool, table: str | None
-    ) -> T:
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool, idempotent: bool, table: str | None) -> Iterator[Any]:
+        """A connection inside a transaction (statement timeout set), committed when the block
+        ends, rolled back (or replaced, when lost) when it raises; driver errors become the
+        taxonomy's, never chained (their messages may quote a password)."""
         adapter = self.adapter
         with self._lock:
             timeout = self._timeout()
@@ -269,10 +287,9 @@ class ExternalDB:
                     self._discard()
                     connection, reused = self._checkout()
                     adapter.begin(connection, timeout, write=write)
-                result = work(connection)
+                yield connection
                 committing = True
                 adapter.commit(connection)
-                return result
             except BaseException as exc:
                 lost = adapter.is_disconnect(exc, connection)
                 error = adapter.translate(exc, table=table, timeout=timeout, connection=connection)
@@ -296,6 +313,34 @@ class ExternalDB:
                 if getattr(error, "service", None) is None:
                     error.service = self.service  # type: ignore[attr-defined]
                 raise error from None
+
+    def _attempt(
+        self, work: Callable[[Any], T], *, write: bool, idempotent: bool, table: str | None
+    ) -> T:
+        with self._transaction(write=write, idempotent=idempotent, table=table) as connection:
+            return work(connection)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """The database's own DB-API connection (psycopg2 or sqlite3) for SQL of your own,
+        inside one transaction: committed when the block ends, rolled back when it raises::
+
+            with db.connection() as connection:
+                cursor = connection.cursor()
+                cursor.execute("UPDATE orders SET status = %s WHERE id = %s", ["paid", 42])
+
+        Statements are bounded by ``statement_timeout``; errors are the taxonomy's
+        (``ConstraintViolation``, ``CallTimeout``, ``DatabaseError``...). The block runs once:
+        ``resilience`` retries only the package's own calls, which it can run again. One
+        ``flowstone.db.connection`` event per block. The connection is the one this
+        ``ExternalDB`` reuses: do not close it or keep it past the block.
+        """
+        measures: dict[str, Any] = {"adapter": self.adapter.name, "service": self.service}
+        with (
+            telemetry.span("flowstone.db.connection", **measures),
+            self._transaction(write=True, idempotent=False, table=None) as connection,
+        ):
+            yield connection
 
     def _run(
         self,
@@ -409,15 +454,20 @@ class ExternalDB:
 
     # -- tables ----------------------------------------------------------------------------------
 
-    def _schema(self, schema: str | None) -> str:
+    def _target(self, schema: str | None, table: str) -> tuple[str, str]:
+        """``(schema, table)`` in the database. SQLite has no schemas: a schema (an asset key
+        prefix) becomes a prefix of the table's name, ``sales__orders`` (as Dagster names the
+        asset's op), so that ``sales/orders`` and ``marketing/orders`` are distinct tables."""
         if isinstance(self.adapter, SQLiteAdapter):
-            if schema not in (None, "main"):
-                raise ConfigurationError(
-                    f"SQLite has no schemas; got {schema!r}: leave it unset (or 'main')",
-                    field="schema",
-                )
-            return "main"
-        return schema or "public"
+            if schema in (None, "main", "public"):
+                return "main", table
+            return "main", f"{schema}__{table}"
+        return schema or "public", table
+
+    def qualified(self, schema: str | None, table: str) -> str:
+        """The table's name as the database shows it: ``schema.table`` on PostgreSQL, the
+        table on SQLite (``schema__table`` for a schema other than ``main``/``public``)."""
+        return self.adapter.qualified(*self._target(schema, table))
 
     def load_table(
         self,
@@ -426,26 +476,46 @@ class ExternalDB:
         schema: str | None = None,
         partition: Mapping[str, Any] | None = None,
         selection: PartitionSelection | None = None,
+        columns: Sequence[str] | None = None,
         as_dataframe: bool = False,
     ) -> Any:
         """The rows of ``table`` (all, or those equal to ``partition``, e.g. ``{"day": day}``,
-        or of a Dagster ``selection``), as a list of dicts or a DataFrame.
+        or of a Dagster ``selection``), as a list of dicts or a DataFrame; all columns, or
+        ``columns`` in that order.
 
         A missing table raises :class:`DatabaseError` with ``sqlstate`` ``42P01``.
         """
-        schema = self._schema(schema)
-        where = _where_of(partition, selection)
+        schema, table = self._target(schema, table)
+        if selection is None and partition is not None:
+            selection = PartitionSelection.of(partition)
         qualified = self.adapter.qualified(schema, table)
-        self.adapter.identifier(schema, table)
+        self.adapter.identifier(schema, table, *(columns or ()))
 
-        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
-            if isinstance(self.adapter, SQLiteAdapter) and (
-                self.adapter.columns(connection, schema, table) is None
-            ):
-                raise _missing_table(qualified)
-            return self.adapter.select(connection, schema, table, where)
+        adapter = self.adapter
+        copy_frames = as_dataframe and isinstance(adapter, PostgresAdapter)
 
-        names, rows = self._run(
+        def work(connection: Any) -> tuple[list[str], list[tuple[Any, ...]]] | LoadedFrame:
+            info = None
+            # The column types decide how time-window bounds are bound, whether a
+            # partition_expr is a column or an expression, and whether COPY can load a frame.
+            if isinstance(adapter, SQLiteAdapter) or selection is not None or copy_frames:
+                info = adapter.columns(connection, schema, table)
+                if info is None:
+                    raise _missing_table(qualified)
+            where = selection.where(_kinds(info)) if selection is not None else None
+            if as_dataframe and isinstance(adapter, SQLiteAdapter) and info is not None:
+                return adapter.select_frame(
+                    connection, schema, table, where, columns=columns, info=info
+                )
+            if copy_frames and isinstance(adapter, PostgresAdapter) and info is not None:
+                copied = adapter.copy_frame(
+                    connection, schema, table, where, columns=columns, info=info
+                )
+                if copied is not None:
+                    return copied
+            return adapter.select(connection, schema, table, where, columns)
+
+        result = self._run(
             "flowstone.db.load",
             work,
             _load_measures,
@@ -453,6 +523,9 @@ class ExternalDB:
             idempotent=True,
             table=qualified,
         )
+        if isinstance(result, LoadedFrame):
+            return result.frame
+        names, rows = result
         return _shape(names, rows, as_dataframe)
 
     def store_table(
@@ -465,8 +538,12 @@ class ExternalDB:
         partition: Mapping[str, Any] | None = None,
         selection: PartitionSelection | None = None,
         create: bool = True,
+        declared: Sequence[tuple[str, Kind]] | None = None,
     ) -> TableStoreResult:
         """Store ``data`` (a list of dicts or a DataFrame) in ``table``, in one transaction.
+
+        ``declared`` (column names and kinds) creates the table when ``data`` has no columns
+        (an empty list), so that an empty first output still leaves a table to load from.
 
         ``mode="replace"`` first deletes the rows being replaced: those of ``partition`` (e.g.
         ``{"day": date(2025, 1, 15)}``; missing partition columns are filled in, and every row
@@ -481,16 +558,22 @@ class ExternalDB:
         """
         if mode not in ("replace", "append"):
             raise ConfigurationError("must be 'replace' or 'append'", field="write_mode")
-        schema = self._schema(schema)
+        schema, table = self._target(schema, table)
         if selection is None and partition is not None:
             selection = PartitionSelection.of(partition)
         columns = to_columns(data)
+        if not columns.names and declared:
+            columns = Columns(
+                [name for name, _ in declared],
+                [[] for _ in declared],
+                [kind for _, kind in declared],
+                0,
+            )
         if selection is not None:
             selection.apply(columns)
         self.adapter.identifier(schema, table)
         for name in columns.names:
             self.adapter.identifier(name)
-        where = selection.where() if selection is not None else None
         qualified = self.adapter.qualified(schema, table)
 
         def work(connection: Any) -> TableStoreResult:
@@ -501,7 +584,7 @@ class ExternalDB:
                 qualified=qualified,
                 columns=columns,
                 mode=mode,
-                where=where,
+                selection=selection,
                 create=create,
             )
 
@@ -523,12 +606,22 @@ class ExternalDB:
         qualified: str,
         columns: Columns,
         mode: WriteMode,
-        where: Where | None,
+        selection: PartitionSelection | None,
         create: bool,
     ) -> TableStoreResult:
         adapter = self.adapter
-        adapter.lock_table(connection, schema, table)
+        one_partition = (
+            selection.describe()
+            if selection is not None and selection.single and mode == "replace"
+            else None
+        )
+        adapter.lock_rows(connection, schema, table, one_partition)
         existing = adapter.columns(connection, schema, table)
+        if existing is None:
+            # Creating the table: wait for any other first store into the schema, then look
+            # again (it may have created the table meanwhile).
+            adapter.lock_creation(connection, schema)
+            existing = adapter.columns(connection, schema, table)
         created = False
         if existing is None:
             if not create:
@@ -544,6 +637,12 @@ class ExternalDB:
         else:
             kinds = _fit(existing, columns, qualified, self.service)
             described = [(c.name, c.declared) for c in existing]
+        if selection is None:
+            where = None
+        elif existing is None:
+            where = selection.where(dict(zip(columns.names, kinds, strict=True)))
+        else:
+            where = selection.where(_kinds(existing))
         deleted = adapter.delete(connection, schema, table, where) if mode == "replace" else 0
         sent = adapter.insert(connection, schema, table, columns, kinds) if columns.rows else 0
         return TableStoreResult(qualified, columns.rows, deleted, sent, created, described)
@@ -567,6 +666,29 @@ def _fit(
                 found=kind,
                 service=service,
             )
+        if column.kind == "integer" and kind == "float":
+            # A pandas integer column with a missing value arrives as float64: whole numbers
+            # fit the integer column, anything else is a mismatch naming the value.
+            position = columns.names.index(name)
+            values = columns.values[position]
+            fraction = next(
+                (v for v in values if v is not None and not float(v).is_integer()), None
+            )
+            if fraction is None:
+                columns.values[position] = [None if v is None else int(v) for v in values]
+                columns.kinds[position] = "integer"
+                kinds.append(column.kind)
+                continue
+            else:
+                raise SchemaMismatch(
+                    f"column {name!r} of {table} is {column.declared}, but the data holds "
+                    f"{fraction!r}, not a whole number; round the data, or migrate the column",
+                    table=table,
+                    column=name,
+                    expected=column.declared,
+                    found=kind,
+                    service=service,
+                )
         if not accepts(column.kind, kind):
             raise SchemaMismatch(
                 f"column {name!r} of {table} is {column.declared}, but the data holds {kind} "
@@ -587,14 +709,8 @@ def _missing_table(table: str, hint: str = "materialize its asset first") -> Dat
     )
 
 
-def _where_of(
-    partition: Mapping[str, Any] | None, selection: PartitionSelection | None
-) -> Where | None:
-    if selection is not None:
-        return selection.where()
-    if partition is not None:
-        return PartitionSelection.of(partition).where()
-    return None
+def _kinds(info: list[ColumnInfo] | None) -> dict[str, Kind | None]:
+    return {column.name: column.kind for column in info or ()}
 
 
 def _query(query: Query, params: Any, partition: Any, field: str) -> tuple[str, Any]:
@@ -612,7 +728,11 @@ def _query(query: Query, params: Any, partition: Any, field: str) -> tuple[str, 
     return query, params
 
 
-def _load_measures(result: tuple[list[str], list[tuple[Any, ...]]]) -> dict[str, Any]:
+def _load_measures(
+    result: tuple[list[str], list[tuple[Any, ...]]] | LoadedFrame,
+) -> dict[str, Any]:
+    if isinstance(result, LoadedFrame):
+        return {"rows": len(result.frame), "bytes": result.size}
     _, rows = result
     if not rows:
         return {"rows": 0, "bytes": 0}

@@ -16,12 +16,12 @@ In run config the union is a selector keyed by ``kind``::
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, cast
 
 import dagster as dg
 from pydantic import Field
 
-from flowstone_dagster.external_db.adapters import PostgresAdapter, SQLiteAdapter
+from flowstone_dagster.external_db.adapters import PostgresAdapter, SQLiteAdapter, is_local_host
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
@@ -30,6 +30,8 @@ __all__ = [
     "PostgresConfig",
     "SQLiteConfig",
     "SSLMode",
+    "SSLModeSetting",
+    "default_sslmode",
 ]
 
 #: Seconds a statement may run before the database cancels it (``CallTimeout``).
@@ -40,6 +42,22 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+#: ``sslmode`` as configured: a libpq mode, or ``auto`` (see :func:`default_sslmode`).
+SSLModeSetting = Literal[
+    "auto", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"
+]
+
+
+def default_sslmode(host: str, sslmode: SSLModeSetting, sslrootcert: str | None) -> SSLMode:
+    """The ``sslmode`` to connect with: the one given, else (``auto``) ``verify-full`` with a CA,
+    else
+    ``require`` for a server on another machine (encrypted, never a silent fall back to plain
+    text), else libpq's ``prefer``."""
+    if sslmode != "auto":
+        return cast(SSLMode, sslmode)
+    if sslrootcert:
+        return "verify-full"
+    return "prefer" if is_local_host(host) else "require"
 
 
 def _plain(value: str | None) -> str | None:
@@ -58,7 +76,12 @@ class PostgresConfig(dg.Config):
     password: str | None = Field(
         default=None, repr=False, description="Password. Use EnvVar('...')."
     )
-    sslmode: SSLMode = Field(default="prefer", description="libpq sslmode.")
+    sslmode: SSLModeSetting = Field(
+        default="auto",
+        description="libpq sslmode. auto: verify-full when sslrootcert is set, else require for "
+        "a server that is not on this machine (prefer for localhost, loopback addresses and "
+        "Unix sockets). Set prefer or disable explicitly to opt down.",
+    )
     sslrootcert: str | None = Field(
         default=None, description="PEM file of the CAs to trust (verify-ca, verify-full)."
     )
@@ -74,7 +97,7 @@ class PostgresConfig(dg.Config):
             database=self.database,
             user=self.user,
             password=_plain(self.password),
-            sslmode=self.sslmode,
+            sslmode=default_sslmode(self.host, self.sslmode, self.sslrootcert),
             sslrootcert=self.sslrootcert,
             connect_timeout=self.connect_timeout,
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from flowstone_dagster.errors import RETRYABLE_SQLSTATES, ExternalServiceError
 
-__all__ = ["ConstraintViolation", "DatabaseError", "SchemaMismatch"]
+__all__ = ["ConstraintViolation", "DatabaseError", "InvalidValue", "SchemaMismatch"]
 
 
 class DatabaseError(ExternalServiceError):
@@ -91,3 +91,25 @@ class SchemaMismatch(DatabaseError, ValueError):
         self.column = column
         self.expected = expected
         self.found = found
+
+
+class InvalidValue(DatabaseError, ValueError):
+    """A value the database cannot hold (NUL in PostgreSQL text, NaN or infinity inside JSON, a
+    lone surrogate in a string, an integer beyond 64 bits). Never retried: the same data fails
+    the same way. The transaction was rolled back.
+
+    ``column`` names the column and ``row`` the 1-based position of the row in the data.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        row: int | None = None,
+        service: str | None = None,
+    ) -> None:
+        super().__init__(message, table=table, service=service)
+        self.column = column
+        self.row = row

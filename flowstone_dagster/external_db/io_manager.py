@@ -1,36 +1,143 @@
-"""``ExternalDBIOManager``: asset tables in PostgreSQL or SQLite, per partition, through
-:class:`~flowstone_dagster.external_db.client.ExternalDB` (the guide is
-``docs/external_db.md``)."""
+"""``ExternalDBIOManager``: asset tables in PostgreSQL or SQLite, per partition, built on
+Dagster's ``DbIOManager`` (the guide is ``docs/external_db.md``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import dagster as dg
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import ConfigurationError
-from flowstone_dagster.external_db.adapters import UNDEFINED_TABLE
 from flowstone_dagster.external_db.client import ExternalDB, WriteMode
 from flowstone_dagster.external_db.config import (
-    DEFAULT_STATEMENT_TIMEOUT,
     PostgresConfig,
-    SQLiteConfig,
 )
-from flowstone_dagster.external_db.errors import DatabaseError
-from flowstone_dagster.external_db.partitions import select_partitions
-from flowstone_dagster.formats import wants_dataframe
-from flowstone_dagster.resilience import ResilienceResource, resolve
+from flowstone_dagster.external_db.dagster_db import (
+    DbIOManager,
+    DbTypeHandler,
+    TablePartitionDimension,
+    TableSlice,
+)
+from flowstone_dagster.external_db.db_client import ExternalDbClient
+from flowstone_dagster.external_db.partitions import check_partition_expr
+from flowstone_dagster.external_db.resource import ExternalDBSettings
+from flowstone_dagster.external_db.type_handlers import default_type_handlers
+from flowstone_dagster.resilience import resolve
 
 __all__ = ["ExternalDBIOManager"]
 
 T = TypeVar("T")
 
 
-class ExternalDBIOManager(dg.ConfigurableIOManager):
-    """Stores each asset output as rows of a table and loads inputs from it.
+def _origin(annotation: Any) -> Any:
+    """``list`` for ``list[dict[str, Any]]`` (``issubclass`` refuses parameterized generics,
+    which Dagster's ``DbIOManager`` passes it as they are)."""
+    return typing.get_origin(annotation) or annotation
+
+
+class _DbIOManager(DbIOManager):
+    """Dagster's ``DbIOManager``, with what its users rely on and it lacks: ``-> None`` assets
+    store nothing, annotations such as ``list[dict[str, Any]]``, inputs whose partition mapping
+    maps to no upstream partition (an empty value, also for multi-partitions), clear
+    ``partition_expr`` errors, telemetry and the one mapping of errors to Dagster."""
+
+    def __init__(
+        self,
+        *,
+        type_handlers: list[DbTypeHandler[Any]],
+        db_client: ExternalDbClient,
+        database: str,
+        schema: str | None,
+        write_mode: WriteMode,
+        dagster_errors: Callable[[Callable[[], Any]], Any],
+    ) -> None:
+        super().__init__(
+            type_handlers=type_handlers,
+            db_client=db_client,
+            database=database,
+            schema=schema,
+            io_manager_name="ExternalDBIOManager",
+            default_load_type=list,
+        )
+        self._write_mode = write_mode
+        self._dagster_errors = dagster_errors
+
+    def _check_supported_type(self, obj_type: Any) -> None:
+        super()._check_supported_type(_origin(obj_type))
+
+    def _resolve_handler(self, obj_type: type) -> DbTypeHandler[Any]:
+        return super()._resolve_handler(_origin(obj_type))
+
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        if obj is None and context.dagster_type.typing_type is type(None):
+            return  # an asset annotated "-> None" stores nothing
+        metadata = context.definition_metadata or {}
+        if context.has_asset_key:
+            check_partition_expr(context, metadata.get("partition_expr"))
+        with telemetry.observe(context, attach_metadata=False) as calls:
+            self._dagster_errors(lambda: super(_DbIOManager, self).handle_output(context, obj))
+        totals = calls.metadata()
+        mode = metadata.get("write_mode") or self._write_mode
+        if context.has_asset_partitions or mode == "replace":
+            # The same number as dagster/(partition_)row_count, under the key the UI shows.
+            totals.pop("flowstone/db.store/rows", None)
+        context.add_output_metadata(totals)
+
+    def load_input(self, context: dg.InputContext) -> object:
+        upstream = context.upstream_output
+        metadata = (upstream.definition_metadata if upstream is not None else None) or {}
+        if context.has_asset_key:
+            check_partition_expr(context, metadata.get("partition_expr"))
+        # Dagster takes input metadata for one partition only; several are still logged.
+        single = not context.has_asset_partitions or len(context.asset_partition_keys) == 1
+        with telemetry.observe(context, attach_metadata=single):
+            return self._dagster_errors(lambda: self._load(context, metadata))
+
+    def _load(self, context: dg.InputContext, metadata: Any) -> object:
+        definition = context.asset_partitions_def if context.has_asset_partitions else None
+        if isinstance(definition, dg.MultiPartitionsDefinition) and not (
+            context.asset_partition_keys
+        ):
+            return self._load_no_partition(context, definition, metadata)
+        return super().load_input(context)
+
+    def _load_no_partition(
+        self, context: dg.InputContext, definition: dg.MultiPartitionsDefinition, metadata: Any
+    ) -> object:
+        """An empty value with the table's columns: the input maps to no upstream partition
+        (a self-dependent asset's first partition, a mapping with no upstream key). Dagster's
+        own slice fails for multi-partitions here (it needs a key range), so the slice is built
+        by its rules: schema from metadata, then config, then the key's prefix."""
+        path = context.asset_key.path
+        schema = metadata.get("schema") or self._schema
+        if not schema:
+            schema = path[-2] if len(path) > 1 else "public"
+        expressions = metadata["partition_expr"]
+        table_slice = TableSlice(
+            table=path[-1],
+            schema=schema,
+            database=self._database,
+            columns=(context.definition_metadata or {}).get("columns"),
+            partition_dimensions=[
+                TablePartitionDimension(expressions[d.name], []) for d in definition.partitions_defs
+            ],
+        )
+        load_type = context.dagster_type.typing_type
+        if load_type is Any:
+            load_type = self._default_load_type
+        self._check_supported_type(load_type)
+        with self._db_client.connect(context, table_slice) as session:
+            return self._resolve_handler(cast(type, load_type)).load_input(
+                context, table_slice, session
+            )
+
+
+class ExternalDBIOManager(dg.ConfigurableIOManagerFactory, ExternalDBSettings):
+    """Stores each asset or op output as rows of a table and loads inputs from it, through
+    Dagster's ``DbIOManager`` (the rules of dagster-duckdb, dagster-snowflake and dagster-gcp).
 
     ``database`` is a :class:`PostgresConfig` or a :class:`SQLiteConfig`::
 
@@ -38,29 +145,27 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
                                                     user="etl", password=dg.EnvVar("PGPASSWORD")))
         ExternalDBIOManager(database=SQLiteConfig(path="/data/warehouse.sqlite3"))
 
-    The table is the asset key's last part, in the schema named by the key's prefix (the part
-    before the last), else ``schema``, else ``public`` (SQLite: no schemas). Asset definition
-    metadata overrides: ``table``, ``schema``, ``partition_expr`` (the column holding the
-    partition; for multi-partitions ``{dimension: column}``) and ``write_mode``.
+    The table is the asset key's last part (an op output: metadata ``table``, else the output's
+    name), in the schema named by metadata ``schema``, else the ``schema`` field, else the key's
+    prefix, else ``public`` (SQLite has no schemas: the schema prefixes the table's name,
+    ``sales__orders``). Definition metadata: ``partition_expr`` (the column holding the
+    partition; for multi-partitions ``{dimension: column}``), ``write_mode``; input metadata
+    ``columns`` loads only those columns. Outputs and inputs are pandas DataFrames or lists of
+    dicts (the default for unannotated inputs).
 
     Output metadata (one key per fact; the table is in ``docs/external_db.md``):
     ``dagster/table_name``, ``dagster/column_schema``, ``dagster/partition_row_count``
-    (partitioned) or ``dagster/row_count`` (unpartitioned replace), ``flowstone/db/partition``,
-    ``flowstone/db/rows_replaced``, ``flowstone/db/table_created`` and the step's
-    ``flowstone/db.store/...`` telemetry totals (``flowstone/db.store/rows`` only for appends,
-    where no Dagster key holds the row count).
+    (partitioned) or ``dagster/row_count`` (unpartitioned replace), ``Query``,
+    ``flowstone/db/partition``, ``flowstone/db/rows_replaced``, ``flowstone/db/table_created``
+    and the step's ``flowstone/db.store/...`` telemetry totals (``flowstone/db.store/rows`` only
+    for appends, where no Dagster key holds the row count).
     """
 
-    database: PostgresConfig | SQLiteConfig = Field(
-        discriminator="kind",
-        description="The database: postgres (host, port, database, user, password, sslmode, "
-        "sslrootcert, connect_timeout) or sqlite (path, busy_timeout).",
-    )
     schema_: str | None = Field(
         default=None,
         alias="schema",
-        description="PostgreSQL schema of tables whose asset key has no prefix (default "
-        "public); created when missing. SQLite: leave unset.",
+        description="Schema of tables without metadata `schema` (before the asset key's "
+        "prefix; default public); created when missing. SQLite: a prefix of the table name.",
     )
     write_mode: WriteMode = Field(
         default="replace",
@@ -72,59 +177,14 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
         description="Create a missing table from the data's types; if false a missing table is "
         "an error.",
     )
-    statement_timeout: float | None = Field(
-        default=DEFAULT_STATEMENT_TIMEOUT,
-        gt=0,
-        description="Seconds a statement may run before it is cancelled (CallTimeout). Null: no "
-        "limit.",
-    )
-    service: str | None = Field(
-        default=None,
-        description="Service name in errors, telemetry and the resilience policy. Null: the "
-        "database server, db:postgresql://host:port/database (no user or password) or "
-        "db:sqlite:<absolute path>.",
-    )
-    resilience: ResilienceResource | None = Field(
-        default=None,
-        description="Retry/breaker/rate-limit policy for each database call (policy `service`), "
-        "and whether errors become Dagster control flow (its dagster_errors). Without it, each "
-        "call is made once and errors are mapped to Dagster.",
-    )
-
-    _db: ExternalDB | None = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _sqlite_has_no_schemas(self) -> ExternalDBIOManager:
-        if self.database.kind == "sqlite" and self.schema_ not in (None, "main"):
-            raise ValueError("schema: SQLite has no schemas; leave it unset")
-        return self
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     @property
     def db(self) -> ExternalDB:
         """The :class:`ExternalDB` this manager stores through (one per process)."""
-        if self._db is None:
-            self._db = ExternalDB.from_config(
-                self.database,
-                statement_timeout=self.statement_timeout,
-                resilience=self.resilience,
-                service=self.service,
-            )
-        return self._db
+        return self.get_client()
 
-    def _table(self, asset_key: dg.AssetKey, metadata: Mapping[str, Any]) -> tuple[str | None, str]:
-        table = metadata.get("table") or asset_key.path[-1]
-        schema = metadata.get("schema") or self.schema_
-        if schema is None and len(asset_key.path) > 1 and self.database.kind == "postgres":
-            schema = asset_key.path[-2]
-        for field, value in (("table", table), ("schema", schema)):
-            if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"must be a string, got {value!r}", field=field)
-        return schema, str(table)
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close_client()
 
     def _dagster_errors(self, call: Callable[[], T]) -> T:
         """The one mapping to Dagster (``resolve(resilience).dagster_retries``): an open circuit
@@ -133,65 +193,15 @@ class ExternalDBIOManager(dg.ConfigurableIOManager):
         with resolve(self.resilience).dagster_retries(service=self.db.service):
             return call()
 
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if obj is None and context.dagster_type.typing_type is type(None):
-            return  # an asset annotated "-> None" stores nothing
-        metadata = context.definition_metadata or {}
-        schema, table = self._table(context.asset_key, metadata)
-        selection = select_partitions(context, metadata.get("partition_expr"))
-        mode = metadata.get("write_mode") or self.write_mode
-        with telemetry.observe(context, attach_metadata=False) as calls:
-            result = self._dagster_errors(
-                lambda: self.db.store_table(
-                    table,
-                    obj,
-                    schema=schema,
-                    mode=mode,
-                    selection=selection,
-                    create=self.create_tables,
-                )
-            )
-        output: dict[str, Any] = {"dagster/table_name": result.table}
-        if result.columns:
-            output["dagster/column_schema"] = dg.TableSchema(
-                columns=[dg.TableColumn(name, type_) for name, type_ in result.columns]
-            )
-        totals = calls.metadata()
-        if selection is not None:
-            output["dagster/partition_row_count"] = result.rows
-            output["flowstone/db/partition"] = selection.describe()
-        elif mode == "replace":
-            output["dagster/row_count"] = result.rows
-        if "dagster/partition_row_count" in output or "dagster/row_count" in output:
-            # The same number, under the Dagster key the UI shows.
-            totals.pop("flowstone/db.store/rows", None)
-        output["flowstone/db/rows_replaced"] = result.deleted
-        output["flowstone/db/table_created"] = result.created
-        context.add_output_metadata({**output, **totals})
-
-    def load_input(self, context: dg.InputContext) -> Any:
-        upstream = context.upstream_output
-        metadata = (upstream.definition_metadata if upstream is not None else None) or {}
-        schema, table = self._table(context.asset_key, metadata)
-        selection = select_partitions(context, metadata.get("partition_expr"))
-        as_dataframe = wants_dataframe(context)
-        # Dagster takes input metadata for one partition only; several are still logged.
-        single = not context.has_asset_partitions or len(context.asset_partition_keys) == 1
-
-        def load() -> Any:
-            try:
-                return self.db.load_table(
-                    table, schema=schema, selection=selection, as_dataframe=as_dataframe
-                )
-            except DatabaseError as exc:
-                if exc.sqlstate != UNDEFINED_TABLE:
-                    raise
-                raise DatabaseError(
-                    f"no table for asset {context.asset_key.to_user_string()}: {exc.message}",
-                    sqlstate=exc.sqlstate,
-                    table=exc.table,
-                    service=exc.service,
-                ) from None
-
-        with telemetry.observe(context, attach_metadata=single):
-            return self._dagster_errors(load)
+    def create_io_manager(self, context: dg.InitResourceContext) -> dg.IOManager:
+        database = self.database
+        return _DbIOManager(
+            type_handlers=default_type_handlers(),
+            db_client=ExternalDbClient(
+                lambda: self.db, write_mode=self.write_mode, create_tables=self.create_tables
+            ),
+            database=database.database if isinstance(database, PostgresConfig) else database.path,
+            schema=self.schema_,
+            write_mode=self.write_mode,
+            dagster_errors=self._dagster_errors,
+        )

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flowstone_dagster.external_db.errors import InvalidValue
 from flowstone_dagster.formats import gc_paused, is_dataframe, json_default
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "decode_sqlite_column",
     "gc_paused",
     "infer_kind",
+    "invalid_value",
+    "kind_of_declared_type",
     "kind_of_postgres_type",
     "kind_of_sqlite_type",
     "payload_size",
@@ -195,6 +198,8 @@ def accepts(existing: str | None, kind: str | None) -> bool:
     return kind in _ACCEPTS.get(existing, frozenset({existing}))
 
 
+_KIND_NAMES = frozenset(POSTGRES_TYPES)
+
 _POSTGRES_KINDS: dict[str, Kind] = {
     "int2": "integer",
     "int4": "integer",
@@ -217,6 +222,39 @@ _POSTGRES_KINDS: dict[str, Kind] = {
     "jsonb": "json",
     "uuid": "uuid",
 }
+
+
+_DECLARED_KINDS: dict[str, Kind] = {
+    "bigint": "integer",
+    "integer": "integer",
+    "int": "integer",
+    "smallint": "integer",
+    "double precision": "float",
+    "double": "float",
+    "float": "float",
+    "real": "float",
+    "decimal": "numeric",
+    "string": "text",
+    "str": "text",
+    "character varying": "text",
+    "boolean": "boolean",
+    "datetime": "timestamp",
+    "timestamp without time zone": "timestamp",
+    "timestamp with time zone": "timestamptz",
+    "bytes": "bytes",
+    "blob": "bytes",
+}
+
+
+def kind_of_declared_type(type_name: str) -> Kind | None:
+    """The kind of a column type as a user declares it (``dagster/column_schema``): PostgreSQL's
+    names (``bigint``, ``int8``, ``timestamp with time zone``, ``varchar(20)``), this package's
+    kinds (``integer``, ``timestamptz``, ``json``) and common ones (``int``, ``string``,
+    ``float``, ``datetime``); ``None`` when unknown."""
+    name = type_name.strip().lower().split("(", 1)[0].strip()
+    if name in _KIND_NAMES:
+        return name  # type: ignore[return-value]
+    return _DECLARED_KINDS.get(name) or _POSTGRES_KINDS.get(name)
 
 
 def kind_of_postgres_type(udt_name: str) -> Kind | None:
@@ -300,7 +338,10 @@ _DTYPE_KINDS: dict[str, Kind] = {"i": "integer", "u": "integer", "f": "float", "
 
 
 def _frame_to_columns(frame: Any) -> tuple[list[str], list[list[Any]], list[Kind | None]]:
-    """A DataFrame's columns as Python values, NaN/NaT/NA as None, and dtype kinds as hints."""
+    """A DataFrame's columns as Python values, NaN/NaT/NA as None, and dtype kinds as hints.
+
+    Numeric, boolean and datetime columns are converted a column at a time (``tolist``,
+    ``to_pydatetime``), not a value at a time."""
     import pandas as pd
 
     names: list[str] = []
@@ -310,19 +351,45 @@ def _frame_to_columns(frame: Any) -> tuple[list[str], list[list[Any]], list[Kind
         names.append(_check_name(name))
         series = frame[name]
         kind_code = series.dtype.kind
+        missing = series.isna()
+        gaps = bool(missing.any())
         if kind_code == "M":
             hints.append("timestamptz" if getattr(series.dtype, "tz", None) else "timestamp")
-            column = [None if v is pd.NaT else v.to_pydatetime() for v in series]
+            _refuse_nanoseconds(name, series)
+            column = series.array.to_pydatetime().tolist()
         else:
             hints.append(_DTYPE_KINDS.get(kind_code))
-            missing = series.isna()
-            column = series.astype(object).tolist()
-            if missing.any():
-                column = [None if gone else v for v, gone in zip(column, missing, strict=True)]
+            if kind_code in "iufb" and not gaps:
+                column = series.tolist()  # numpy scalars to Python ints/floats/bools in C
+            else:
+                column = series.astype(object).tolist()
             if kind_code == "O":
                 column = [v.to_pydatetime() if isinstance(v, pd.Timestamp) else v for v in column]
+        if gaps:
+            column = [None if gone else v for v, gone in zip(column, missing.tolist(), strict=True)]
         values.append(column)
     return names, values, hints
+
+
+def _refuse_nanoseconds(name: str, series: Any) -> None:
+    """Timestamps are stored to the microsecond (PostgreSQL's precision, and SQLite's text):
+    a value with nanoseconds would change without an error, so it is refused."""
+    import numpy as np
+
+    unit = np.datetime_data(series.dtype.base if hasattr(series.dtype, "base") else series.dtype)
+    if unit[0] != "ns":
+        return
+    ticks = series.array.asi8
+    lost = np.flatnonzero((ticks % 1000 != 0) & ~series.isna().to_numpy())
+    if len(lost):
+        row = int(lost[0])
+        raise InvalidValue(
+            f"column {name!r}, row {row + 1}: {series.iloc[row]} has nanoseconds, which would be "
+            "lost (timestamps are stored to the microsecond); round them first, e.g. "
+            "frame[column].dt.floor('us')",
+            column=name,
+            row=row + 1,
+        )
 
 
 def to_columns(data: Any) -> Columns:
@@ -347,8 +414,10 @@ def _to_columns(data: Any) -> Columns:
         rows = len(rows_list)
     if len(set(names)) != len(names):
         raise TypeError(f"duplicate column names in {names}")
+    # A DataFrame dtype (numbers, booleans, datetimes) is the column's kind: its values need
+    # no looking at. Object columns (and lists of dicts) are inferred from their values.
     kinds = [
-        infer_kind(name, column) or hint
+        hint or infer_kind(name, column)
         for name, column, hint in zip(names, values, hints, strict=True)
     ]
     return Columns(names, values, kinds, rows)
@@ -427,9 +496,11 @@ def copy_text(columns: Columns, kinds: Sequence[Kind | None], start: int, stop: 
             escaped = _escape_all(texts)
             if escaped is None:
                 row = start + next(i for i, v in enumerate(chunk) if "\x00" in str(v or ""))
-                raise ValueError(
+                raise InvalidValue(
                     f"column {name!r}, row {row + 1}: PostgreSQL text cannot contain NUL "
-                    "(\\x00) characters; remove them or store the value as bytes"
+                    "(\\x00) characters; remove them or store the value as bytes",
+                    column=name,
+                    row=row + 1,
                 )
             texts = escaped
         else:
@@ -441,6 +512,53 @@ def copy_text(columns: Columns, kinds: Sequence[Kind | None], start: int, stop: 
     if not encoded:
         return ""
     return "\n".join(map("\t".join, zip(*encoded, strict=True))) + "\n"
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _why_invalid(value: Any, kind: Kind | None, postgres: bool) -> str | None:
+    """Why the database cannot hold ``value`` (``None``: it can)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if postgres and "\x00" in value:
+            return "PostgreSQL text cannot contain NUL (\\x00) characters"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "the text holds a lone surrogate, which is not valid UTF-8"
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value not in _INT64 and (kind == "integer" or not postgres):
+            return f"{value} is out of range for a 64-bit integer"
+        return None
+    if isinstance(value, (dict, list)):
+        try:
+            _to_json(value).encode("utf-8")
+        except ValueError:
+            return "JSON cannot hold NaN or infinite floats"
+        except TypeError as exc:
+            return f"cannot be written as JSON ({exc})"
+    return None
+
+
+def invalid_value(
+    columns: Columns, kinds: Sequence[Kind | None], *, postgres: bool
+) -> InvalidValue | None:
+    """The first value of ``columns`` the database cannot hold, as an :class:`InvalidValue`
+    naming its column and row (``None`` when every value can be stored). Called after an
+    encoding or binding failure, to say where it is."""
+    for name, values, kind in zip(columns.names, columns.values, kinds, strict=True):
+        for row, value in enumerate(values):
+            reason = _why_invalid(value, kind, postgres)
+            if reason is not None:
+                return InvalidValue(
+                    f"column {name!r}, row {row + 1}: {reason}; nothing was written",
+                    column=name,
+                    row=row + 1,
+                )
+    return None
 
 
 def _sqlite_timestamptz(value: Any) -> str:

@@ -4,6 +4,7 @@ telemetry."""
 
 import datetime as dt
 import decimal
+import logging
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,11 +17,12 @@ import pytest
 from pydantic import ValidationError
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import CallTimeout, is_retryable
+from flowstone_dagster.errors import CallTimeout, TransportError, is_retryable
 from flowstone_dagster.external_db import ExternalDB, PostgresConfig, SQLiteConfig
 from flowstone_dagster.external_db.errors import (
     ConstraintViolation,
     DatabaseError,
+    InvalidValue,
     SchemaMismatch,
 )
 from flowstone_dagster_tests.support.postgres import PostgresCluster
@@ -415,3 +417,215 @@ def test_default_service_names_the_database_server(tmp_path: Path) -> None:
     assert sqlite.service == f"db:sqlite:{tmp_path / 'warehouse.sqlite3'}"
     named = ExternalDB.sqlite(tmp_path / "warehouse.sqlite3", service="warehouse")
     assert named.service == "warehouse"
+
+
+# -- values that must fail clearly, or round-trip unchanged --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "reason"),
+    [
+        pytest.param("ok", "a\x00b", "NUL", id="nul-in-text"),
+        pytest.param({"x": 1}, {"x": float("nan")}, "NaN", id="nan-in-json"),
+        pytest.param("ok", "lone \ud800 surrogate", "surrogate", id="lone-surrogate"),
+        pytest.param(5, 2**64, "out of range", id="int-beyond-64-bits"),
+    ],
+)
+def test_a_bad_value_is_a_data_error_naming_column_and_row(
+    target: Target, good: Any, bad: Any, reason: str
+) -> None:
+    target.db.store_table("kept", [{"v": 7, "w": good}])
+    rows: list[dict[str, Any]] = [{"v": 1, "w": good}] * 25_000 + [{"v": 2, "w": bad}]
+    if target.name == "sqlite" and bad == "a\x00b":  # SQLite text holds NUL
+        target.db.store_table("kept", rows)
+        assert target.db.load_table("kept")[-1] == {"v": 2, "w": bad}
+        return
+    with pytest.raises(InvalidValue) as raised:
+        target.db.store_table("kept", rows)
+    error = raised.value
+    assert (error.column, error.row) == ("w", 25_001)
+    assert reason in str(error)
+    assert not is_retryable(error)
+    assert target.db.load_table("kept") == [{"v": 7, "w": good}]
+
+
+def test_percent_and_other_characters_in_identifiers(target: Target) -> None:
+    table, column = "100% of % sales", "share %s %(x)s"
+    selection = {"day %": DAY}
+    target.db.store_table(table, [{column: 1}], partition=selection)
+    target.db.store_table(table, [{column: 2}], partition=selection)
+    assert target.db.load_table(table, partition=selection) == [{column: 2, "day %": DAY}]
+    target.db.store_table(table, [{column: 3, "day %": DAY}])  # replace all, no WHERE
+    assert target.db.load_table(table) == [{column: 3, "day %": DAY}]
+
+
+def test_nullable_integers_stay_integers_in_dataframes(target: Target) -> None:
+    big = 2**53 + 1
+    frame = pd.DataFrame({"n": pd.array([big, None], dtype="Int64")})
+    target.db.store_table("nullable", frame)
+    loaded = target.db.load_table("nullable", as_dataframe=True)
+    assert str(loaded["n"].dtype) == "Int64"
+    assert loaded["n"].tolist()[0] == big
+    assert loaded["n"].isna().tolist() == [False, True]
+
+
+def test_a_float_column_of_whole_numbers_fits_an_integer_column(target: Target) -> None:
+    target.db.store_table("counts", pd.DataFrame({"n": [1, 2]}))  # bigint / INTEGER
+    frame = pd.DataFrame({"n": [3, None]})  # pandas makes this float64 with NaN
+    target.db.store_table("counts", frame)
+    assert [row["n"] for row in target.db.load_table("counts")] == [3, None]
+    with pytest.raises(SchemaMismatch, match=r"1\.5"):
+        target.db.store_table("counts", pd.DataFrame({"n": [1.5]}))
+
+
+def test_sqlite_readers_are_not_blocked_by_a_writer(tmp_path: Path) -> None:
+    """WAL mode: a writer holding the database's exclusive lock (as a store does while it
+    commits) leaves readers reading the last committed rows."""
+    path = tmp_path / "wal.sqlite3"
+    with ExternalDB.sqlite(path, busy_timeout=1) as db:
+        db.store_table("t", [{"a": 1}])
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN EXCLUSIVE")
+            writer.execute('INSERT INTO "t" VALUES (2)')
+            assert db.load_table("t") == [{"a": 1}]
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "sslmode", "sslrootcert", "resolved"),
+    [
+        ("db.internal", "auto", None, "require"),
+        ("10.0.0.5", "auto", None, "require"),
+        ("db.internal", "auto", "/etc/ssl/our-ca.pem", "verify-full"),
+        ("localhost", "auto", None, "prefer"),
+        ("127.0.0.1", "auto", None, "prefer"),
+        ("::1", "auto", None, "prefer"),
+        ("/var/run/postgresql", "auto", None, "prefer"),
+        ("db.internal", "prefer", None, "prefer"),  # the documented opt-down
+        ("db.internal", "verify-ca", "/etc/ssl/our-ca.pem", "verify-ca"),
+    ],
+)
+def test_sslmode_defaults_to_an_encrypted_connection_off_this_machine(
+    host: str, sslmode: Any, sslrootcert: str | None, resolved: str
+) -> None:
+    config = PostgresConfig(
+        host=host, database="d", user="u", sslmode=sslmode, sslrootcert=sslrootcert
+    )
+    assert config.adapter().sslmode == resolved
+
+
+def test_unverified_tls_logs_one_warning_per_server(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="flowstone_dagster.external_db.adapters"):
+        for _ in range(2):
+            PostgresConfig(host="warn-once.internal", database="d", user="u").adapter()
+        PostgresConfig(
+            host="verified.internal", database="d", user="u", sslrootcert="/etc/ca.pem"
+        ).adapter()
+        PostgresConfig(host="127.0.0.1", database="d", user="u").adapter()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "warn-once.internal:5432" in messages[0]
+    assert "verification is off (sslmode=require)" in messages[0]
+
+
+@pytest.mark.postgres
+def test_required_tls_against_a_server_without_it_fails_clearly(
+    pg_database: PostgresCluster,
+) -> None:
+    """The test cluster has no TLS: sslmode=require refuses to fall back to plain text."""
+    with (
+        ExternalDB.postgres(
+            host=pg_database.host,
+            port=pg_database.port,
+            database=pg_database.database,
+            user=pg_database.user,
+            password=pg_database.password,
+            sslmode="require",
+        ) as db,
+        pytest.raises(TransportError, match="SSL") as raised,
+    ):
+        db.load("SELECT 1")
+    assert pg_database.password not in str(raised.value)
+
+
+@pytest.mark.postgres
+def test_dataframes_load_through_copy_as_they_load_row_by_row(pg_database: PostgresCluster) -> None:
+    """A DataFrame load reads COPY's output with pandas; it must give the same frame as the
+    row-by-row load (used when a column has a type COPY does not load, here jsonb)."""
+    texts = ["plain", "tab\tnew\nline", 'quote " comma , back \\ slash', "", None, "\\N", "é✓"]
+    n = len(texts)
+    frame = pd.DataFrame(
+        {
+            "i": list(range(n)),
+            "i_null": pd.array([1, None, 3, None, 2**53 + 1, 6, 7], dtype="Int64"),
+            "f": [0.1, float("nan"), 1e300, -0.0, 2.5, 3.0, 1 / 3],
+            "t": texts,
+            "b": [True, False, None, True, False, True, False],
+            "ts": pd.to_datetime(["2025-01-15 10:00:00.123456"] * (n - 1) + [None]),
+            "tz": pd.to_datetime(["2025-01-15T10:00:00+01:00"] * n, utc=True),
+            "j": [{"k": i} for i in range(n)],
+        }
+    )
+    with ExternalDB.postgres(
+        host=pg_database.host,
+        port=pg_database.port,
+        database=pg_database.database,
+        user=pg_database.user,
+        password=pg_database.password,
+    ) as db:
+        db.store_table("copied", frame)
+        names = ["i", "i_null", "f", "t", "b", "ts", "tz"]
+        copied = db.load_table("copied", columns=names, as_dataframe=True)
+        row_by_row = db.load_table("copied", columns=[*names, "j"], as_dataframe=True)
+    pd.testing.assert_frame_equal(copied, row_by_row[names])
+    assert copied["t"].tolist()[:4] == texts[:4]
+    assert copied["t"].isna().tolist() == [False, False, False, False, True, False, False]
+    assert copied["i_null"].tolist()[4] == 2**53 + 1
+
+
+def test_timestamps_with_nanoseconds_are_refused_not_rounded(target: Target) -> None:
+    at = pd.to_datetime(["2025-01-15 10:00:00.000001", "2025-01-15 10:00:00.000001001"])
+    with pytest.raises(InvalidValue) as raised:
+        target.db.store_table("precise", pd.DataFrame({"at": at}))
+    assert (raised.value.column, raised.value.row) == ("at", 2)
+    assert "nanoseconds" in str(raised.value)
+    target.db.store_table("precise", pd.DataFrame({"at": at.floor("us")}))
+    assert len(target.db.load_table("precise")) == 2
+
+
+def test_sqlite_dataframes_load_a_column_at_a_time_as_row_by_row(tmp_path: Path) -> None:
+    """The DataFrame load builds each column at once (timestamps parsed by pandas); it must give
+    the frame the rows give (the list-of-dicts load, made a frame by the same rules)."""
+    from flowstone_dagster.external_db.client import _shape_rows
+
+    n = 5
+    frame = pd.DataFrame(
+        {
+            "i": list(range(n)),
+            "i_null": pd.array([1, None, 3, None, 2**53 + 1], dtype="Int64"),
+            "f": [0.1, float("nan"), 1e300, -0.0, 2.5],
+            "t": ["plain", "tab\tnew\nline", "", None, "é✓"],
+            "b": [True, False, None, True, False],
+            "ts": pd.to_datetime(["2025-01-15 10:00:00.123456"] * (n - 1) + [None]),
+            "tz": pd.to_datetime(["2025-01-15T10:00:00+01:00"] * n, utc=True),
+            "d": [dt.date(2025, 1, i + 1) for i in range(n)],
+            "j": [{"k": i} for i in range(n)],
+            "n": [decimal.Decimal("1.10")] * n,
+        }
+    )
+    with ExternalDB.sqlite(tmp_path / "frames.sqlite3") as db:
+        db.store_table("frames", frame)
+        loaded = db.load_table("frames", as_dataframe=True)
+        rows = db.load_table("frames")
+    names = list(frame.columns)
+    expected = _shape_rows(names, [tuple(row[name] for name in names) for row in rows], True)
+    pd.testing.assert_frame_equal(loaded, expected)
+    assert loaded["i_null"].tolist()[4] == 2**53 + 1
