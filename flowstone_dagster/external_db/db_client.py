@@ -100,6 +100,10 @@ class TableSession:
                 # No upstream partition (a self-dependent asset's first partition): an empty
                 # value, also before the first store created the table.
                 return _empty(as_dataframe)
+            if _stored_no_rows(context):
+                # Its outputs were empty and named no columns, so no table could be created:
+                # what was stored is an empty value.
+                return _empty(as_dataframe)
             what = (
                 f"asset {context.asset_key.to_user_string()}"
                 if context.has_asset_key
@@ -111,6 +115,21 @@ class TableSession:
                 table=exc.table,
                 service=exc.service,
             ) from None
+
+
+def _stored_no_rows(context: dg.InputContext) -> bool:
+    """The upstream asset's latest materialization stored 0 rows (then no table exists only
+    because nothing said what its columns are); False for op outputs and assets never
+    materialized."""
+    if not context.has_asset_key:
+        return False
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    materialization = event.asset_materialization if event is not None else None
+    if materialization is None:
+        return False
+    metadata = materialization.metadata
+    rows = metadata.get("dagster/row_count", metadata.get("dagster/partition_row_count"))
+    return getattr(rows, "value", rows) == 0
 
 
 def _declared_columns(context: dg.OutputContext) -> list[tuple[str, Kind]] | None:

@@ -446,6 +446,41 @@ def test_an_empty_first_output_creates_the_table(backend: Backend) -> None:
         ]
 
 
+@dg.asset(io_manager_key="db")
+def no_rows_no_schema() -> list[dict[str, Any]]:
+    return []  # nothing says what its columns would be: no table can be created
+
+
+@dg.asset
+def reads_no_rows(no_rows_no_schema: list[dict[str, Any]]) -> int:
+    return len(no_rows_no_schema)
+
+
+@dg.asset(io_manager_key="db")
+def never_stored() -> list[dict[str, Any]]:
+    return [{"id": 1}]
+
+
+def test_an_empty_first_output_without_columns_loads_empty(backend: Backend) -> None:
+    """``[]`` and no declared ``dagster/column_schema``: no table, but the materialization
+    recorded 0 rows, so the downstream loads an empty value (not 'no table')."""
+    result = backend.materialize([no_rows_no_schema, reads_no_rows])
+    assert result.output_for_node("reads_no_rows") == 0
+    # An upstream that was never materialized still fails clearly: no silent empty value.
+    failed = dg.materialize(
+        [never_stored.to_source_asset(), reads_never_stored],
+        resources={"db": backend.manager},
+        instance=backend.instance,
+        raise_on_error=False,
+    )
+    assert not failed.success
+
+
+@dg.asset
+def reads_never_stored(never_stored: list[dict[str, Any]]) -> int:
+    return len(never_stored)
+
+
 # -- partition_expr as a SQL expression ----------------------------------------------------------
 
 
