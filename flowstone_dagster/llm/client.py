@@ -54,7 +54,12 @@ from urllib.parse import urlsplit
 import dagster as dg
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import ConfigurationError, FlowstoneError
+from flowstone_dagster.errors import (
+    ConfigurationError,
+    FlowstoneError,
+    MaxAttemptsExceeded,
+    RateLimited,
+)
 from flowstone_dagster.llm.failures import StreamInterrupted, to_taxonomy
 from flowstone_dagster.llm.messages import (
     LLMResponse,
@@ -105,7 +110,8 @@ logger = logging.getLogger(__name__)
 
 EVENT = "flowstone.llm.call"
 DEFAULT_MAX_TOKENS = 1024
-#: Seconds one request may take (for a stream: the longest silence between two chunks).
+#: Seconds one request may take as a whole: connecting, sending, and reading the whole answer
+#: (for a stream: from sending to its last event). The SDKs' own timeout bounds each read only.
 DEFAULT_TIMEOUT = 120.0
 PROVIDERS = ("anthropic", "openai", "openai_compatible")
 #: How much longer than the provider's our rate windows are, as a fraction (0.03: 3 %). A
@@ -183,8 +189,11 @@ class LLMClient:
         base_url: the endpoint (required for ``openai_compatible``, e.g.
             ``http://localhost:11434/v1`` for Ollama).
         max_tokens, temperature: defaults of every call.
-        timeout: seconds per request, the SDK's timeout (for a stream, between chunks); cut
-            to the policy's per-attempt ``timeout`` when that is sooner.
+        timeout: seconds one request may take as a whole (a trickled body, or a stream from
+            sending to its last event, is cut when they pass); cut to the policy's per-attempt
+            ``timeout`` when that is sooner.
+        stream_idle_timeout: for a stream, the longest silence between two events (``None``:
+            ``timeout``).
         rpm_limit, rpm_window: requests per minute, enforced per ``rpm_window`` seconds.
         tpm_limit: tokens (input + output) per minute, over a sliding minute.
         rate_limit_max_wait: the longest wait for the limits before ``RateLimited``.
@@ -210,6 +219,7 @@ class LLMClient:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        stream_idle_timeout: float | None = None,
         rpm_limit: float | None = None,
         rpm_window: float = DEFAULT_RPM_WINDOW,
         tpm_limit: float | None = None,
@@ -239,6 +249,11 @@ class LLMClient:
         checks: list[tuple[bool, str, str]] = [
             (max_tokens >= 1, "max_tokens", "must be at least 1"),
             (timeout > 0, "timeout", "must be positive"),
+            (
+                stream_idle_timeout is None or stream_idle_timeout > 0,
+                "stream_idle_timeout",
+                "must be positive",
+            ),
             (rpm_limit is None or rpm_limit > 0, "rpm_limit", "must be positive"),
             (rpm_window > 0, "rpm_window", "must be positive"),
             (tpm_limit is None or tpm_limit >= 1, "tpm_limit", "must be at least 1"),
@@ -257,6 +272,7 @@ class LLMClient:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.timeout = float(timeout)
+        self.stream_idle_timeout = stream_idle_timeout
         self.service = service or default_service(provider, base_url)
         self.resilience: ResilienceResource = resolve(resilience, default_policy=DEFAULT_POLICY)
         self.dagster_errors = dagster_errors
@@ -334,13 +350,25 @@ class LLMClient:
         return self.dagster_errors
 
     def _guarded(self, model: str, estimate: int, attempt: Callable[[], T]) -> T:
-        """``attempt`` (one request) through the one resilience path."""
-        return self.resilience.call(
-            self.service,
-            attempt,
-            limits=self._limits(model, estimate),
-            dagster_errors=self._to_dagster(),
-        )
+        """``attempt`` (one request) through the one resilience path.
+
+        A provider's 429 asking for a longer wait than the retries may take ends them: the
+        caller gets the ``RateLimited`` itself (with its ``retry_after``), not the retry
+        loop's ``MaxAttemptsExceeded`` wrapping it (the Dagster mapping is the same for both).
+        """
+        try:
+            return self.resilience.call(
+                self.service,
+                attempt,
+                limits=self._limits(model, estimate),
+                dagster_errors=self._to_dagster(),
+            )
+        except MaxAttemptsExceeded as exc:  # only with Dagster errors off
+            cause = exc.last_error
+            max_delay = self.resilience.policy_for(self.service).retry.max_delay
+            if not (isinstance(cause, RateLimited) and (cause.retry_after or 0) > max_delay):
+                raise
+        raise cause
 
     def _failure(self, exc: BaseException) -> BaseException:
         """What to raise for ``exc`` raised outside the resilience call (invalid JSON, a
@@ -549,6 +577,7 @@ class LLMClient:
             stop=stops,
             json=json,
             timeout=float(timeout),
+            idle_timeout=self.stream_idle_timeout,
         )
 
     def _measures(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:

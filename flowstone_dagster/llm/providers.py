@@ -23,13 +23,15 @@ provider               endpoint                      request
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anthropic
 import httpx2
 import openai
 
+from flowstone_dagster.llm.deadlines import RequestDeadline, on_response
 from flowstone_dagster.llm.messages import LLMResponse, Message, Usage
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 ProviderName = Literal["anthropic", "openai", "openai_compatible"]
+
+T = TypeVar("T")
 
 #: Called in the calling thread just before each request goes on the wire (after the SDK has
 #: built it): where the client takes its rate-limit admission, so that what the provider
@@ -80,7 +84,10 @@ class LLMRequest:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     json: bool = False
+    #: Seconds the whole request may take (for a stream: from sending to its last event).
     timeout: float = 120.0
+    #: For a stream: the longest silence between two events (``None``: ``timeout``).
+    idle_timeout: float | None = None
 
     def system_prompt(self) -> str | None:
         if not self.json:
@@ -99,6 +106,52 @@ class StreamState:
     complete: bool = False
     events: list[Any] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+
+
+def whole(request: LLMRequest, send: Callable[[], T]) -> T:
+    """``send()`` (one SDK request) within ``request.timeout`` as a whole: a body trickling
+    past it is cut (:mod:`.deadlines`) and reported as :class:`WholeRequestTimeout`."""
+    deadline = RequestDeadline(request.timeout)
+    try:
+        with deadline.watching():
+            return send()
+    except Exception as exc:
+        if deadline.expired:
+            raise deadline.timeout_error(exc) from None
+        raise
+    finally:
+        deadline.close()
+
+
+def _idle(request: LLMRequest, deadline: RequestDeadline) -> float:
+    """The SDK's per-read timeout of a stream: the idle timeout, within the whole deadline."""
+    idle = request.timeout if request.idle_timeout is None else request.idle_timeout
+    return min(idle, deadline.remaining())
+
+
+def _opened(deadline: RequestDeadline, send: Callable[[], T]) -> T:
+    """Open a stream (``send()``) under ``deadline``, which stays on until the stream ends."""
+    try:
+        with deadline.watching():
+            return send()
+    except Exception as exc:
+        deadline.close()
+        if deadline.expired:
+            raise deadline.timeout_error(exc) from None
+        raise
+
+
+@contextmanager
+def _watched(deadline: RequestDeadline) -> Iterator[None]:
+    """A stream's events under its whole deadline: a cut is a :class:`WholeRequestTimeout`."""
+    try:
+        yield
+    except Exception as exc:
+        if deadline.expired:
+            raise deadline.timeout_error(exc) from None
+        raise
+    finally:
+        deadline.close()
 
 
 class ProviderAdapter(Protocol):
@@ -132,7 +185,9 @@ class AnthropicAdapter:
             base_url=base_url,
             timeout=timeout,
             max_retries=0,
-            http_client=anthropic.DefaultHttpxClient(event_hooks={"request": [on_request]}),
+            http_client=anthropic.DefaultHttpxClient(
+                event_hooks={"request": [on_request], "response": [on_response]}
+            ),
         )
         _ = self.client.messages  # see _WARM_UP
 
@@ -150,7 +205,10 @@ class AnthropicAdapter:
         return params
 
     def create(self, request: LLMRequest) -> LLMResponse:
-        message = self.client.messages.create(**self._params(request), timeout=request.timeout)
+        message = whole(
+            request,
+            lambda: self.client.messages.create(**self._params(request), timeout=request.timeout),
+        )
         text = "".join(block.text for block in message.content if block.type == "text")
         return LLMResponse(
             text=text,
@@ -162,11 +220,15 @@ class AnthropicAdapter:
         )
 
     def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
-        events = self.client.messages.create(
-            **self._params(request), stream=True, timeout=request.timeout
+        deadline = RequestDeadline(request.timeout)
+        events = _opened(
+            deadline,
+            lambda: self.client.messages.create(
+                **self._params(request), stream=True, timeout=_idle(request, deadline)
+            ),
         )
         state.close = events.close
-        with events:
+        with events, _watched(deadline):
             for event in events:
                 state.events.append(event)
                 if event.type == "message_start":
@@ -211,7 +273,9 @@ class OpenAIAdapter:
             base_url=base_url,
             timeout=timeout,
             max_retries=0,
-            http_client=openai.DefaultHttpxClient(event_hooks={"request": [on_request]}),
+            http_client=openai.DefaultHttpxClient(
+                event_hooks={"request": [on_request], "response": [on_response]}
+            ),
         )
         _ = self.client.chat.completions  # see _WARM_UP
 
@@ -235,8 +299,11 @@ class OpenAIAdapter:
         return params
 
     def create(self, request: LLMRequest) -> LLMResponse:
-        completion = self.client.chat.completions.create(
-            **self._params(request), timeout=request.timeout
+        completion = whole(
+            request,
+            lambda: self.client.chat.completions.create(
+                **self._params(request), timeout=request.timeout
+            ),
         )
         choice = completion.choices[0] if completion.choices else None
         usage = completion.usage
@@ -250,14 +317,18 @@ class OpenAIAdapter:
         )
 
     def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
-        chunks = self.client.chat.completions.create(
-            **self._params(request),
-            stream=True,
-            stream_options={"include_usage": True},
-            timeout=request.timeout,
+        deadline = RequestDeadline(request.timeout)
+        chunks = _opened(
+            deadline,
+            lambda: self.client.chat.completions.create(
+                **self._params(request),
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=_idle(request, deadline),
+            ),
         )
         state.close = chunks.close
-        with chunks:
+        with chunks, _watched(deadline):
             for chunk in chunks:
                 state.events.append(chunk)
                 if chunk.model:

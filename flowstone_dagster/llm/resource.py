@@ -118,9 +118,15 @@ class LLMResource(dg.ConfigurableResource):
     timeout: float = Field(
         default=DEFAULT_TIMEOUT,
         gt=0,
-        description="Seconds one request may take, the SDK's timeout (a stream: the longest "
-        "silence between chunks); cut to the resilience policy's per-attempt timeout when that "
-        "is sooner. A call's `timeout=` overrides it.",
+        description="Seconds one request may take as a whole (a body trickling past it, or a "
+        "stream from sending to its last event, is cut: CallTimeout); cut to the resilience "
+        "policy's per-attempt timeout when that is sooner. A call's `timeout=` overrides it.",
+    )
+    stream_idle_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="For a stream, the longest silence between two events, in seconds. Null: "
+        "timeout.",
     )
     rpm_limit: float | None = Field(
         default=None,

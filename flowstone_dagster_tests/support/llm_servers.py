@@ -80,6 +80,7 @@ class Scripted:
     stream_error: tuple[int, str, str] | None = None  # after N deltas: (N, type, message)
     stall: threading.Event | None = None
     raw_body: str | None = None
+    trickle: float | None = None  # seconds between chunks of chunk_size (default 8) bytes
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,28 @@ class LLMServer:
         if isinstance(body, dict) and body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream_response(scripted, body, include_usage)
-        return self.success(scripted, body)
+        response = self.success(scripted, body)
+        if scripted.trickle is None:
+            return response
+        return self._trickled(response, scripted)
+
+    @staticmethod
+    def _trickled(response: Response, scripted: Scripted) -> Response:
+        """``response`` with its body sent ``chunk_size`` bytes at a time, ``trickle`` seconds
+        apart: each gap far below a read timeout, the whole far above it."""
+        data = response.get_data()
+        step, pause = scripted.chunk_size or 8, scripted.trickle or 0.0
+
+        def generate() -> Iterator[bytes]:
+            for start in range(0, len(data), step):
+                time.sleep(pause)
+                yield data[start : start + step]
+
+        headers = dict(response.headers.items())
+        headers["Content-Length"] = str(len(data))
+        return Response(
+            generate(), status=response.status, headers=headers, direct_passthrough=True
+        )
 
     def _over_limit(self, recorded: Recorded) -> Response | None:
         if self.rpm_limit is None:
@@ -237,6 +259,8 @@ class LLMServer:
                 data = event.encode()
                 step = scripted.chunk_size or len(data)
                 for start in range(0, len(data), step):
+                    if scripted.trickle is not None:
+                        time.sleep(scripted.trickle)
                     yield data[start : start + step]
                 sent_deltas += is_delta
 
