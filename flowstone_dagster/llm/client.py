@@ -47,7 +47,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
@@ -59,11 +60,15 @@ from flowstone_dagster.errors import (
     FlowstoneError,
     MaxAttemptsExceeded,
     RateLimited,
+    truncate,
 )
+from flowstone_dagster.llm import usage as _usage  # noqa: F401 - registers the listener
 from flowstone_dagster.llm.failures import StreamInterrupted, to_taxonomy
 from flowstone_dagster.llm.messages import (
     LLMResponse,
+    Message,
     Prompt,
+    System,
     Usage,
     estimate_tokens,
     normalize_messages,
@@ -76,6 +81,15 @@ from flowstone_dagster.llm.providers import (
     ProviderAdapter,
     StreamState,
     make_adapter,
+)
+from flowstone_dagster.llm.tools import (
+    InvalidOutput,
+    ToolCall,
+    ToolLoopExceeded,
+    ToolSpec,
+    output_spec,
+    tool_result,
+    tool_specs,
 )
 from flowstone_dagster.redaction import redact_exception_chain, register_secret
 from flowstone_dagster.resilience import (
@@ -99,6 +113,7 @@ __all__ = [
     "EVENT",
     "LLMClient",
     "LLMStream",
+    "ToolRun",
     "default_service",
     "limit_name",
     "origin_of",
@@ -384,13 +399,16 @@ class LLMClient:
         self,
         prompt: Prompt,
         *,
-        system: str | None = ...,
+        system: System | None = ...,
         model: str | None = ...,
         max_tokens: int | None = ...,
         temperature: float | None = ...,
         stop: str | list[str] | None = ...,
         json: Literal[False] = ...,
         timeout: float | None = ...,
+        output: None = ...,
+        output_retries: int = ...,
+        prompt_cache_key: str | None = ...,
     ) -> str: ...
 
     @overload
@@ -398,28 +416,52 @@ class LLMClient:
         self,
         prompt: Prompt,
         *,
-        system: str | None = ...,
+        system: System | None = ...,
+        model: str | None = ...,
+        max_tokens: int | None = ...,
+        temperature: float | None = ...,
+        stop: str | list[str] | None = ...,
+        json: bool = ...,
+        timeout: float | None = ...,
+        output: Any,
+        output_retries: int = ...,
+        prompt_cache_key: str | None = ...,
+    ) -> Any: ...
+
+    @overload
+    def call(
+        self,
+        prompt: Prompt,
+        *,
+        system: System | None = ...,
         model: str | None = ...,
         max_tokens: int | None = ...,
         temperature: float | None = ...,
         stop: str | list[str] | None = ...,
         json: Literal[True],
         timeout: float | None = ...,
+        output: Any = ...,
+        output_retries: int = ...,
+        prompt_cache_key: str | None = ...,
     ) -> Any: ...
 
     def call(
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> Any:
-        """The reply's text; with ``json=True`` the reply parsed as JSON.
+        """The reply's text; with ``json=True`` the reply parsed as JSON; with ``output=`` (a
+        pydantic model or a JSON schema) the validated reply (see :meth:`chat`).
 
         ``prompt`` is a string (one user message) or a list of ``{"role", "content"}``
         messages. Raises ``InvalidJSON`` (carrying the text) when ``json=True`` and the reply
@@ -436,24 +478,41 @@ class LLMClient:
             stop=stop,
             json=json,
             timeout=timeout,
+            output=output,
+            output_retries=output_retries,
+            prompt_cache_key=prompt_cache_key,
         )
+        if output is not None:
+            return response.parsed
         return response.json() if json else response.text
 
     def chat(
         self,
         messages: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> LLMResponse:
-        """The whole reply: text, model, stop reason, usage, the SDK's object and attempts.
+        """The whole reply: text, model, stop reason, usage, tool calls, the SDK's object and
+        attempts.
 
-        With ``json=True`` the reply is checked to parse (``InvalidJSON`` otherwise).
+        With ``json=True`` the reply is checked to parse (``InvalidJSON`` otherwise). With
+        ``tools=`` (functions, pydantic models or tool mappings; see :mod:`.tools`) the model
+        may ask for tool calls: ``response.tool_calls``, ``stop_reason`` ``tool_use`` /
+        ``tool_calls``; ``tool_choice`` is ``auto``, ``any``, ``none`` or a tool's name. With
+        ``output=`` (a pydantic model or a JSON schema) the provider's schema mode is used and
+        ``response.parsed`` is the validated reply; a reply that does not validate is sent
+        back with the errors up to ``output_retries`` times, then raises ``InvalidOutput``.
         """
         request = self._request(
             messages,
@@ -464,7 +523,43 @@ class LLMClient:
             stop=stop,
             json=json,
             timeout=timeout,
+            tools=tools,
+            tool_choice=tool_choice,
+            output=output,
+            prompt_cache_key=prompt_cache_key,
         )
+        if output_retries < 0:
+            raise ConfigurationError(
+                f"must not be negative, got {output_retries}", field="output_retries"
+            )
+        attempts = 0
+        for repair in range(output_retries + 1):
+            response = self._chat_once(request, check=repair == output_retries)
+            attempts += response.attempts
+            if request.output is None or repair == output_retries:
+                break  # the last round was validated inside its event (``parsed`` set)
+            try:
+                parsed = request.output.validate(response.text, service=self.service)
+            except InvalidOutput as exc:  # only before the last round (checked in it)
+                request = replace(
+                    request,
+                    messages=[
+                        *request.messages,
+                        {"role": "assistant", "content": response.text or "(empty)"},
+                        {
+                            "role": "user",
+                            "content": "Your reply does not follow the required JSON schema: "
+                            f"{truncate(exc.errors, 1500)}\nReply again with JSON only.",
+                        },
+                    ],
+                )
+                continue
+            return replace(response, parsed=parsed, attempts=attempts)
+        return replace(response, attempts=attempts)
+
+    def _chat_once(self, request: LLMRequest, *, check: bool = True) -> LLMResponse:
+        """One reply through the resilience path, with its telemetry event; ``check``: a reply
+        that does not parse (``json``) or validate (``output``) is raised, inside the event."""
         estimate = estimate_tokens(request.messages, request.system)
         measures = self._measures(request, stream=False)
         attempts = 0
@@ -475,18 +570,21 @@ class LLMClient:
             return self._send(request, self._adapter.create)
 
         started = time.perf_counter()
+        parsed: Any = None
         try:
             response = self._guarded(request.model, estimate, attempt)
-            measures.update(
-                model=response.model or request.model,
-                input_tokens=response.usage.input_tokens,
-                output_tokens=response.usage.output_tokens,
-                stop_reason=response.stop_reason,
-            )
+            measures.update(_usage_measures(response.usage))
+            measures.update(model=response.model or request.model, stop_reason=response.stop_reason)
+            if request.tools:
+                measures.update(tool_calls=len(response.tool_calls))
             self._record_actual(request.model, estimate, response.usage)
-            if json:
+            if check and (request.json or request.output is not None):
                 try:
-                    response.json()  # InvalidJSON, with the text, inside the event
+                    # InvalidJSON / InvalidOutput, with the text, inside the event
+                    if request.output is not None:
+                        parsed = request.output.validate(response.text, service=self.service)
+                    else:
+                        response.json()
                 except Exception as exc:
                     mapped = self._failure(exc)
                     if mapped is exc:
@@ -504,21 +602,71 @@ class LLMClient:
         telemetry.emit(
             EVENT, duration_s=time.perf_counter() - started, attempts=attempts, **measures
         )
-        return LLMResponse(
-            text=response.text,
-            model=response.model,
-            stop_reason=response.stop_reason,
-            usage=response.usage,
-            raw=response.raw,
-            provider=self.provider,
-            attempts=attempts,
+        return replace(response, provider=self.provider, attempts=attempts, parsed=parsed)
+
+    def run_tools(
+        self,
+        messages: Prompt,
+        *,
+        tools: Sequence[Any],
+        max_rounds: int = 8,
+        **options: Any,
+    ) -> ToolRun:
+        """Let the model call Python ``tools`` until it answers without a tool call.
+
+        ::
+
+            def order_status(order_id: str) -> str:
+                "The shipping status of one order."
+                return db.status(order_id)
+
+            run = llm.run_tools("Where is order 42?", tools=[order_status])
+            run.response.text, run.rounds, run.messages
+
+        Each round is one :meth:`chat` (limited, retried and counted like any call); every tool
+        call of a round runs here and its result (or its exception's ``type: message``, marked
+        as an error) is sent back. After ``max_rounds`` requests that still ask for tools,
+        ``ToolLoopExceeded`` (with the last reply). ``options`` are :meth:`chat`'s.
+        """
+        if max_rounds < 1:
+            raise ConfigurationError(f"must be at least 1, got {max_rounds}", field="max_rounds")
+        specs = tool_specs(tools)
+        runnable = {spec.name: spec for spec in specs}
+        for spec in specs:
+            if spec.function is None and spec.model is None:
+                raise ConfigurationError(
+                    f"tool {spec.name!r} has no Python function to run; run_tools needs "
+                    "functions (or pydantic models, whose instance is the result)",
+                    field="tools",
+                )
+        conversation: list[Message] = normalize_messages(messages)
+        usage = Usage()
+        calls = 0
+        for rounds in range(1, max_rounds + 1):
+            response = self.chat(conversation, tools=specs, **options)
+            usage = _add_usage(usage, response.usage)
+            conversation.append(response.message)
+            if not response.tool_calls:
+                return ToolRun(response, conversation, rounds, calls, usage)
+            # One message with every result of the round (Anthropic requires them together,
+            # right after the assistant's tool_use blocks; OpenAI gets one tool message each).
+            blocks: list[Any] = []
+            for call in response.tool_calls:
+                calls += 1
+                blocks.extend(_run_tool(runnable.get(call.name), call)["content"])
+            conversation.append({"role": "user", "content": blocks})
+        raise ToolLoopExceeded(
+            f"the model still asked for tools after {max_rounds} rounds "
+            f"({calls} tool calls); raise max_rounds or check the tools' results",
+            response=response,
+            rounds=max_rounds,
         )
 
     def stream(
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -549,13 +697,17 @@ class LLMClient:
         self,
         prompt: Prompt,
         *,
-        system: str | None,
+        system: System | None,
         model: str | None,
         max_tokens: int | None,
         temperature: float | None,
         stop: str | list[str] | None,
         json: bool,
         timeout: float | None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        output: Any = None,
+        prompt_cache_key: str | None = None,
     ) -> LLMRequest:
         if self._closed.is_set():
             raise ConfigurationError("this LLM client is closed", field="client")
@@ -568,6 +720,19 @@ class LLMClient:
             raise ConfigurationError(f"must be positive, got {timeout}", field="timeout")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         _check_temperature(self.provider, temperature)
+        specs = tool_specs(tools)
+        if tool_choice not in (None, "auto", "any", "none") and tool_choice not in {
+            spec.name for spec in specs
+        }:
+            raise ConfigurationError(
+                f"must be auto, any, none or the name of one of the tools, got {tool_choice!r}",
+                field="tool_choice",
+            )
+        if prompt_cache_key is not None and self.provider == "anthropic":
+            raise ConfigurationError(
+                "is OpenAI's; Anthropic caches the blocks marked with cache_control",
+                field="prompt_cache_key",
+            )
         return LLMRequest(
             model=model or self.model,
             messages=messages,
@@ -578,6 +743,10 @@ class LLMClient:
             json=json,
             timeout=float(timeout),
             idle_timeout=self.stream_idle_timeout,
+            tools=specs,
+            tool_choice=tool_choice,
+            output=output_spec(output),
+            prompt_cache_key=prompt_cache_key,
         )
 
     def _measures(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
@@ -771,6 +940,8 @@ class LLMStream:
                 state.output_tokens
                 if state.output_tokens is not None
                 else estimate_tokens([{"role": "assistant", "content": self.text}]),
+                state.cache_read_tokens,
+                state.cache_write_tokens,
             )
             self.usage, self.stop_reason = usage, state.stop_reason
             self.model = state.model or request.model
@@ -784,12 +955,8 @@ class LLMStream:
                 attempts=self.attempts,
             )
             client._record_actual(request.model, estimate, usage)
-            measures.update(
-                model=self.model,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                stop_reason=self.stop_reason,
-            )
+            measures.update(_usage_measures(usage))
+            measures.update(model=self.model, stop_reason=self.stop_reason)
         finally:
             if outcome != "ok" and opened:
                 measures.update(output_chars=len(self.text))
@@ -810,3 +977,49 @@ def _check_temperature(provider: str, temperature: float | None) -> None:
             "unset for provider anthropic",
             field="temperature",
         )
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """What :meth:`LLMClient.run_tools` did: the final reply, the whole conversation (to go
+    on with), the requests made (``rounds``), the tool calls run and the summed usage."""
+
+    response: LLMResponse
+    messages: list[Message]
+    rounds: int
+    tool_calls: int
+    usage: Usage
+
+
+def _run_tool(spec: ToolSpec | None, call: ToolCall) -> Message:
+    """Run one tool call; its result, or its failure, as the message to send back."""
+    if spec is None:
+        return tool_result(call, f"unknown tool {call.name!r}", is_error=True)
+    try:
+        if spec.function is not None:
+            result = spec.function(**call.arguments)
+        else:
+            assert spec.model is not None
+            result = spec.model.model_validate(call.arguments).model_dump(mode="json")
+    except Exception as exc:  # the model sees the failure and may recover
+        return tool_result(call, f"{type(exc).__name__}: {truncate(str(exc), 500)}", is_error=True)
+    if hasattr(result, "model_dump"):
+        result = result.model_dump(mode="json")
+    return tool_result(call, result)
+
+
+def _add_usage(total: Usage, more: Usage) -> Usage:
+    return Usage(
+        total.input_tokens + more.input_tokens,
+        total.output_tokens + more.output_tokens,
+        total.cache_read_tokens + more.cache_read_tokens,
+        total.cache_write_tokens + more.cache_write_tokens,
+    )
+
+
+def _usage_measures(usage: Usage) -> dict[str, int]:
+    measures = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    if usage.cache_read_tokens or usage.cache_write_tokens:
+        measures["cache_read_tokens"] = usage.cache_read_tokens
+        measures["cache_write_tokens"] = usage.cache_write_tokens
+    return measures

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import dagster as dg
@@ -69,8 +69,9 @@ from flowstone_dagster.llm.client import (
     DEFAULT_TIMEOUT,
     LLMClient,
     LLMStream,
+    ToolRun,
 )
-from flowstone_dagster.llm.messages import LLMResponse, Prompt
+from flowstone_dagster.llm.messages import LLMResponse, Prompt, System
 from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import ResilienceResource
 
@@ -223,15 +224,19 @@ class LLMResource(dg.ConfigurableResource):
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> Any:
-        """The reply's text (``json=True``: the parsed JSON); see :meth:`LLMClient.call`."""
+        """The reply's text (``json=True``: the parsed JSON; ``output=``: the validated reply);
+        see :meth:`LLMClient.call`."""
         response = self.chat(
             prompt,
             system=system,
@@ -241,22 +246,33 @@ class LLMResource(dg.ConfigurableResource):
             stop=stop,
             json=json,
             timeout=timeout,
+            output=output,
+            output_retries=output_retries,
+            prompt_cache_key=prompt_cache_key,
         )
+        if output is not None:
+            return response.parsed
         return response.json() if json else response.text
 
     def chat(
         self,
         messages: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> LLMResponse:
-        """The whole reply as an :class:`LLMResponse`; see :meth:`LLMClient.chat`."""
+        """The whole reply as an :class:`LLMResponse` (text, usage, ``tool_calls``,
+        ``parsed``); see :meth:`LLMClient.chat`."""
         return self.client().chat(
             messages,
             system=system,
@@ -266,13 +282,25 @@ class LLMResource(dg.ConfigurableResource):
             stop=stop,
             json=json,
             timeout=timeout,
+            tools=tools,
+            tool_choice=tool_choice,
+            output=output,
+            output_retries=output_retries,
+            prompt_cache_key=prompt_cache_key,
         )
+
+    def run_tools(
+        self, messages: Prompt, *, tools: Sequence[Any], max_rounds: int = 8, **options: Any
+    ) -> ToolRun:
+        """Let the model call Python ``tools`` until it answers; see
+        :meth:`LLMClient.run_tools`."""
+        return self.client().run_tools(messages, tools=tools, max_rounds=max_rounds, **options)
 
     def stream(
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import re
 import threading
 import time
 from collections import deque
@@ -81,6 +82,9 @@ class Scripted:
     stall: threading.Event | None = None
     raw_body: str | None = None
     trickle: float | None = None  # seconds between chunks of chunk_size (default 8) bytes
+    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, input)
+    cache_read: int = 0  # input tokens read from the prompt cache
+    cache_write: int = 0  # input tokens written to it (Anthropic only)
 
 
 @dataclass(frozen=True)
@@ -439,6 +443,139 @@ class AnthropicServer(LLMServer):
                 return self._invalid("stop_sequences: Input should be a valid list of strings")
         if "stream" in body and not isinstance(body["stream"], bool):
             return self._invalid("stream: Input should be a valid boolean")
+        return (
+            self._check_system_blocks(body)
+            or self._check_content_blocks(messages)
+            or self._check_tools(body)
+            or self._check_output_config(body)
+        )
+
+    #: The content blocks this server understands, with their fields (the Messages API's).
+    BLOCK_FIELDS: Mapping[str, frozenset[str]] = {
+        "text": frozenset({"type", "text", "cache_control", "citations"}),
+        "tool_use": frozenset({"type", "id", "name", "input", "cache_control"}),
+        "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+    }
+
+    def _check_cache_control(self, where: str, block: Mapping[str, Any]) -> Response | None:
+        if "cache_control" not in block or block["cache_control"] is None:
+            return None
+        control = block["cache_control"]
+        if (
+            not isinstance(control, dict)
+            or control.get("type") != "ephemeral"
+            or set(control) - {"type", "ttl"}
+            or control.get("ttl", "5m") not in ("5m", "1h")
+        ):
+            return self._invalid(f"{where}.cache_control: Input should be {{'type': 'ephemeral'}}")
+        return None
+
+    def _check_system_blocks(self, body: dict[str, Any]) -> Response | None:
+        system = body.get("system")
+        if not isinstance(system, list):
+            return None
+        for index, block in enumerate(system):
+            extra = set(block) - self.BLOCK_FIELDS["text"]
+            if extra:
+                return self._invalid(
+                    f"system.{index}.{sorted(extra)[0]}: Extra inputs are not permitted"
+                )
+            problem = self._check_cache_control(f"system.{index}", block)
+            if problem is not None:
+                return problem
+        return None
+
+    def _check_content_blocks(self, messages: list[Any]) -> Response | None:
+        previous_tool_ids: set[str] = set()
+        for index, message in enumerate(messages):
+            content = message["content"]
+            tool_ids: set[str] = set()
+            for number, block in enumerate(content if isinstance(content, list) else []):
+                where = f"messages.{index}.content.{number}"
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind not in self.BLOCK_FIELDS:
+                    return self._invalid(f"{where}.type: Input tag {kind!r} is not a block type")
+                extra = set(block) - self.BLOCK_FIELDS[kind]
+                if extra:
+                    return self._invalid(
+                        f"{where}.{sorted(extra)[0]}: Extra inputs are not permitted"
+                    )
+                problem = self._check_cache_control(where, block)
+                if problem is not None:
+                    return problem
+                if kind == "tool_use":
+                    if message["role"] != "assistant" or not isinstance(block.get("input"), dict):
+                        return self._invalid(f"{where}: tool_use blocks belong to the assistant")
+                    tool_ids.add(str(block.get("id")))
+                if kind == "tool_result" and block.get("tool_use_id") not in previous_tool_ids:
+                    return self._invalid(
+                        f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block.get('tool_use_id')}. Each `tool_result` block must have a "
+                        "corresponding `tool_use` block in the previous message."
+                    )
+            previous_tool_ids = tool_ids
+        return None
+
+    def _check_tools(self, body: dict[str, Any]) -> Response | None:
+        names: set[str] = set()
+        tools = body.get("tools", [])
+        if not isinstance(tools, list):
+            return self._invalid("tools: Input should be a valid list")
+        for index, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                return self._invalid(f"tools.{index}: Input should be an object")
+            extra = set(tool) - {
+                "name",
+                "description",
+                "input_schema",
+                "cache_control",
+                "type",
+                "strict",
+            }
+            if extra:
+                return self._invalid(
+                    f"tools.{index}.{sorted(extra)[0]}: Extra inputs are not permitted"
+                )
+            name = tool.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9_-]{1,128}", name):
+                return self._invalid(f"tools.{index}.name: String should match pattern")
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict) or schema.get("type") != "object":
+                return self._invalid(f"tools.{index}.input_schema.type: Input should be 'object'")
+            names.add(name)
+        if "tool_choice" in body:
+            choice = body["tool_choice"]
+            if not isinstance(choice, dict) or choice.get("type") not in (
+                "auto",
+                "any",
+                "tool",
+                "none",
+            ):
+                return self._invalid(
+                    "tool_choice: Input tag does not match any of the expected tags"
+                )
+            if choice["type"] == "tool" and choice.get("name") not in names:
+                return self._invalid(
+                    f"tool_choice.name: tool {choice.get('name')!r} not found in tools"
+                )
+        return None
+
+    def _check_output_config(self, body: dict[str, Any]) -> Response | None:
+        if "output_config" not in body:
+            return None
+        config = body["output_config"]
+        if not isinstance(config, dict) or set(config) - {"effort", "format"}:
+            return self._invalid("output_config: Extra inputs are not permitted")
+        fmt = config.get("format")
+        if fmt is not None and (
+            not isinstance(fmt, dict)
+            or fmt.get("type") != "json_schema"
+            or set(fmt) != {"type", "schema"}
+            or not isinstance(fmt["schema"], dict)
+        ):
+            return self._invalid(
+                "output_config.format: Input should be {'type': 'json_schema', 'schema': {...}}"
+            )
         return None
 
     def limit_headers(self) -> dict[str, str]:
@@ -450,17 +587,42 @@ class AnthropicServer(LLMServer):
             "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
         }
 
+    @staticmethod
+    def _usage(scripted: Scripted, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        """Anthropic's usage: ``input_tokens`` excludes the cache's reads and writes."""
+        return {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": scripted.cache_write,
+            "cache_read_input_tokens": scripted.cache_read,
+            "output_tokens": output_tokens,
+        }
+
     def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
         input_tokens, output_tokens = self.usage_of(scripted, body)
+        content: list[dict[str, Any]] = (
+            [{"type": "text", "text": scripted.text}]
+            if scripted.text or not scripted.tool_calls
+            else []
+        )
+        content.extend(
+            {
+                "type": "tool_use",
+                "id": f"toolu_{next(self._ids):08d}",
+                "name": name,
+                "input": arguments,
+            }
+            for name, arguments in scripted.tool_calls
+        )
         message = {
             "id": f"msg_{next(self._ids):08d}",
             "type": "message",
             "role": "assistant",
             "model": scripted.model or body["model"],
-            "content": [{"type": "text", "text": scripted.text}],
-            "stop_reason": scripted.stop_reason or "end_turn",
+            "content": content,
+            "stop_reason": scripted.stop_reason
+            or ("tool_use" if scripted.tool_calls else "end_turn"),
             "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "usage": self._usage(scripted, input_tokens, output_tokens),
         }
         return Response(
             json.dumps(message),
@@ -485,7 +647,7 @@ class AnthropicServer(LLMServer):
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                    "usage": self._usage(scripted, input_tokens, 1),
                 },
             },
         )
@@ -554,9 +716,13 @@ class OpenAIServer(LLMServer):
             "logit_bias",
             "logprobs",
             "top_logprobs",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "parallel_tool_calls",
         }
     )
     ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+    MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
 
     @property
     def base_url(self) -> str:
@@ -620,16 +786,53 @@ class OpenAIServer(LLMServer):
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             return self._invalid("'messages' must be a non-empty array.", "messages")
+        open_calls: set[str] = set()
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in self.ROLES:
                 return self._invalid(
                     f"Invalid value for 'messages[{index}].role'.", f"messages[{index}].role"
                 )
-            if not isinstance(message.get("content"), (str, list)):
+            extra = set(message) - self.MESSAGE_FIELDS
+            if extra:
+                return self._invalid(
+                    f"Unrecognized request argument supplied: messages[{index}].{sorted(extra)[0]}"
+                )
+            calls = message.get("tool_calls")
+            if calls is not None:
+                if message["role"] != "assistant" or not isinstance(calls, list):
+                    return self._invalid(f"Invalid 'messages[{index}].tool_calls'.")
+                for call in calls:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if (
+                        not isinstance(function, dict)
+                        or call.get("type") != "function"
+                        or set(call) != {"id", "type", "function"}
+                        or set(function) != {"name", "arguments"}
+                        or not isinstance(function["arguments"], str)
+                    ):
+                        return self._invalid(f"Invalid 'messages[{index}].tool_calls'.")
+                    open_calls.add(call["id"])
+            if message["role"] == "tool" and message.get("tool_call_id") not in open_calls:
+                return self._invalid(
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'.",
+                    f"messages.[{index}].role",
+                )
+            content = message.get("content")
+            if not (isinstance(content, (str, list)) or (content is None and calls)):
                 return self._invalid(
                     f"Missing required parameter: 'messages[{index}].content'.",
                     f"messages[{index}].content",
                 )
+            for part in content if isinstance(content, list) else []:
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or set(part) != {"type", "text"}
+                ):
+                    return self._invalid(
+                        f"Invalid 'messages[{index}].content': unknown content part {part!r}."
+                    )
         for name in ("max_tokens", "max_completion_tokens"):
             if name in body:
                 value = body[name]
@@ -651,15 +854,92 @@ class OpenAIServer(LLMServer):
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                 "stream_options",
             )
+        if "prompt_cache_key" in body and not isinstance(body["prompt_cache_key"], str):
+            return self._invalid("Invalid type for 'prompt_cache_key'.", "prompt_cache_key")
+        problem = self._check_tools(body)
+        if problem is not None:
+            return problem
         if "response_format" in body:
             kind = (body["response_format"] or {}).get("type")
             if kind not in ("text", "json_object", "json_schema"):
                 return self._invalid("Invalid 'response_format.type'.", "response_format.type")
+            if kind == "json_schema":
+                problem = self._check_json_schema(body["response_format"])
+                if problem is not None:
+                    return problem
             if kind == "json_object" and "json" not in json.dumps(messages).lower():
                 return self._invalid(
                     "'messages' must contain the word 'json' in some form, to use "
                     "'response_format' of type 'json_object'.",
                     "messages",
+                )
+        return None
+
+    def _check_tools(self, body: dict[str, Any]) -> Response | None:
+        names: set[str] = set()
+        for index, tool in enumerate(body.get("tools") or []):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if (
+                not isinstance(function, dict)
+                or tool.get("type") != "function"
+                or set(tool) != {"type", "function"}
+                or set(function) - {"name", "description", "parameters", "strict"}
+                or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(function.get("name")))
+            ):
+                return self._invalid(f"Invalid 'tools[{index}]'.", f"tools[{index}]")
+            names.add(function["name"])
+        if "tool_choice" in body:
+            choice = body["tool_choice"]
+            if not names:
+                return self._invalid(
+                    "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                    "'tools' are specified.",
+                    "tool_choice",
+                )
+            named = (
+                isinstance(choice, dict)
+                and choice.get("type") == "function"
+                and choice.get("function", {}).get("name") in names
+            )
+            if choice not in ("auto", "none", "required") and not named:
+                return self._invalid("Invalid value for 'tool_choice'.", "tool_choice")
+        return None
+
+    def _check_json_schema(self, response_format: dict[str, Any]) -> Response | None:
+        spec = response_format.get("json_schema")
+        if (
+            set(response_format) != {"type", "json_schema"}
+            or not isinstance(spec, dict)
+            or set(spec) - {"name", "description", "schema", "strict"}
+            or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(spec.get("name")))
+        ):
+            return self._invalid(
+                "Invalid 'response_format.json_schema'.", "response_format.json_schema"
+            )
+        if spec.get("strict"):
+
+            def problem(node: Any) -> str | None:
+                if isinstance(node, dict):
+                    if node.get("type") == "object":
+                        if node.get("additionalProperties") is not False:
+                            return (
+                                "'additionalProperties' is required to be supplied and to be false"
+                            )
+                        if set(node.get("properties", {})) != set(node.get("required", [])):
+                            return (
+                                "'required' is required to be supplied and to be an array "
+                                "including every key in properties"
+                            )
+                    return next(filter(None, (problem(value) for value in node.values())), None)
+                if isinstance(node, list):
+                    return next(filter(None, (problem(value) for value in node)), None)
+                return None
+
+            found = problem(spec.get("schema", {}))
+            if found is not None:
+                return self._invalid(
+                    f"Invalid schema for response_format '{spec['name']}': {found}.",
+                    "response_format",
                 )
         return None
 
@@ -671,8 +951,34 @@ class OpenAIServer(LLMServer):
             "x-ratelimit-reset-requests": f"{self.rpm_window:g}s",
         }
 
+    @staticmethod
+    def _usage(scripted: Scripted, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        """OpenAI's usage: ``prompt_tokens`` includes the cached ones."""
+        prompt = input_tokens + scripted.cache_read
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": output_tokens,
+            "total_tokens": prompt + output_tokens,
+            "prompt_tokens_details": {"cached_tokens": scripted.cache_read, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        }
+
     def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
         input_tokens, output_tokens = self.usage_of(scripted, body)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": scripted.text if scripted.text or not scripted.tool_calls else None,
+            "refusal": None,
+        }
+        if scripted.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{next(self._ids):08d}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments)},
+                }
+                for name, arguments in scripted.tool_calls
+            ]
         completion = {
             "id": f"chatcmpl-{next(self._ids):08d}",
             "object": "chat.completion",
@@ -681,16 +987,13 @@ class OpenAIServer(LLMServer):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": scripted.text, "refusal": None},
+                    "message": message,
                     "logprobs": None,
-                    "finish_reason": scripted.stop_reason or "stop",
+                    "finish_reason": scripted.stop_reason
+                    or ("tool_calls" if scripted.tool_calls else "stop"),
                 }
             ],
-            "usage": {
-                "prompt_tokens": input_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            },
+            "usage": self._usage(scripted, input_tokens, output_tokens),
         }
         return Response(
             json.dumps(completion),
@@ -726,11 +1029,7 @@ class OpenAIServer(LLMServer):
             return
         yield chunk({}, scripted.stop_reason or "stop")
         if include_usage:
-            usage = {
-                "prompt_tokens": input_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            }
+            usage = self._usage(scripted, input_tokens, output_tokens)
             yield _sse(None, {**base, "choices": [], "usage": usage})
         yield _sse(None, "[DONE]")
 
