@@ -59,7 +59,13 @@ class _Watchdog:
     def watch(self, deadline: RequestDeadline, sock: socket.socket) -> _Watch:
         entry = _Watch(deadline, sock)
         with self._wake:
-            heapq.heappush(self._heap, (deadline.at, next(self._order), entry))
+            order = next(self._order)
+            if order % 1024 == 0 and len(self._heap) >= 1024:
+                # Finished requests stay in the heap until their deadline; drop them now and
+                # then, so that the heap holds about the requests in flight.
+                self._heap = [item for item in self._heap if item[2].active]
+                heapq.heapify(self._heap)
+            heapq.heappush(self._heap, (deadline.at, order, entry))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="flowstone-llm-deadlines", daemon=True
