@@ -359,6 +359,22 @@ class LLMClient:
             )
         return limits
 
+    def limits_for(self, model: str | None = None) -> list[tuple[str, RateLimitConfig, float]]:
+        """The limits one request of ``model`` takes when its tokens are not known (a request
+        of the governed SDK client): the rpm limit."""
+        return self._limits(model or self.model, 0)[:1] if self.rpm is not None else []
+
+    def sdk_client(self, context: Any = None) -> Any:
+        """A new official SDK client (``anthropic.Anthropic`` / ``openai.OpenAI``) for this
+        endpoint whose every request goes through this client's resilience path (breaker, rpm
+        limit, retries, telemetry); see :mod:`.governed`. ``context``: the Dagster context
+        its usage counts for when it is used from a worker thread."""
+        from flowstone_dagster.llm.governed import governed_sdk_client
+
+        return governed_sdk_client(
+            self, api_key=self._secrets[0] if self._secrets else None, context=context
+        )
+
     def _to_dagster(self) -> bool:
         if self.dagster_errors is None:
             return self.resilience.dagster_errors

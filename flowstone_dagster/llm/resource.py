@@ -289,6 +289,14 @@ class LLMResource(dg.ConfigurableResource):
             prompt_cache_key=prompt_cache_key,
         )
 
+    def get_client(self, context: Any = None) -> Any:
+        """The official SDK client (``anthropic.Anthropic`` / ``openai.OpenAI``), governed:
+        each of its requests goes through this resource's breaker, rpm limit, retries and
+        telemetry, and its usage counts in the step's ``flowstone/llm/...`` metadata (as
+        ``dagster-openai``'s ``get_client(context)``); ``context`` makes that work from worker
+        threads too. Usable as a context manager (``with llm.get_client(context) as sdk``)."""
+        return self.client().sdk_client(context)
+
     def run_tools(
         self, messages: Prompt, *, tools: Sequence[Any], max_rounds: int = 8, **options: Any
     ) -> ToolRun:

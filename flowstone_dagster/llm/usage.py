@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,13 @@ import dagster as dg
 
 from flowstone_dagster import telemetry
 
-__all__ = ["METADATA_PREFIX", "UsageTotals", "attach_usage", "current_step_context"]
+__all__ = [
+    "METADATA_PREFIX",
+    "UsageTotals",
+    "attach_usage",
+    "attributed_to",
+    "current_step_context",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +105,29 @@ def current_step_context() -> dg.OpExecutionContext | None:
         return None
 
 
+_explicit = threading.local()
+
+
+@contextmanager
+def attributed_to(context: Any) -> Iterator[None]:
+    """Events emitted in the block (in this thread) count for ``context``'s step (``None``:
+    the step running in this thread, if any): for a governed SDK client made with a context
+    and used from a worker thread."""
+    previous = getattr(_explicit, "context", None)
+    _explicit.context = context
+    try:
+        yield
+    finally:
+        _explicit.context = previous
+
+
 def attach_usage(event: telemetry.TelemetryEvent) -> None:
     """The telemetry listener: add an LLM call to its step's output metadata."""
     if event.name != EVENT:
         return
-    context = current_step_context()
+    context = getattr(_explicit, "context", None) or current_step_context()
+    if isinstance(context, dg.AssetExecutionContext):
+        context = context.op_execution_context
     if context is None:
         return
     with _lock:

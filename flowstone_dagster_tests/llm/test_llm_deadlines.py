@@ -64,9 +64,9 @@ def test_a_trickling_stream_is_cut_at_the_timeout(api: LLMServer) -> None:
 
 
 def test_the_idle_timeout_of_a_stream_is_separate_from_its_total(api: LLMServer) -> None:
-    # Events 0.05 s apart: an idle timeout of 1 s is never reached, and a total of 60 s is
-    # enough for the whole stream (about 200 chunks).
-    api.reply("word " * 10, chunk_size=4, trickle=0.05)
+    # Chunks 0.05 s apart, the whole stream about 3-4 s: an idle timeout of 1 s is never
+    # reached, and a total of 60 s is enough.
+    api.reply("word " * 10, chunk_size=32, trickle=0.05)
     client = client_for(api, stream_idle_timeout=1.0)
     with client.stream("Hi", timeout=60.0) as stream:
         text = "".join(stream)
