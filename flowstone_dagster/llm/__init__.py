@@ -27,13 +27,14 @@ The guide is ``docs/llm.md``.
 from flowstone_dagster.llm.client import LLMClient, LLMStream, ToolRun
 from flowstone_dagster.llm.failures import StreamInterrupted, rate_limit_wait
 from flowstone_dagster.llm.messages import InvalidJSON, LLMResponse, Usage
-from flowstone_dagster.llm.resource import LLMResource
+from flowstone_dagster.llm.resource import LLMFallback, LLMResource
 from flowstone_dagster.llm.tools import InvalidOutput, ToolCall, ToolLoopExceeded, tool_result
 
 __all__ = [
     "InvalidJSON",
     "InvalidOutput",
     "LLMClient",
+    "LLMFallback",
     "LLMResource",
     "LLMResponse",
     "LLMStream",

@@ -56,10 +56,14 @@ import dagster as dg
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
+    CallTimeout,
+    CircuitOpen,
     ConfigurationError,
     FlowstoneError,
+    HTTPError,
     MaxAttemptsExceeded,
     RateLimited,
+    TransportError,
     truncate,
 )
 from flowstone_dagster.llm import usage as _usage  # noqa: F401 - registers the listener
@@ -115,6 +119,7 @@ __all__ = [
     "LLMStream",
     "ToolRun",
     "default_service",
+    "falls_back",
     "limit_name",
     "origin_of",
 ]
@@ -214,6 +219,9 @@ class LLMClient:
         rate_limit_max_wait: the longest wait for the limits before ``RateLimited``.
         rate_limit_margin: how much longer our windows are than the provider's (a fraction),
             to absorb the varying delay between our admission and the provider's count.
+        fallbacks: clients tried in order when this one's circuit is open, it stays
+            overloaded or failing through its retries, or its rate limit cannot be waited out
+            (see :meth:`chat`; :func:`falls_back` decides).
         service: the breaker's name, and the name of errors and telemetry (default
             ``llm:<provider>:<origin of base_url>``); also the policy looked up in
             ``resilience``.
@@ -243,6 +251,7 @@ class LLMClient:
         service: str | None = None,
         resilience: ResilienceResource | None = None,
         dagster_errors: bool | None = False,
+        fallbacks: Sequence[LLMClient] = (),
     ) -> None:
         if provider not in PROVIDERS:
             raise ConfigurationError(f"must be one of {', '.join(PROVIDERS)}", field="provider")
@@ -313,6 +322,13 @@ class LLMClient:
             provider, api_key=api_key, base_url=base_url, timeout=self.timeout
         )
         self._closed = threading.Event()
+        self.fallbacks: tuple[LLMClient, ...] = tuple(fallbacks)
+        for index, fallback in enumerate(self.fallbacks):
+            if not isinstance(fallback, LLMClient):
+                raise ConfigurationError(
+                    f"must be LLMClients, got {type(fallback).__name__}",
+                    field=f"fallbacks[{index}]",
+                )
 
     def __repr__(self) -> str:
         return (
@@ -380,7 +396,14 @@ class LLMClient:
             return self.resilience.dagster_errors
         return self.dagster_errors
 
-    def _guarded(self, model: str, estimate: int, attempt: Callable[[], T]) -> T:
+    def _guarded(
+        self,
+        model: str,
+        estimate: int,
+        attempt: Callable[[], T],
+        *,
+        to_dagster: bool | None = None,
+    ) -> T:
         """``attempt`` (one request) through the one resilience path.
 
         A provider's 429 asking for a longer wait than the retries may take ends them: the
@@ -392,7 +415,7 @@ class LLMClient:
                 self.service,
                 attempt,
                 limits=self._limits(model, estimate),
-                dagster_errors=self._to_dagster(),
+                dagster_errors=self._to_dagster() if to_dagster is None else to_dagster,
             )
         except MaxAttemptsExceeded as exc:  # only with Dagster errors off
             cause = exc.last_error
@@ -401,10 +424,10 @@ class LLMClient:
                 raise
         raise cause
 
-    def _failure(self, exc: BaseException) -> BaseException:
+    def _failure(self, exc: BaseException, *, to_dagster: bool | None = None) -> BaseException:
         """What to raise for ``exc`` raised outside the resilience call (invalid JSON, a
         broken stream): the Dagster mapping when it is on, else ``exc``."""
-        if not self._to_dagster():
+        if not (self._to_dagster() if to_dagster is None else to_dagster):
             return exc
         return self.resilience.dagster_error(exc, service=self.service)
 
@@ -529,20 +552,82 @@ class LLMClient:
         ``output=`` (a pydantic model or a JSON schema) the provider's schema mode is used and
         ``response.parsed`` is the validated reply; a reply that does not validate is sent
         back with the errors up to ``output_retries`` times, then raises ``InvalidOutput``.
+
+        With ``fallbacks``, a primary whose circuit is open, that stays overloaded or failing
+        (5xx, 529, timeouts) through its retries, or whose rate limit cannot be waited out, is
+        replaced by the next fallback (its own model; ``model=`` names the primary's);
+        ``response.fallback`` and ``response.model`` say which answered.
         """
+        args: dict[str, Any] = {
+            "messages": messages,
+            "system": system,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stop": stop,
+            "json": json,
+            "timeout": timeout,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "output": output,
+            "output_retries": output_retries,
+            "prompt_cache_key": prompt_cache_key,
+        }
+        if not self.fallbacks:
+            return self._chat_single(args, model=model)
+        candidates = [self, *self.fallbacks]
+        failure: BaseException | None = None
+        for index, candidate in enumerate(candidates):
+            try:
+                response = candidate._chat_single(
+                    args, model=model if index == 0 else None, to_dagster=False
+                )
+            except Exception as exc:
+                failure = exc
+                if index + 1 < len(candidates) and falls_back(exc):
+                    telemetry.emit(
+                        "flowstone.llm.fallback",
+                        outcome="ok",
+                        error=None,
+                        service=candidate.service,
+                        model=model if index == 0 and model else candidate.model,
+                        reason=type(_cause_of(exc)).__name__,
+                        to=candidates[index + 1].label,
+                    )
+                    continue
+                break
+            return replace(response, fallback=None if index == 0 else candidate.label)
+        assert failure is not None
+        mapped = self._failure(failure)
+        if mapped is failure:
+            raise failure
+        raise mapped
+
+    @property
+    def label(self) -> str:
+        """``provider:model`` (and the origin for a non-default endpoint): how a fallback is
+        named in responses and telemetry."""
+        default = DEFAULT_BASE_URLS.get(self.provider)
+        where = "" if default and origin_of(default) == self.origin else f"@{self.origin}"
+        return f"{self.provider}:{self.model}{where}"
+
+    def _chat_single(
+        self, args: dict[str, Any], *, model: str | None, to_dagster: bool | None = None
+    ) -> LLMResponse:
+        """:meth:`chat` on this endpoint alone."""
+        output_retries = args["output_retries"]
         request = self._request(
-            messages,
-            system=system,
+            args["messages"],
+            system=args["system"],
             model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stop=stop,
-            json=json,
-            timeout=timeout,
-            tools=tools,
-            tool_choice=tool_choice,
-            output=output,
-            prompt_cache_key=prompt_cache_key,
+            max_tokens=args["max_tokens"],
+            temperature=args["temperature"],
+            stop=args["stop"],
+            json=args["json"],
+            timeout=args["timeout"],
+            tools=args["tools"],
+            tool_choice=args["tool_choice"],
+            output=args["output"],
+            prompt_cache_key=args["prompt_cache_key"],
         )
         if output_retries < 0:
             raise ConfigurationError(
@@ -550,7 +635,9 @@ class LLMClient:
             )
         attempts = 0
         for repair in range(output_retries + 1):
-            response = self._chat_once(request, check=repair == output_retries)
+            response = self._chat_once(
+                request, check=repair == output_retries, to_dagster=to_dagster
+            )
             attempts += response.attempts
             if request.output is None or repair == output_retries:
                 break  # the last round was validated inside its event (``parsed`` set)
@@ -573,7 +660,9 @@ class LLMClient:
             return replace(response, parsed=parsed, attempts=attempts)
         return replace(response, attempts=attempts)
 
-    def _chat_once(self, request: LLMRequest, *, check: bool = True) -> LLMResponse:
+    def _chat_once(
+        self, request: LLMRequest, *, check: bool = True, to_dagster: bool | None = None
+    ) -> LLMResponse:
         """One reply through the resilience path, with its telemetry event; ``check``: a reply
         that does not parse (``json``) or validate (``output``) is raised, inside the event."""
         estimate = estimate_tokens(request.messages, request.system)
@@ -588,7 +677,7 @@ class LLMClient:
         started = time.perf_counter()
         parsed: Any = None
         try:
-            response = self._guarded(request.model, estimate, attempt)
+            response = self._guarded(request.model, estimate, attempt, to_dagster=to_dagster)
             measures.update(_usage_measures(response.usage))
             measures.update(model=response.model or request.model, stop_reason=response.stop_reason)
             if request.tools:
@@ -602,7 +691,7 @@ class LLMClient:
                     else:
                         response.json()
                 except Exception as exc:
-                    mapped = self._failure(exc)
+                    mapped = self._failure(exc, to_dagster=to_dagster)
                     if mapped is exc:
                         raise
                     raise mapped  # noqa: B904 - carries its own (redacted) cause
@@ -1039,3 +1128,23 @@ def _usage_measures(usage: Usage) -> dict[str, int]:
         measures["cache_read_tokens"] = usage.cache_read_tokens
         measures["cache_write_tokens"] = usage.cache_write_tokens
     return measures
+
+
+#: HTTP statuses after which a call goes to the next fallback: the provider is failing or
+#: overloaded, not the request.
+FALLBACK_STATUSES = frozenset({500, 502, 503, 504, 529})
+
+
+def _cause_of(exc: BaseException) -> BaseException:
+    return exc.last_error if isinstance(exc, MaxAttemptsExceeded) else exc
+
+
+def falls_back(exc: BaseException) -> bool:
+    """Whether a failed call goes to the next fallback: an open circuit, a rate limit that
+    cannot be waited out (the provider's 429 or our own limiter), a provider failing or
+    overloaded (500, 502, 503, 504, 529) or unreachable (timeouts, connection errors) through
+    every retry. Never a request the provider refused (4xx): another model would too."""
+    cause = _cause_of(exc)
+    if isinstance(cause, (CircuitOpen, RateLimited, CallTimeout, TransportError)):
+        return not isinstance(cause, StreamInterrupted)
+    return isinstance(cause, HTTPError) and cause.status in FALLBACK_STATUSES

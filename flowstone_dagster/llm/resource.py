@@ -75,14 +75,44 @@ from flowstone_dagster.llm.messages import LLMResponse, Prompt, System
 from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import ResilienceResource
 
-__all__ = ["API_KEY_ENV", "LLMResource"]
+__all__ = ["API_KEY_ENV", "LLMFallback", "LLMResource"]
 
 #: Fields given to ``LLMClient`` otherwise than as their value: the resolved key, and the
 #: resilience resource itself (not its dump).
-_NOT_COPIED = {"api_key", "resilience"}
+_NOT_COPIED = {"api_key", "resilience", "fallbacks"}
 
 #: The environment variable read when ``api_key`` is not set.
 API_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+
+
+class LLMFallback(dg.Config):
+    """A model tried when the resource's own cannot answer (see ``LLMResource.fallbacks``).
+
+    Fields not given here (``max_tokens``, ``timeout``, ``rpm_window``, the waits, the
+    resilience resource) are the resource's."""
+
+    provider: Literal["anthropic", "openai", "openai_compatible"] = Field(
+        description="anthropic, openai or openai_compatible."
+    )
+    model: str = Field(description="The model, e.g. gpt-4o-mini.")
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="API key; pass dg.EnvVar('...'). Null: $ANTHROPIC_API_KEY or "
+        "$OPENAI_API_KEY for those providers.",
+    )
+    base_url: str | None = Field(
+        default=None, description="Endpoint; null: the provider's (required for local servers)."
+    )
+    rpm_limit: float | None = Field(
+        default=None, gt=0, description="Requests per minute for this endpoint and model."
+    )
+    tpm_limit: float | None = Field(
+        default=None, ge=1, description="Tokens per minute for this endpoint and model."
+    )
+    service: str | None = Field(
+        default=None, description="Breaker and policy name; null: llm:<provider>:<origin>."
+    )
 
 
 class LLMResource(dg.ConfigurableResource):
@@ -177,6 +207,14 @@ class LLMResource(dg.ConfigurableResource):
         "retry-after, a breaker of 5 failures / 30 s, both in this process's memory.",
     )
 
+    fallbacks: list[LLMFallback] = Field(
+        default_factory=list,
+        description="Models tried in order when this one's circuit is open, it stays "
+        "overloaded or failing (5xx, 529, timeouts) through its retries, or its rate limit "
+        "cannot be waited out; the response (`fallback`, `model`) and the metadata "
+        "(flowstone/llm/models) name the model that answered. Not for streams.",
+    )
+
     _client: LLMClient | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -187,8 +225,34 @@ class LLMResource(dg.ConfigurableResource):
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         with self._lock:
             if self._client is not None:
+                for fallback in self._client.fallbacks:
+                    fallback.close()
                 self._client.close()
                 self._client = None
+
+    def _fallback_client(self, entry: LLMFallback, fields: dict[str, Any]) -> LLMClient:
+        key = entry.api_key
+        variable = API_KEY_ENV.get(entry.provider)
+        if not key and variable:
+            key = os.environ.get(variable)
+            if not key:
+                raise ConfigurationError(
+                    f"no API key for the {entry.provider} fallback {entry.model!r}: set its "
+                    f"api_key=dg.EnvVar('{variable}') or export {variable}",
+                    field="fallbacks.api_key",
+                )
+        register_secret(key)
+        own = entry.model_dump(exclude={"api_key"})
+        inherited = {name: value for name, value in fields.items() if name not in own}
+        if entry.provider == "anthropic":
+            inherited.pop("temperature", None)  # the Messages API of anthropic 2.x has none
+        return LLMClient(
+            **inherited,
+            **own,
+            api_key=key,
+            resilience=self.resilience,
+            dagster_errors=None,
+        )
 
     def resolved_api_key(self) -> str | None:
         """``api_key``, else the provider's environment variable (none for local servers)."""
@@ -212,11 +276,13 @@ class LLMResource(dg.ConfigurableResource):
                 # Every other field is LLMClient's argument of the same name: a field added
                 # here reaches the client (or fails loudly if LLMClient lacks it).
                 fields = self.model_dump(exclude=_NOT_COPIED)
+                fallbacks = [self._fallback_client(entry, fields) for entry in self.fallbacks]
                 self._client = LLMClient(
                     **fields,
                     api_key=api_key,
                     resilience=self.resilience,
                     dagster_errors=None,  # the resilience resource's setting
+                    fallbacks=fallbacks,
                 )
             return self._client
 
