@@ -18,12 +18,14 @@
   :class:`StreamInterrupted`;
 - :mod:`.tools`: tool definitions, :class:`ToolCall`, :func:`tool_result`, output schemas,
   :class:`InvalidOutput`, :class:`ToolLoopExceeded`;
+- :mod:`.budgets`: token budgets per run and per asset, :class:`BudgetExceeded`;
 - :mod:`.usage`: token totals on the step's materialization without ``telemetry.observe``;
 - :mod:`.deadlines`: the whole-request deadline (a watchdog cutting trickling answers).
 
 The guide is ``docs/llm.md``.
 """
 
+from flowstone_dagster.llm.budgets import BudgetExceeded
 from flowstone_dagster.llm.client import LLMClient, LLMStream, ToolRun
 from flowstone_dagster.llm.failures import StreamInterrupted, rate_limit_wait
 from flowstone_dagster.llm.messages import InvalidJSON, LLMResponse, Usage
@@ -31,6 +33,7 @@ from flowstone_dagster.llm.resource import LLMFallback, LLMResource
 from flowstone_dagster.llm.tools import InvalidOutput, ToolCall, ToolLoopExceeded, tool_result
 
 __all__ = [
+    "BudgetExceeded",
     "InvalidJSON",
     "InvalidOutput",
     "LLMClient",

@@ -67,6 +67,7 @@ from flowstone_dagster.errors import (
     truncate,
 )
 from flowstone_dagster.llm import usage as _usage  # noqa: F401 - registers the listener
+from flowstone_dagster.llm.budgets import Budget, BudgetExceeded, budgets_for, record, take
 from flowstone_dagster.llm.failures import StreamInterrupted, to_taxonomy
 from flowstone_dagster.llm.messages import (
     LLMResponse,
@@ -219,6 +220,8 @@ class LLMClient:
         rate_limit_max_wait: the longest wait for the limits before ``RateLimited``.
         rate_limit_margin: how much longer our windows are than the provider's (a fraction),
             to absorb the varying delay between our admission and the provider's count.
+        run_token_budget, asset_token_budget: tokens a Dagster run (an asset of the run) may
+            spend through this client, shared by the run's processes (see :mod:`.budgets`).
         fallbacks: clients tried in order when this one's circuit is open, it stays
             overloaded or failing through its retries, or its rate limit cannot be waited out
             (see :meth:`chat`; :func:`falls_back` decides).
@@ -252,6 +255,8 @@ class LLMClient:
         resilience: ResilienceResource | None = None,
         dagster_errors: bool | None = False,
         fallbacks: Sequence[LLMClient] = (),
+        run_token_budget: float | None = None,
+        asset_token_budget: float | None = None,
     ) -> None:
         if provider not in PROVIDERS:
             raise ConfigurationError(f"must be one of {', '.join(PROVIDERS)}", field="provider")
@@ -284,6 +289,16 @@ class LLMClient:
             (rate_limit_max_wait >= 0, "rate_limit_max_wait", "must not be negative"),
             (rate_limit_margin >= 0, "rate_limit_margin", "must not be negative"),
             (service is None or bool(service.strip()), "service", "must not be empty"),
+            (
+                run_token_budget is None or run_token_budget >= 1,
+                "run_token_budget",
+                "must be at least 1",
+            ),
+            (
+                asset_token_budget is None or asset_token_budget >= 1,
+                "asset_token_budget",
+                "must be at least 1",
+            ),
         ]
         for ok, field, message in checks:
             if not ok:
@@ -322,6 +337,8 @@ class LLMClient:
             provider, api_key=api_key, base_url=base_url, timeout=self.timeout
         )
         self._closed = threading.Event()
+        self.run_token_budget = run_token_budget
+        self.asset_token_budget = asset_token_budget
         self.fallbacks: tuple[LLMClient, ...] = tuple(fallbacks)
         for index, fallback in enumerate(self.fallbacks):
             if not isinstance(fallback, LLMClient):
@@ -677,7 +694,9 @@ class LLMClient:
         started = time.perf_counter()
         parsed: Any = None
         try:
+            budgets = self._take_budget(estimate)
             response = self._guarded(request.model, estimate, attempt, to_dagster=to_dagster)
+            self._record_budget(budgets, estimate, response.usage)
             measures.update(_usage_measures(response.usage))
             measures.update(model=response.model or request.model, stop_reason=response.stop_reason)
             if request.tools:
@@ -890,6 +909,30 @@ class LLMClient:
     def _map(self, exc: BaseException, timeout: float | None) -> BaseException:
         return to_taxonomy(exc, service=self.service, secrets=self._secrets, timeout=timeout)
 
+    def _take_budget(self, estimate: int) -> list[Budget]:
+        """Take the prompt's estimate from the run's (and asset's) token budget, or raise
+        ``BudgetExceeded`` (mapped to Dagster when that is on) before anything is sent."""
+        found = budgets_for(self.run_token_budget, self.asset_token_budget)
+        if found:
+            try:
+                take(self.resilience.store, found, float(estimate))
+            except BudgetExceeded as exc:
+                mapped = self._failure(exc)
+                if mapped is exc:
+                    raise
+                raise mapped  # noqa: B904 - carries its own cause
+        return found
+
+    def _record_budget(self, found: list[Budget], estimate: int, usage: Usage) -> None:
+        if not found:
+            return
+        try:
+            record(self.resilience.store, found, float(usage.total_tokens - max(estimate, 1)))
+        except Exception as exc:  # the call succeeded; its spend is logged, never lost silently
+            logger.warning(
+                "could not record %d tokens against a budget: %s", usage.total_tokens, exc
+            )
+
     def _record_actual(self, model: str, estimate: int, usage: Usage) -> None:
         """Record the tokens the provider counted beyond the estimate taken before sending.
 
@@ -1013,6 +1056,7 @@ class LLMStream:
         opened = False
         outcome, error = "ok", None
         try:
+            budgets = client._take_budget(estimate)
             deltas, head, state = client._guarded(request.model, estimate, self._open)
             opened = True
             broken: StreamInterrupted | None = None
@@ -1060,6 +1104,7 @@ class LLMStream:
                 attempts=self.attempts,
             )
             client._record_actual(request.model, estimate, usage)
+            client._record_budget(budgets, estimate, usage)
             measures.update(_usage_measures(usage))
             measures.update(model=self.model, stop_reason=self.stop_reason)
         finally:

@@ -207,6 +207,18 @@ class LLMResource(dg.ConfigurableResource):
         "retry-after, a breaker of 5 failures / 30 s, both in this process's memory.",
     )
 
+    run_token_budget: float | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens (input + output) one Dagster run may spend through this resource, "
+        "shared by the run's step processes through the resilience store; a call that does "
+        "not fit raises BudgetExceeded (not retried) before sending. Null: no budget.",
+    )
+    asset_token_budget: float | None = Field(
+        default=None,
+        ge=1,
+        description="The same per asset (per step for ops) of a run. Null: no budget.",
+    )
     fallbacks: list[LLMFallback] = Field(
         default_factory=list,
         description="Models tried in order when this one's circuit is open, it stays "

@@ -40,6 +40,7 @@ __all__ = [
     "UsageTotals",
     "attach_usage",
     "attributed_to",
+    "bound_context",
     "current_step_context",
 ]
 
@@ -119,6 +120,11 @@ def attributed_to(context: Any) -> Iterator[None]:
         yield
     finally:
         _explicit.context = previous
+
+
+def bound_context() -> Any:
+    """The context bound by :func:`attributed_to` in this thread, if any."""
+    return getattr(_explicit, "context", None)
 
 
 def attach_usage(event: telemetry.TelemetryEvent) -> None:
