@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from flowstone_dagster.llm import BudgetExceeded, LLMResource
 from flowstone_dagster.llm.budgets import spent
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
+from flowstone_dagster_tests.llm import llm_jobs
 from flowstone_dagster_tests.llm.test_llm import KEY
 from flowstone_dagster_tests.support.llm_servers import AnthropicServer, llm_server
 
@@ -98,3 +100,30 @@ def test_budget_exceeded_says_what_to_do() -> None:
     assert "990 of 1,000" in str(error)
     assert "run_token_budget" in str(error)
     assert not error.retryable
+
+
+@pytest.mark.multiprocess
+def test_the_run_budget_is_shared_by_step_processes(
+    anthropic_api: AnthropicServer,
+    dagster_home_instance: dg.DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each step runs in its own process (the multiprocess executor); the budget lives in the
+    # SQLite store both open.
+    store_url = f"sqlite://{tmp_path / 'state.sqlite3'}"
+    monkeypatch.setenv("FLOWSTONE_RESILIENCE_STORE", store_url)
+    monkeypatch.setenv(llm_jobs.BASE_URL_ENV, anthropic_api.base_url)
+    anthropic_api.reply("Ada, Grace", input_tokens=60, output_tokens=50)
+    result = dg.execute_job(
+        dg.reconstructable(llm_jobs.get_budget_job), instance=dagster_home_instance
+    )
+    assert not result.success
+    failed = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert [e.step_key for e in failed] == ["classify_rows"]
+    assert "BudgetExceeded" in str(failed[0].event_specific_data.error)
+    assert len(anthropic_api.requests) == 1
+    pids = {e.pid for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START}
+    assert len(pids) == 2  # two processes
+    store = ResilienceResource(store_url=store_url).store
+    assert spent(store, f"llm:budget:run:{result.run_id}") == 110
