@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -124,6 +124,9 @@ __all__ = [
     "limit_name",
     "origin_of",
 ]
+
+if TYPE_CHECKING:
+    from flowstone_dagster.llm.batches import BatchResult
 
 T = TypeVar("T")
 
@@ -727,6 +730,59 @@ class LLMClient:
             EVENT, duration_s=time.perf_counter() - started, attempts=attempts, **measures
         )
         return replace(response, provider=self.provider, attempts=attempts, parsed=parsed)
+
+    def batch_request(
+        self,
+        prompt: Prompt,
+        *,
+        system: System | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        """The wire-format body :meth:`chat` would send for ``prompt`` (a batch item's)."""
+        request = self._request(
+            prompt,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=None,
+            stop=None,
+            json=False,
+            timeout=None,
+        )
+        params: dict[str, Any] = self._adapter._params(request)  # type: ignore[attr-defined]
+        params.pop("extra_headers", None)
+        return params
+
+    def batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        job: str,
+        system: System | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        poll_interval: float = 5.0,
+        max_poll_interval: float = 60.0,
+        max_wait: float = 3600.0,
+        context: Any = None,
+    ) -> list[BatchResult]:
+        """Run ``prompts`` as one provider batch job (half price, results within 24 h), in
+        input order, resumable by ``job`` after a step restart; see :mod:`.batches`."""
+        from flowstone_dagster.llm.batches import run_batch
+
+        return run_batch(
+            self,
+            prompts,
+            job=job,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            max_wait=max_wait,
+            context=context,
+        )
 
     def run_tools(
         self,

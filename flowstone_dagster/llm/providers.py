@@ -44,6 +44,8 @@ __all__ = [
     "OpenAIAdapter",
     "ProviderAdapter",
     "ProviderName",
+    "anthropic_response",
+    "openai_response",
     "RequestHook",
     "StreamState",
     "make_adapter",
@@ -118,6 +120,53 @@ class StreamState:
     complete: bool = False
     events: list[Any] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+
+
+def openai_response(completion: Any, provider: str) -> LLMResponse:
+    """A Chat Completions ``ChatCompletion`` as an :class:`LLMResponse`."""
+    choice = completion.choices[0] if completion.choices else None
+    calls: list[ToolCall] = []
+    for call in (choice.message.tool_calls or []) if choice is not None else []:
+        function = getattr(call, "function", None)
+        if function is None:  # a custom (non-function) tool call: not ours
+            continue
+        try:
+            arguments = jsonlib.loads(function.arguments or "{}")
+        except ValueError:
+            raise InvalidOutput(
+                f"the arguments of the model's call of {function.name} are not JSON: "
+                f"{function.arguments[:200]!r}",
+                text=function.arguments,
+            ) from None
+        calls.append(ToolCall(call.id, function.name, arguments))
+    return LLMResponse(
+        text=(choice.message.content or "") if choice is not None else "",
+        model=completion.model,
+        stop_reason=choice.finish_reason if choice is not None else None,
+        usage=openai_usage(completion.usage),
+        raw=completion,
+        provider=provider,
+        tool_calls=tuple(calls),
+    )
+
+
+def anthropic_response(message: Any, provider: str) -> LLMResponse:
+    """An Anthropic ``Message`` as an :class:`LLMResponse`."""
+    text = "".join(block.text for block in message.content if block.type == "text")
+    calls = tuple(
+        ToolCall(block.id, block.name, dict(block.input))
+        for block in message.content
+        if block.type == "tool_use"
+    )
+    return LLMResponse(
+        text=text,
+        model=message.model,
+        stop_reason=message.stop_reason,
+        usage=anthropic_usage(message.usage),
+        raw=message,
+        provider=provider,
+        tool_calls=calls,
+    )
 
 
 def anthropic_usage(usage: Any) -> Usage:
@@ -328,21 +377,7 @@ class AnthropicAdapter:
             request,
             lambda: self.client.messages.create(**self._params(request), timeout=request.timeout),
         )
-        text = "".join(block.text for block in message.content if block.type == "text")
-        calls = tuple(
-            ToolCall(block.id, block.name, dict(block.input))
-            for block in message.content
-            if block.type == "tool_use"
-        )
-        return LLMResponse(
-            text=text,
-            model=message.model,
-            stop_reason=message.stop_reason,
-            usage=anthropic_usage(message.usage),
-            raw=message,
-            provider=self.name,
-            tool_calls=calls,
-        )
+        return anthropic_response(message, self.name)
 
     def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
         deadline = RequestDeadline(request.timeout)
@@ -458,30 +493,7 @@ class OpenAIAdapter:
                 **self._params(request), timeout=request.timeout
             ),
         )
-        choice = completion.choices[0] if completion.choices else None
-        calls: list[ToolCall] = []
-        for call in (choice.message.tool_calls or []) if choice is not None else []:
-            function = getattr(call, "function", None)
-            if function is None:  # a custom (non-function) tool call: not ours
-                continue
-            try:
-                arguments = jsonlib.loads(function.arguments or "{}")
-            except ValueError:
-                raise InvalidOutput(
-                    f"the arguments of the model's call of {function.name} are not JSON: "
-                    f"{function.arguments[:200]!r}",
-                    text=function.arguments,
-                ) from None
-            calls.append(ToolCall(call.id, function.name, arguments))
-        return LLMResponse(
-            text=(choice.message.content or "") if choice is not None else "",
-            model=completion.model,
-            stop_reason=choice.finish_reason if choice is not None else None,
-            usage=openai_usage(completion.usage),
-            raw=completion,
-            provider=self.name,
-            tool_calls=tuple(calls),
-        )
+        return openai_response(completion, self.name)
 
     def stream(self, request: LLMRequest, state: StreamState) -> Iterator[str]:
         deadline = RequestDeadline(request.timeout)

@@ -61,6 +61,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.llm.batches import BatchResult
 from flowstone_dagster.llm.client import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_RATE_LIMIT_MARGIN,
@@ -374,6 +375,33 @@ class LLMResource(dg.ConfigurableResource):
         ``dagster-openai``'s ``get_client(context)``); ``context`` makes that work from worker
         threads too. Usable as a context manager (``with llm.get_client(context) as sdk``)."""
         return self.client().sdk_client(context)
+
+    def batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        job: str,
+        system: System | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        poll_interval: float = 5.0,
+        max_poll_interval: float = 60.0,
+        max_wait: float = 3600.0,
+        context: Any = None,
+    ) -> list[BatchResult]:
+        """``prompts`` as one Anthropic / OpenAI batch job, results in input order, resumed
+        after a step restart; see :meth:`LLMClient.batch` and ``docs/llm.md``."""
+        return self.client().batch(
+            prompts,
+            job=job,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            max_wait=max_wait,
+            context=context,
+        )
 
     def run_tools(
         self, messages: Prompt, *, tools: Sequence[Any], max_rounds: int = 8, **options: Any

@@ -133,6 +133,11 @@ class LLMServer:
         self._admitted: deque[float] = deque()
         self._ids = itertools.count(1)
         server.expect_request(self.path, method="POST").respond_with_handler(self.handle)
+        #: Batches by id: {"requests": [(custom_id, body)], "polls": int, "results": [...]}
+        self.batches: dict[str, dict[str, Any]] = {}
+        #: Status polls a batch answers "in progress" before it ends.
+        self.batch_polls = 1
+        self.register_batch_endpoints()
 
     @property
     def base_url(self) -> str:
@@ -291,6 +296,46 @@ class LLMServer:
             else _token_count(scripted.text),
         )
 
+    # -- batches ------------------------------------------------------------------------------
+
+    def register_batch_endpoints(self) -> None:
+        """The provider's batch API (see the subclasses)."""
+
+    def process_item(self, request: Request, body: Any) -> tuple[int, Any]:
+        """One batch item answered as a single request would be: ``(status, JSON body)``."""
+        with self.lock:
+            self.requests.append(
+                Recorded("BATCH", self.path, dict(request.headers.items()), body, time.time())
+            )
+        problem = self.validate(request, body)
+        if problem is not None:
+            return problem.status_code, json.loads(problem.get_data())
+        with self.lock:
+            scripted = self.script.popleft() if self.script else Scripted(text=self.default_text)
+        if scripted.status >= 400:
+            error = self.error(
+                scripted.status,
+                scripted.error_type or "api_error",
+                scripted.error_message or "error",
+            )
+            return scripted.status, json.loads(error.get_data())
+        return 200, json.loads(self.success(scripted, body).get_data())
+
+    def batch_finished(self, batch: dict[str, Any], request: Request) -> bool:
+        """Count one status poll; after ``batch_polls`` of them, answer every item (once)."""
+        batch["polls"] += 1
+        if batch["polls"] > self.batch_polls and batch["results"] is None:
+            # Each item is checked as if sent with the creating request's headers.
+            created = batch["created_by"]
+            batch["results"] = [
+                (custom_id, *self.process_item(created, body))
+                for custom_id, body in batch["requests"]
+            ]
+        return batch["results"] is not None
+
+    def _json(self, data: Any, status: int = 200) -> Response:
+        return Response(json.dumps(data), status=status, content_type="application/json")
+
     # -- provider specifics ------------------------------------------------------------------
 
     def validate(self, request: Request, body: Any) -> Response | None:
@@ -388,6 +433,92 @@ class AnthropicServer(LLMServer):
 
     def _invalid(self, message: str) -> Response:
         return self.error(400, "invalid_request_error", message)
+
+    def register_batch_endpoints(self) -> None:
+        base = "/v1/messages/batches"
+        self.server.expect_request(base, method="POST").respond_with_handler(self.create_batch)
+        self.server.expect_request(
+            re.compile(r"^/v1/messages/batches/[^/]+$"), method="GET"
+        ).respond_with_handler(self.retrieve_batch)
+        self.server.expect_request(
+            re.compile(r"^/v1/messages/batches/[^/]+/results$"), method="GET"
+        ).respond_with_handler(self.batch_results)
+
+    def _batch_object(self, batch_id: str) -> dict[str, Any]:
+        batch = self.batches[batch_id]
+        ended = batch["results"] is not None
+        results = batch["results"] or []
+        succeeded = sum(1 for _, status, _ in results if status == 200)
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        return {
+            "id": batch_id,
+            "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress",
+            "request_counts": {
+                "processing": 0 if ended else len(batch["requests"]),
+                "succeeded": succeeded,
+                "errored": len(results) - succeeded,
+                "canceled": 0,
+                "expired": 0,
+            },
+            "created_at": now,
+            "expires_at": now,
+            "ended_at": now if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": None,
+            "results_url": f"{self.base_url}/v1/messages/batches/{batch_id}/results"
+            if ended
+            else None,
+        }
+
+    def create_batch(self, request: Request) -> Response:
+        body = json.loads(request.get_data(as_text=True) or "null")
+        if not isinstance(body, dict) or set(body) != {"requests"}:
+            return self._invalid("requests: Field required; no other field is permitted")
+        items = body["requests"]
+        if not isinstance(items, list) or not items:
+            return self._invalid("requests: at least one request is required")
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or set(item) != {"custom_id", "params"}:
+                return self._invalid(f"requests.{index}: 'custom_id' and 'params' are required")
+            custom_id = item["custom_id"]
+            if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(custom_id)) or custom_id in seen:
+                return self._invalid(f"requests.{index}.custom_id: must be unique, 1-64 chars")
+            if "stream" in item["params"]:
+                return self._invalid(f"requests.{index}.params.stream: not permitted in batches")
+            seen.add(custom_id)
+        batch_id = f"msgbatch_{next(self._ids):08d}"
+        with self.lock:
+            self.batches[batch_id] = {
+                "requests": [(item["custom_id"], item["params"]) for item in items],
+                "polls": 0,
+                "results": None,
+                "created_by": request,
+            }
+        return self._json(self._batch_object(batch_id))
+
+    def retrieve_batch(self, request: Request) -> Response:
+        batch_id = request.path.rsplit("/", 1)[1]
+        if batch_id not in self.batches:
+            return self.error(404, "not_found_error", f"batch {batch_id} not found")
+        self.batch_finished(self.batches[batch_id], request)
+        return self._json(self._batch_object(batch_id))
+
+    def batch_results(self, request: Request) -> Response:
+        batch_id = request.path.split("/")[-2]
+        batch = self.batches.get(batch_id)
+        if batch is None or batch["results"] is None:
+            return self.error(404, "not_found_error", "results are not available yet")
+        lines = []
+        for custom_id, status, data in reversed(batch["results"]):  # order not guaranteed
+            result = (
+                {"type": "succeeded", "message": data}
+                if status == 200
+                else {"type": "errored", "error": data}
+            )
+            lines.append(json.dumps({"custom_id": custom_id, "result": result}))
+        return Response("\n".join(lines) + "\n", content_type="application/binary")
 
     def validate(self, request: Request, body: Any) -> Response | None:
         if self.api_key is not None:
@@ -747,6 +878,124 @@ class OpenAIServer(LLMServer):
             headers={"x-request-id": f"req_{next(self._ids):08d}", **(headers or {})},
             content_type="application/json",
         )
+
+    def register_batch_endpoints(self) -> None:
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.server.expect_request("/v1/files", method="POST").respond_with_handler(
+            self.upload_file
+        )
+        self.server.expect_request(
+            re.compile(r"^/v1/files/[^/]+/content$"), method="GET"
+        ).respond_with_handler(self.file_content)
+        self.server.expect_request("/v1/batches", method="POST").respond_with_handler(
+            self.create_batch
+        )
+        self.server.expect_request(
+            re.compile(r"^/v1/batches/[^/]+$"), method="GET"
+        ).respond_with_handler(self.retrieve_batch)
+
+    def upload_file(self, request: Request) -> Response:
+        if request.form.get("purpose") != "batch" or "file" not in request.files:
+            return self._invalid("'purpose' must be 'batch' and 'file' is required.", "file")
+        upload = request.files["file"]
+        data = upload.read()
+        file_id = f"file-{next(self._ids):08d}"
+        self.files[file_id] = (upload.filename or "batch.jsonl", data)
+        return self._json(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": upload.filename,
+                "purpose": "batch",
+                "status": "processed",
+            }
+        )
+
+    def file_content(self, request: Request) -> Response:
+        file_id = request.path.split("/")[-2]
+        if file_id not in self.files:
+            return self._invalid(f"No such File object: {file_id}", "id")
+        return Response(self.files[file_id][1], content_type="application/octet-stream")
+
+    def _batch_object(self, batch_id: str) -> dict[str, Any]:
+        batch = self.batches[batch_id]
+        done = batch["results"] is not None
+        return {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": batch["input_file_id"],
+            "completion_window": "24h",
+            "status": "completed" if done else "in_progress",
+            "output_file_id": batch.get("output_file_id"),
+            "error_file_id": None,
+            "created_at": int(time.time()),
+            "metadata": batch["metadata"],
+            "request_counts": {
+                "total": len(batch["requests"]),
+                "completed": len(batch["requests"]) if done else 0,
+                "failed": 0,
+            },
+        }
+
+    def create_batch(self, request: Request) -> Response:
+        body = json.loads(request.get_data(as_text=True) or "null")
+        if not isinstance(body, dict):
+            return self._invalid("We could not parse the JSON body of your request.")
+        for name in sorted(
+            set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}
+        ):
+            return self._invalid(f"Unrecognized request argument supplied: {name}")
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return self._invalid("Invalid 'endpoint' or 'completion_window'.", "endpoint")
+        stored = self.files.get(str(body.get("input_file_id")))
+        if stored is None:
+            return self._invalid("Invalid 'input_file_id'.", "input_file_id")
+        requests: list[tuple[str, Any]] = []
+        for number, line in enumerate(stored[1].decode().splitlines(), 1):
+            item = json.loads(line)
+            if (
+                set(item) != {"custom_id", "method", "url", "body"}
+                or item["method"] != "POST"
+                or (item["url"] != "/v1/chat/completions")
+            ):
+                return self._invalid(f"Line {number}: invalid batch request.", "input_file_id")
+            requests.append((item["custom_id"], item["body"]))
+        batch_id = f"batch_{next(self._ids):08d}"
+        with self.lock:
+            self.batches[batch_id] = {
+                "requests": requests,
+                "polls": 0,
+                "results": None,
+                "created_by": request,
+                "input_file_id": body["input_file_id"],
+                "metadata": body.get("metadata"),
+            }
+        return self._json(self._batch_object(batch_id))
+
+    def retrieve_batch(self, request: Request) -> Response:
+        batch_id = request.path.rsplit("/", 1)[1]
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            return self._invalid(f"No batch found with id '{batch_id}'.", "batch_id")
+        if self.batch_finished(batch, request) and "output_file_id" not in batch:
+            lines = [
+                json.dumps(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": custom_id,
+                        "response": {"status_code": status, "request_id": f"req_{n}", "body": data},
+                        "error": None,
+                    }
+                )
+                for n, (custom_id, status, data) in enumerate(reversed(batch["results"]))
+            ]
+            file_id = f"file-{next(self._ids):08d}"
+            self.files[file_id] = ("output.jsonl", ("\n".join(lines) + "\n").encode())
+            batch["output_file_id"] = file_id
+        return self._json(self._batch_object(batch_id))
 
     def _invalid(self, message: str, param: str | None = None) -> Response:
         return Response(
