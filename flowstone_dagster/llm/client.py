@@ -959,8 +959,24 @@ class LLMClient:
             if mapped is exc:
                 raise
             cause = redact_exception_chain(exc, is_ours=FlowstoneError)
+        if isinstance(mapped, RateLimited) and mapped.status == 429:
+            self._provider_window_full(request.model)
         # Raised outside the except block: no implicit __context__ pointing at the SDK error.
         raise mapped from cause
+
+    def _provider_window_full(self, model: str) -> None:
+        """The provider answered 429 although our limiter admitted the request: its window,
+        counted at arrival, is fuller than ours (requests reached it later than we admitted
+        them). Fill our current window, in the shared store, so that no process sends more
+        until it passes, instead of each earning its own 429 meanwhile."""
+        if self.rpm is None or self.rpm.limit is None:
+            return
+        try:
+            self.resilience.store.reserve(
+                self.limit_name("rpm", model), self.rpm.limit, math.inf, self.rpm.period
+            )
+        except Exception as exc:
+            logger.warning("could not record %s's full rate window: %s", self.service, exc)
 
     def _map(self, exc: BaseException, timeout: float | None) -> BaseException:
         return to_taxonomy(exc, service=self.service, secrets=self._secrets, timeout=timeout)

@@ -95,3 +95,15 @@ def test_a_429_that_cannot_be_waited_out_is_rate_limited(api: LLMServer) -> None
     assert raised.value.retry_after == 120
     assert raised.value.status == 429
     assert len(api.requests) == 1
+
+
+def test_a_providers_429_fills_the_shared_window(api: LLMServer) -> None:
+    # The provider counted more than our limiter admitted (requests reach it late): the rest
+    # of our window is taken in the shared store, so that no process sends into the full window.
+    api.fail(429, "rate_limit_error", "slow down", headers={"retry-after": "1"})
+    client = client_for(api, rpm_limit=600, rpm_window=1.0)  # 10 per (1 s + margin)
+    with pytest.raises(MaxAttemptsExceeded):  # one attempt allowed
+        client.call("Hi")
+    limiter = client.limiter("rpm")
+    assert limiter is not None
+    assert limiter.usage() == pytest.approx(11.0)  # the request itself, then the window's 10
