@@ -129,8 +129,8 @@ class RequestDeadline:
         finally:
             _current.reset(token)
 
-    def register(self, response: httpx2.Response) -> None:
-        self.request = response.request
+    def register(self, response: httpx2.Response, request: httpx2.Request | None = None) -> None:
+        self.request = request if request is not None else response.request
         stream: Any = response.extensions.get("network_stream")
         sock = stream.get_extra_info("socket") if stream is not None else None
         if isinstance(sock, socket.socket):

@@ -14,7 +14,9 @@ headers. What the caller finally gets is the provider's own answer: the last res
 SDK then raises its own ``RateLimitError``, ``InternalServerError``...) or the SDK's connection
 error. An open circuit or a refused rate-limit wait reaches the caller as the SDK's
 ``APIConnectionError`` whose ``__cause__`` is ``CircuitOpen`` / ``RateLimited`` (no request was
-sent). The SDK is built with ``max_retries=0``: one retry layer.
+sent). The SDK is built with ``max_retries=0``: one retry layer. A reply that is not streamed
+must arrive whole within the client's ``timeout`` (a trickling body is cut, :mod:`.deadlines`,
+and retried as a timeout); a streamed one is bounded by the SDK's per-read timeout.
 
 Each request emits ``flowstone.llm.call`` (``endpoint``, ``model``, tokens read from a JSON
 reply's ``usage``; a streamed reply's tokens are not read) and so counts in the step's
@@ -36,6 +38,7 @@ from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ExternalServiceError, error_for_status, is_retryable
 from flowstone_dagster.http import redact_url
 from flowstone_dagster.llm import usage as usage_module
+from flowstone_dagster.llm.deadlines import RequestDeadline
 from flowstone_dagster.llm.failures import rate_limit_wait, to_taxonomy
 
 if TYPE_CHECKING:
@@ -125,25 +128,7 @@ class GovernedTransport(httpx2.BaseTransport):
         def attempt() -> httpx2.Response:
             nonlocal attempts
             attempts += 1
-            try:
-                response = self.inner.handle_request(request)
-            except httpx2.TransportError as exc:
-                raise _Unreachable(
-                    to_taxonomy(exc, service=client.service, timeout=client.timeout), exc
-                ) from None
-            if response.status_code not in RETRIED_STATUSES:
-                return response
-            response.read()
-            response.close()
-            error = error_for_status(
-                response.status_code,
-                url=redact_url(str(request.url)),
-                method=request.method,
-                body=response.text[:500] or None,
-                retry_after=rate_limit_wait(response.headers),
-                service=client.service,
-            )
-            raise _Answered(error, response)
+            return self._attempt(request, stream=measures["stream"])
 
         started = time.perf_counter()
         failure: BaseException | None = None
@@ -164,12 +149,45 @@ class GovernedTransport(httpx2.BaseTransport):
                 raise last.original from None
             raise  # CircuitOpen, RateLimited by our limiter, StoreUnavailable
         if not measures["stream"] and "json" in response.headers.get("content-type", ""):
-            response.read()
             with suppress(ValueError):
                 measures.update(_usage_of(jsonlib.loads(response.content)))
         measures["status"] = response.status_code
         self._emit(measures, started, attempts, None)
         return response
+
+    def _attempt(self, request: httpx2.Request, *, stream: bool) -> httpx2.Response:
+        """One request; a retryable status or a transport failure is raised for the
+        resilience path, carrying what to hand back when retrying ends."""
+        client = self.client
+        deadline = RequestDeadline(client.timeout)
+        try:
+            response = self.inner.handle_request(request)
+            if stream:  # events arrive as the caller reads: idle timeout only
+                if response.status_code not in RETRIED_STATUSES:
+                    return response
+            else:  # the whole answer within the client's timeout (a trickle is cut)
+                deadline.register(response, request)
+            response.read()
+        except httpx2.TransportError as exc:
+            failure = deadline.timeout_error(exc) if deadline.expired else exc
+            raise _Unreachable(
+                to_taxonomy(failure, service=client.service, timeout=client.timeout),
+                failure,
+            ) from None
+        finally:
+            deadline.close()
+        if response.status_code not in RETRIED_STATUSES:
+            return response
+        response.close()
+        error = error_for_status(
+            response.status_code,
+            url=redact_url(str(request.url)),
+            method=request.method,
+            body=response.text[:500] or None,
+            retry_after=rate_limit_wait(response.headers),
+            service=client.service,
+        )
+        raise _Answered(error, response)
 
     def _emit(
         self, measures: dict[str, Any], started: float, attempts: int, error: BaseException | None

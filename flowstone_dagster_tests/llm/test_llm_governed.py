@@ -169,3 +169,14 @@ def test_the_sdk_clients_usage_reaches_the_materialization_from_worker_threads(
     assert metadata["flowstone/llm/calls"].value == 3
     assert metadata["flowstone/llm/prompt_tokens"].value == 30
     assert metadata["flowstone/llm/completion_tokens"].value == 3
+
+
+def test_the_sdk_clients_timeout_bounds_a_trickling_reply(anthropic_api: AnthropicServer) -> None:
+    import time
+
+    anthropic_api.reply("word " * 160, chunk_size=4, trickle=0.2)  # the whole: over 40 s
+    sdk = governed(anthropic_api, attempts=1, timeout=1.0).get_client()
+    started = time.monotonic()
+    with pytest.raises(anthropic.APITimeoutError):
+        sdk.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert time.monotonic() - started < 8.0
