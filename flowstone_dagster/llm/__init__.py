@@ -15,23 +15,41 @@
 - :mod:`.messages`: prompts, :class:`LLMResponse`, :class:`Usage`, token estimates,
   :class:`InvalidJSON`;
 - :mod:`.failures`: SDK errors to the error taxonomy, rate-limit headers,
-  :class:`StreamInterrupted`.
+  :class:`StreamInterrupted`;
+- :mod:`.tools`: tool definitions, :class:`ToolCall`, :func:`tool_result`, output schemas,
+  :class:`InvalidOutput`, :class:`ToolLoopExceeded`;
+- :mod:`.batches`: Anthropic Message Batches and OpenAI's Batch API, resumable;
+- :mod:`.budgets`: token budgets per run and per asset, :class:`BudgetExceeded`;
+- :mod:`.usage`: token totals on the step's materialization without ``telemetry.observe``;
+- :mod:`.deadlines`: the whole-request deadline (a watchdog cutting trickling answers).
 
 The guide is ``docs/llm.md``.
 """
 
-from flowstone_dagster.llm.client import LLMClient, LLMStream
+from flowstone_dagster.llm.batches import BatchPending, BatchResult
+from flowstone_dagster.llm.budgets import BudgetExceeded
+from flowstone_dagster.llm.client import LLMClient, LLMStream, ToolRun
 from flowstone_dagster.llm.failures import StreamInterrupted, rate_limit_wait
 from flowstone_dagster.llm.messages import InvalidJSON, LLMResponse, Usage
-from flowstone_dagster.llm.resource import LLMResource
+from flowstone_dagster.llm.resource import LLMFallback, LLMResource
+from flowstone_dagster.llm.tools import InvalidOutput, ToolCall, ToolLoopExceeded, tool_result
 
 __all__ = [
+    "BatchPending",
+    "BatchResult",
+    "BudgetExceeded",
     "InvalidJSON",
+    "InvalidOutput",
     "LLMClient",
+    "LLMFallback",
     "LLMResource",
     "LLMResponse",
     "LLMStream",
     "StreamInterrupted",
+    "ToolCall",
+    "ToolLoopExceeded",
+    "ToolRun",
     "Usage",
     "rate_limit_wait",
+    "tool_result",
 ]

@@ -47,18 +47,33 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import dagster as dg
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.errors import ConfigurationError, FlowstoneError
+from flowstone_dagster.errors import (
+    CallTimeout,
+    CircuitOpen,
+    ConfigurationError,
+    FlowstoneError,
+    HTTPError,
+    MaxAttemptsExceeded,
+    RateLimited,
+    TransportError,
+    truncate,
+)
+from flowstone_dagster.llm import usage as _usage  # noqa: F401 - registers the listener
+from flowstone_dagster.llm.budgets import Budget, BudgetExceeded, budgets_for, record, take
 from flowstone_dagster.llm.failures import StreamInterrupted, to_taxonomy
 from flowstone_dagster.llm.messages import (
     LLMResponse,
+    Message,
     Prompt,
+    System,
     Usage,
     estimate_tokens,
     normalize_messages,
@@ -71,6 +86,15 @@ from flowstone_dagster.llm.providers import (
     ProviderAdapter,
     StreamState,
     make_adapter,
+)
+from flowstone_dagster.llm.tools import (
+    InvalidOutput,
+    ToolCall,
+    ToolLoopExceeded,
+    ToolSpec,
+    output_spec,
+    tool_result,
+    tool_specs,
 )
 from flowstone_dagster.redaction import redact_exception_chain, register_secret
 from flowstone_dagster.resilience import (
@@ -94,10 +118,15 @@ __all__ = [
     "EVENT",
     "LLMClient",
     "LLMStream",
+    "ToolRun",
     "default_service",
+    "falls_back",
     "limit_name",
     "origin_of",
 ]
+
+if TYPE_CHECKING:
+    from flowstone_dagster.llm.batches import BatchResult
 
 T = TypeVar("T")
 
@@ -105,7 +134,8 @@ logger = logging.getLogger(__name__)
 
 EVENT = "flowstone.llm.call"
 DEFAULT_MAX_TOKENS = 1024
-#: Seconds one request may take (for a stream: the longest silence between two chunks).
+#: Seconds one request may take as a whole: connecting, sending, and reading the whole answer
+#: (for a stream: from sending to its last event). The SDKs' own timeout bounds each read only.
 DEFAULT_TIMEOUT = 120.0
 PROVIDERS = ("anthropic", "openai", "openai_compatible")
 #: How much longer than the provider's our rate windows are, as a fraction (0.03: 3 %). A
@@ -183,13 +213,21 @@ class LLMClient:
         base_url: the endpoint (required for ``openai_compatible``, e.g.
             ``http://localhost:11434/v1`` for Ollama).
         max_tokens, temperature: defaults of every call.
-        timeout: seconds per request, the SDK's timeout (for a stream, between chunks); cut
-            to the policy's per-attempt ``timeout`` when that is sooner.
+        timeout: seconds one request may take as a whole (a trickled body, or a stream from
+            sending to its last event, is cut when they pass); cut to the policy's per-attempt
+            ``timeout`` when that is sooner.
+        stream_idle_timeout: for a stream, the longest silence between two events (``None``:
+            ``timeout``).
         rpm_limit, rpm_window: requests per minute, enforced per ``rpm_window`` seconds.
         tpm_limit: tokens (input + output) per minute, over a sliding minute.
         rate_limit_max_wait: the longest wait for the limits before ``RateLimited``.
         rate_limit_margin: how much longer our windows are than the provider's (a fraction),
             to absorb the varying delay between our admission and the provider's count.
+        run_token_budget, asset_token_budget: tokens a Dagster run (an asset of the run) may
+            spend through this client, shared by the run's processes (see :mod:`.budgets`).
+        fallbacks: clients tried in order when this one's circuit is open, it stays
+            overloaded or failing through its retries, or its rate limit cannot be waited out
+            (see :meth:`chat`; :func:`falls_back` decides).
         service: the breaker's name, and the name of errors and telemetry (default
             ``llm:<provider>:<origin of base_url>``); also the policy looked up in
             ``resilience``.
@@ -210,6 +248,7 @@ class LLMClient:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        stream_idle_timeout: float | None = None,
         rpm_limit: float | None = None,
         rpm_window: float = DEFAULT_RPM_WINDOW,
         tpm_limit: float | None = None,
@@ -218,6 +257,9 @@ class LLMClient:
         service: str | None = None,
         resilience: ResilienceResource | None = None,
         dagster_errors: bool | None = False,
+        fallbacks: Sequence[LLMClient] = (),
+        run_token_budget: float | None = None,
+        asset_token_budget: float | None = None,
     ) -> None:
         if provider not in PROVIDERS:
             raise ConfigurationError(f"must be one of {', '.join(PROVIDERS)}", field="provider")
@@ -239,12 +281,27 @@ class LLMClient:
         checks: list[tuple[bool, str, str]] = [
             (max_tokens >= 1, "max_tokens", "must be at least 1"),
             (timeout > 0, "timeout", "must be positive"),
+            (
+                stream_idle_timeout is None or stream_idle_timeout > 0,
+                "stream_idle_timeout",
+                "must be positive",
+            ),
             (rpm_limit is None or rpm_limit > 0, "rpm_limit", "must be positive"),
             (rpm_window > 0, "rpm_window", "must be positive"),
             (tpm_limit is None or tpm_limit >= 1, "tpm_limit", "must be at least 1"),
             (rate_limit_max_wait >= 0, "rate_limit_max_wait", "must not be negative"),
             (rate_limit_margin >= 0, "rate_limit_margin", "must not be negative"),
             (service is None or bool(service.strip()), "service", "must not be empty"),
+            (
+                run_token_budget is None or run_token_budget >= 1,
+                "run_token_budget",
+                "must be at least 1",
+            ),
+            (
+                asset_token_budget is None or asset_token_budget >= 1,
+                "asset_token_budget",
+                "must be at least 1",
+            ),
         ]
         for ok, field, message in checks:
             if not ok:
@@ -257,6 +314,7 @@ class LLMClient:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.timeout = float(timeout)
+        self.stream_idle_timeout = stream_idle_timeout
         self.service = service or default_service(provider, base_url)
         self.resilience: ResilienceResource = resolve(resilience, default_policy=DEFAULT_POLICY)
         self.dagster_errors = dagster_errors
@@ -282,6 +340,15 @@ class LLMClient:
             provider, api_key=api_key, base_url=base_url, timeout=self.timeout
         )
         self._closed = threading.Event()
+        self.run_token_budget = run_token_budget
+        self.asset_token_budget = asset_token_budget
+        self.fallbacks: tuple[LLMClient, ...] = tuple(fallbacks)
+        for index, fallback in enumerate(self.fallbacks):
+            if not isinstance(fallback, LLMClient):
+                raise ConfigurationError(
+                    f"must be LLMClients, got {type(fallback).__name__}",
+                    field=f"fallbacks[{index}]",
+                )
 
     def __repr__(self) -> str:
         return (
@@ -328,24 +395,59 @@ class LLMClient:
             )
         return limits
 
+    def limits_for(self, model: str | None = None) -> list[tuple[str, RateLimitConfig, float]]:
+        """The limits one request of ``model`` takes when its tokens are not known (a request
+        of the governed SDK client): the rpm limit."""
+        return self._limits(model or self.model, 0)[:1] if self.rpm is not None else []
+
+    def sdk_client(self, context: Any = None) -> Any:
+        """A new official SDK client (``anthropic.Anthropic`` / ``openai.OpenAI``) for this
+        endpoint whose every request goes through this client's resilience path (breaker, rpm
+        limit, retries, telemetry); see :mod:`.governed`. ``context``: the Dagster context
+        its usage counts for when it is used from a worker thread."""
+        from flowstone_dagster.llm.governed import governed_sdk_client
+
+        return governed_sdk_client(
+            self, api_key=self._secrets[0] if self._secrets else None, context=context
+        )
+
     def _to_dagster(self) -> bool:
         if self.dagster_errors is None:
             return self.resilience.dagster_errors
         return self.dagster_errors
 
-    def _guarded(self, model: str, estimate: int, attempt: Callable[[], T]) -> T:
-        """``attempt`` (one request) through the one resilience path."""
-        return self.resilience.call(
-            self.service,
-            attempt,
-            limits=self._limits(model, estimate),
-            dagster_errors=self._to_dagster(),
-        )
+    def _guarded(
+        self,
+        model: str,
+        estimate: int,
+        attempt: Callable[[], T],
+        *,
+        to_dagster: bool | None = None,
+    ) -> T:
+        """``attempt`` (one request) through the one resilience path.
 
-    def _failure(self, exc: BaseException) -> BaseException:
+        A provider's 429 asking for a longer wait than the retries may take ends them: the
+        caller gets the ``RateLimited`` itself (with its ``retry_after``), not the retry
+        loop's ``MaxAttemptsExceeded`` wrapping it (the Dagster mapping is the same for both).
+        """
+        try:
+            return self.resilience.call(
+                self.service,
+                attempt,
+                limits=self._limits(model, estimate),
+                dagster_errors=self._to_dagster() if to_dagster is None else to_dagster,
+            )
+        except MaxAttemptsExceeded as exc:  # only with Dagster errors off
+            cause = exc.last_error
+            max_delay = self.resilience.policy_for(self.service).retry.max_delay
+            if not (isinstance(cause, RateLimited) and (cause.retry_after or 0) > max_delay):
+                raise
+        raise cause
+
+    def _failure(self, exc: BaseException, *, to_dagster: bool | None = None) -> BaseException:
         """What to raise for ``exc`` raised outside the resilience call (invalid JSON, a
         broken stream): the Dagster mapping when it is on, else ``exc``."""
-        if not self._to_dagster():
+        if not (self._to_dagster() if to_dagster is None else to_dagster):
             return exc
         return self.resilience.dagster_error(exc, service=self.service)
 
@@ -356,13 +458,16 @@ class LLMClient:
         self,
         prompt: Prompt,
         *,
-        system: str | None = ...,
+        system: System | None = ...,
         model: str | None = ...,
         max_tokens: int | None = ...,
         temperature: float | None = ...,
         stop: str | list[str] | None = ...,
         json: Literal[False] = ...,
         timeout: float | None = ...,
+        output: None = ...,
+        output_retries: int = ...,
+        prompt_cache_key: str | None = ...,
     ) -> str: ...
 
     @overload
@@ -370,28 +475,52 @@ class LLMClient:
         self,
         prompt: Prompt,
         *,
-        system: str | None = ...,
+        system: System | None = ...,
+        model: str | None = ...,
+        max_tokens: int | None = ...,
+        temperature: float | None = ...,
+        stop: str | list[str] | None = ...,
+        json: bool = ...,
+        timeout: float | None = ...,
+        output: Any,
+        output_retries: int = ...,
+        prompt_cache_key: str | None = ...,
+    ) -> Any: ...
+
+    @overload
+    def call(
+        self,
+        prompt: Prompt,
+        *,
+        system: System | None = ...,
         model: str | None = ...,
         max_tokens: int | None = ...,
         temperature: float | None = ...,
         stop: str | list[str] | None = ...,
         json: Literal[True],
         timeout: float | None = ...,
+        output: Any = ...,
+        output_retries: int = ...,
+        prompt_cache_key: str | None = ...,
     ) -> Any: ...
 
     def call(
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> Any:
-        """The reply's text; with ``json=True`` the reply parsed as JSON.
+        """The reply's text; with ``json=True`` the reply parsed as JSON; with ``output=`` (a
+        pydantic model or a JSON schema) the validated reply (see :meth:`chat`).
 
         ``prompt`` is a string (one user message) or a list of ``{"role", "content"}``
         messages. Raises ``InvalidJSON`` (carrying the text) when ``json=True`` and the reply
@@ -408,35 +537,154 @@ class LLMClient:
             stop=stop,
             json=json,
             timeout=timeout,
+            output=output,
+            output_retries=output_retries,
+            prompt_cache_key=prompt_cache_key,
         )
+        if output is not None:
+            return response.parsed
         return response.json() if json else response.text
 
     def chat(
         self,
         messages: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> LLMResponse:
-        """The whole reply: text, model, stop reason, usage, the SDK's object and attempts.
+        """The whole reply: text, model, stop reason, usage, tool calls, the SDK's object and
+        attempts.
 
-        With ``json=True`` the reply is checked to parse (``InvalidJSON`` otherwise).
+        With ``json=True`` the reply is checked to parse (``InvalidJSON`` otherwise). With
+        ``tools=`` (functions, pydantic models or tool mappings; see :mod:`.tools`) the model
+        may ask for tool calls: ``response.tool_calls``, ``stop_reason`` ``tool_use`` /
+        ``tool_calls``; ``tool_choice`` is ``auto``, ``any``, ``none`` or a tool's name. With
+        ``output=`` (a pydantic model or a JSON schema) the provider's schema mode is used and
+        ``response.parsed`` is the validated reply; a reply that does not validate is sent
+        back with the errors up to ``output_retries`` times, then raises ``InvalidOutput``.
+
+        With ``fallbacks``, a primary whose circuit is open, that stays overloaded or failing
+        (5xx, 529, timeouts) through its retries, or whose rate limit cannot be waited out, is
+        replaced by the next fallback (its own model; ``model=`` names the primary's);
+        ``response.fallback`` and ``response.model`` say which answered.
         """
+        args: dict[str, Any] = {
+            "messages": messages,
+            "system": system,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stop": stop,
+            "json": json,
+            "timeout": timeout,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "output": output,
+            "output_retries": output_retries,
+            "prompt_cache_key": prompt_cache_key,
+        }
+        if not self.fallbacks:
+            return self._chat_single(args, model=model)
+        candidates = [self, *self.fallbacks]
+        failure: BaseException | None = None
+        for index, candidate in enumerate(candidates):
+            try:
+                response = candidate._chat_single(
+                    args, model=model if index == 0 else None, to_dagster=False
+                )
+            except Exception as exc:
+                failure = exc
+                if index + 1 < len(candidates) and falls_back(exc):
+                    telemetry.emit(
+                        "flowstone.llm.fallback",
+                        outcome="ok",
+                        error=None,
+                        service=candidate.service,
+                        model=model if index == 0 and model else candidate.model,
+                        reason=type(_cause_of(exc)).__name__,
+                        to=candidates[index + 1].label,
+                    )
+                    continue
+                break
+            return replace(response, fallback=None if index == 0 else candidate.label)
+        assert failure is not None
+        mapped = self._failure(failure)
+        if mapped is failure:
+            raise failure
+        raise mapped
+
+    @property
+    def label(self) -> str:
+        """``provider:model`` (and the origin for a non-default endpoint): how a fallback is
+        named in responses and telemetry."""
+        default = DEFAULT_BASE_URLS.get(self.provider)
+        where = "" if default and origin_of(default) == self.origin else f"@{self.origin}"
+        return f"{self.provider}:{self.model}{where}"
+
+    def _chat_single(
+        self, args: dict[str, Any], *, model: str | None, to_dagster: bool | None = None
+    ) -> LLMResponse:
+        """:meth:`chat` on this endpoint alone."""
+        output_retries = args["output_retries"]
         request = self._request(
-            messages,
-            system=system,
+            args["messages"],
+            system=args["system"],
             model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stop=stop,
-            json=json,
-            timeout=timeout,
+            max_tokens=args["max_tokens"],
+            temperature=args["temperature"],
+            stop=args["stop"],
+            json=args["json"],
+            timeout=args["timeout"],
+            tools=args["tools"],
+            tool_choice=args["tool_choice"],
+            output=args["output"],
+            prompt_cache_key=args["prompt_cache_key"],
         )
+        if output_retries < 0:
+            raise ConfigurationError(
+                f"must not be negative, got {output_retries}", field="output_retries"
+            )
+        attempts = 0
+        for repair in range(output_retries + 1):
+            response = self._chat_once(
+                request, check=repair == output_retries, to_dagster=to_dagster
+            )
+            attempts += response.attempts
+            if request.output is None or repair == output_retries:
+                break  # the last round was validated inside its event (``parsed`` set)
+            try:
+                parsed = request.output.validate(response.text, service=self.service)
+            except InvalidOutput as exc:  # only before the last round (checked in it)
+                request = replace(
+                    request,
+                    messages=[
+                        *request.messages,
+                        {"role": "assistant", "content": response.text or "(empty)"},
+                        {
+                            "role": "user",
+                            "content": "Your reply does not follow the required JSON schema: "
+                            f"{truncate(exc.errors, 1500)}\nReply again with JSON only.",
+                        },
+                    ],
+                )
+                continue
+            return replace(response, parsed=parsed, attempts=attempts)
+        return replace(response, attempts=attempts)
+
+    def _chat_once(
+        self, request: LLMRequest, *, check: bool = True, to_dagster: bool | None = None
+    ) -> LLMResponse:
+        """One reply through the resilience path, with its telemetry event; ``check``: a reply
+        that does not parse (``json``) or validate (``output``) is raised, inside the event."""
         estimate = estimate_tokens(request.messages, request.system)
         measures = self._measures(request, stream=False)
         attempts = 0
@@ -447,20 +695,25 @@ class LLMClient:
             return self._send(request, self._adapter.create)
 
         started = time.perf_counter()
+        parsed: Any = None
         try:
-            response = self._guarded(request.model, estimate, attempt)
-            measures.update(
-                model=response.model or request.model,
-                input_tokens=response.usage.input_tokens,
-                output_tokens=response.usage.output_tokens,
-                stop_reason=response.stop_reason,
-            )
+            budgets = self._take_budget(estimate)
+            response = self._guarded(request.model, estimate, attempt, to_dagster=to_dagster)
+            self._record_budget(budgets, estimate, response.usage)
+            measures.update(_usage_measures(response.usage))
+            measures.update(model=response.model or request.model, stop_reason=response.stop_reason)
+            if request.tools:
+                measures.update(tool_calls=len(response.tool_calls))
             self._record_actual(request.model, estimate, response.usage)
-            if json:
+            if check and (request.json or request.output is not None):
                 try:
-                    response.json()  # InvalidJSON, with the text, inside the event
+                    # InvalidJSON / InvalidOutput, with the text, inside the event
+                    if request.output is not None:
+                        parsed = request.output.validate(response.text, service=self.service)
+                    else:
+                        response.json()
                 except Exception as exc:
-                    mapped = self._failure(exc)
+                    mapped = self._failure(exc, to_dagster=to_dagster)
                     if mapped is exc:
                         raise
                     raise mapped  # noqa: B904 - carries its own (redacted) cause
@@ -476,21 +729,124 @@ class LLMClient:
         telemetry.emit(
             EVENT, duration_s=time.perf_counter() - started, attempts=attempts, **measures
         )
-        return LLMResponse(
-            text=response.text,
-            model=response.model,
-            stop_reason=response.stop_reason,
-            usage=response.usage,
-            raw=response.raw,
-            provider=self.provider,
-            attempts=attempts,
+        return replace(response, provider=self.provider, attempts=attempts, parsed=parsed)
+
+    def batch_request(
+        self,
+        prompt: Prompt,
+        *,
+        system: System | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        """The wire-format body :meth:`chat` would send for ``prompt`` (a batch item's)."""
+        request = self._request(
+            prompt,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=None,
+            stop=None,
+            json=False,
+            timeout=None,
+        )
+        params: dict[str, Any] = self._adapter._params(request)  # type: ignore[attr-defined]
+        params.pop("extra_headers", None)
+        return params
+
+    def batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        job: str,
+        system: System | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        poll_interval: float = 5.0,
+        max_poll_interval: float = 60.0,
+        max_wait: float = 3600.0,
+        context: Any = None,
+    ) -> list[BatchResult]:
+        """Run ``prompts`` as one provider batch job (half price, results within 24 h), in
+        input order, resumable by ``job`` after a step restart; see :mod:`.batches`."""
+        from flowstone_dagster.llm.batches import run_batch
+
+        return run_batch(
+            self,
+            prompts,
+            job=job,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            max_wait=max_wait,
+            context=context,
+        )
+
+    def run_tools(
+        self,
+        messages: Prompt,
+        *,
+        tools: Sequence[Any],
+        max_rounds: int = 8,
+        **options: Any,
+    ) -> ToolRun:
+        """Let the model call Python ``tools`` until it answers without a tool call.
+
+        ::
+
+            def order_status(order_id: str) -> str:
+                "The shipping status of one order."
+                return db.status(order_id)
+
+            run = llm.run_tools("Where is order 42?", tools=[order_status])
+            run.response.text, run.rounds, run.messages
+
+        Each round is one :meth:`chat` (limited, retried and counted like any call); every tool
+        call of a round runs here and its result (or its exception's ``type: message``, marked
+        as an error) is sent back. After ``max_rounds`` requests that still ask for tools,
+        ``ToolLoopExceeded`` (with the last reply). ``options`` are :meth:`chat`'s.
+        """
+        if max_rounds < 1:
+            raise ConfigurationError(f"must be at least 1, got {max_rounds}", field="max_rounds")
+        specs = tool_specs(tools)
+        runnable = {spec.name: spec for spec in specs}
+        for spec in specs:
+            if spec.function is None and spec.model is None:
+                raise ConfigurationError(
+                    f"tool {spec.name!r} has no Python function to run; run_tools needs "
+                    "functions (or pydantic models, whose instance is the result)",
+                    field="tools",
+                )
+        conversation: list[Message] = normalize_messages(messages)
+        usage = Usage()
+        calls = 0
+        for rounds in range(1, max_rounds + 1):
+            response = self.chat(conversation, tools=specs, **options)
+            usage = _add_usage(usage, response.usage)
+            conversation.append(response.message)
+            if not response.tool_calls:
+                return ToolRun(response, conversation, rounds, calls, usage)
+            # One message with every result of the round (Anthropic requires them together,
+            # right after the assistant's tool_use blocks; OpenAI gets one tool message each).
+            blocks: list[Any] = []
+            for call in response.tool_calls:
+                calls += 1
+                blocks.extend(_run_tool(runnable.get(call.name), call)["content"])
+            conversation.append({"role": "user", "content": blocks})
+        raise ToolLoopExceeded(
+            f"the model still asked for tools after {max_rounds} rounds "
+            f"({calls} tool calls); raise max_rounds or check the tools' results",
+            response=response,
+            rounds=max_rounds,
         )
 
     def stream(
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -521,13 +877,17 @@ class LLMClient:
         self,
         prompt: Prompt,
         *,
-        system: str | None,
+        system: System | None,
         model: str | None,
         max_tokens: int | None,
         temperature: float | None,
         stop: str | list[str] | None,
         json: bool,
         timeout: float | None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        output: Any = None,
+        prompt_cache_key: str | None = None,
     ) -> LLMRequest:
         if self._closed.is_set():
             raise ConfigurationError("this LLM client is closed", field="client")
@@ -540,6 +900,19 @@ class LLMClient:
             raise ConfigurationError(f"must be positive, got {timeout}", field="timeout")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         _check_temperature(self.provider, temperature)
+        specs = tool_specs(tools)
+        if tool_choice not in (None, "auto", "any", "none") and tool_choice not in {
+            spec.name for spec in specs
+        }:
+            raise ConfigurationError(
+                f"must be auto, any, none or the name of one of the tools, got {tool_choice!r}",
+                field="tool_choice",
+            )
+        if prompt_cache_key is not None and self.provider == "anthropic":
+            raise ConfigurationError(
+                "is OpenAI's; Anthropic caches the blocks marked with cache_control",
+                field="prompt_cache_key",
+            )
         return LLMRequest(
             model=model or self.model,
             messages=messages,
@@ -549,6 +922,11 @@ class LLMClient:
             stop=stops,
             json=json,
             timeout=float(timeout),
+            idle_timeout=self.stream_idle_timeout,
+            tools=specs,
+            tool_choice=tool_choice,
+            output=output_spec(output),
+            prompt_cache_key=prompt_cache_key,
         )
 
     def _measures(self, request: LLMRequest, *, stream: bool) -> dict[str, Any]:
@@ -581,11 +959,51 @@ class LLMClient:
             if mapped is exc:
                 raise
             cause = redact_exception_chain(exc, is_ours=FlowstoneError)
+        if isinstance(mapped, RateLimited) and mapped.status == 429:
+            self._provider_window_full(request.model)
         # Raised outside the except block: no implicit __context__ pointing at the SDK error.
         raise mapped from cause
 
+    def _provider_window_full(self, model: str) -> None:
+        """The provider answered 429 although our limiter admitted the request: its window,
+        counted at arrival, is fuller than ours (requests reached it later than we admitted
+        them). Fill our current window, in the shared store, so that no process sends more
+        until it passes, instead of each earning its own 429 meanwhile."""
+        if self.rpm is None or self.rpm.limit is None:
+            return
+        try:
+            self.resilience.store.reserve(
+                self.limit_name("rpm", model), self.rpm.limit, math.inf, self.rpm.period
+            )
+        except Exception as exc:
+            logger.warning("could not record %s's full rate window: %s", self.service, exc)
+
     def _map(self, exc: BaseException, timeout: float | None) -> BaseException:
         return to_taxonomy(exc, service=self.service, secrets=self._secrets, timeout=timeout)
+
+    def _take_budget(self, estimate: int) -> list[Budget]:
+        """Take the prompt's estimate from the run's (and asset's) token budget, or raise
+        ``BudgetExceeded`` (mapped to Dagster when that is on) before anything is sent."""
+        found = budgets_for(self.run_token_budget, self.asset_token_budget)
+        if found:
+            try:
+                take(self.resilience.store, found, float(estimate))
+            except BudgetExceeded as exc:
+                mapped = self._failure(exc)
+                if mapped is exc:
+                    raise
+                raise mapped  # noqa: B904 - carries its own cause
+        return found
+
+    def _record_budget(self, found: list[Budget], estimate: int, usage: Usage) -> None:
+        if not found:
+            return
+        try:
+            record(self.resilience.store, found, float(usage.total_tokens - max(estimate, 1)))
+        except Exception as exc:  # the call succeeded; its spend is logged, never lost silently
+            logger.warning(
+                "could not record %d tokens against a budget: %s", usage.total_tokens, exc
+            )
 
     def _record_actual(self, model: str, estimate: int, usage: Usage) -> None:
         """Record the tokens the provider counted beyond the estimate taken before sending.
@@ -710,6 +1128,7 @@ class LLMStream:
         opened = False
         outcome, error = "ok", None
         try:
+            budgets = client._take_budget(estimate)
             deltas, head, state = client._guarded(request.model, estimate, self._open)
             opened = True
             broken: StreamInterrupted | None = None
@@ -742,6 +1161,8 @@ class LLMStream:
                 state.output_tokens
                 if state.output_tokens is not None
                 else estimate_tokens([{"role": "assistant", "content": self.text}]),
+                state.cache_read_tokens,
+                state.cache_write_tokens,
             )
             self.usage, self.stop_reason = usage, state.stop_reason
             self.model = state.model or request.model
@@ -755,12 +1176,9 @@ class LLMStream:
                 attempts=self.attempts,
             )
             client._record_actual(request.model, estimate, usage)
-            measures.update(
-                model=self.model,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                stop_reason=self.stop_reason,
-            )
+            client._record_budget(budgets, estimate, usage)
+            measures.update(_usage_measures(usage))
+            measures.update(model=self.model, stop_reason=self.stop_reason)
         finally:
             if outcome != "ok" and opened:
                 measures.update(output_chars=len(self.text))
@@ -781,3 +1199,69 @@ def _check_temperature(provider: str, temperature: float | None) -> None:
             "unset for provider anthropic",
             field="temperature",
         )
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """What :meth:`LLMClient.run_tools` did: the final reply, the whole conversation (to go
+    on with), the requests made (``rounds``), the tool calls run and the summed usage."""
+
+    response: LLMResponse
+    messages: list[Message]
+    rounds: int
+    tool_calls: int
+    usage: Usage
+
+
+def _run_tool(spec: ToolSpec | None, call: ToolCall) -> Message:
+    """Run one tool call; its result, or its failure, as the message to send back."""
+    if spec is None:
+        return tool_result(call, f"unknown tool {call.name!r}", is_error=True)
+    try:
+        if spec.function is not None:
+            result = spec.function(**call.arguments)
+        else:
+            assert spec.model is not None
+            result = spec.model.model_validate(call.arguments).model_dump(mode="json")
+    except Exception as exc:  # the model sees the failure and may recover
+        return tool_result(call, f"{type(exc).__name__}: {truncate(str(exc), 500)}", is_error=True)
+    if hasattr(result, "model_dump"):
+        result = result.model_dump(mode="json")
+    return tool_result(call, result)
+
+
+def _add_usage(total: Usage, more: Usage) -> Usage:
+    return Usage(
+        total.input_tokens + more.input_tokens,
+        total.output_tokens + more.output_tokens,
+        total.cache_read_tokens + more.cache_read_tokens,
+        total.cache_write_tokens + more.cache_write_tokens,
+    )
+
+
+def _usage_measures(usage: Usage) -> dict[str, int]:
+    measures = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    if usage.cache_read_tokens or usage.cache_write_tokens:
+        measures["cache_read_tokens"] = usage.cache_read_tokens
+        measures["cache_write_tokens"] = usage.cache_write_tokens
+    return measures
+
+
+#: HTTP statuses after which a call goes to the next fallback: the provider is failing or
+#: overloaded, not the request.
+FALLBACK_STATUSES = frozenset({500, 502, 503, 504, 529})
+
+
+def _cause_of(exc: BaseException) -> BaseException:
+    return exc.last_error if isinstance(exc, MaxAttemptsExceeded) else exc
+
+
+def falls_back(exc: BaseException) -> bool:
+    """Whether a failed call goes to the next fallback: an open circuit, a rate limit that
+    cannot be waited out (the provider's 429 or our own limiter), a provider failing or
+    overloaded (500, 502, 503, 504, 529) or unreachable (timeouts, connection errors) through
+    every retry. Never a request the provider refused (4xx): another model would too."""
+    cause = _cause_of(exc)
+    if isinstance(cause, (CircuitOpen, RateLimited, CallTimeout, TransportError)):
+        return not isinstance(cause, StreamInterrupted)
+    return isinstance(cause, HTTPError) and cause.status in FALLBACK_STATUSES

@@ -45,6 +45,7 @@ from flowstone_dagster.errors import (
     truncate,
 )
 from flowstone_dagster.http import redact_text, redact_url
+from flowstone_dagster.llm.deadlines import WholeRequestTimeout
 
 __all__ = [
     "StreamInterrupted",
@@ -188,10 +189,9 @@ def provider_message(body: Any) -> tuple[str | None, str | None]:
 
 
 def _url_of(exc: Any) -> str | None:
-    request = getattr(exc, "request", None)
     try:
-        url = getattr(request, "url", None)
-    except RuntimeError:  # httpx raises when a response was built without a request
+        url = getattr(getattr(exc, "request", None), "url", None)
+    except RuntimeError:  # httpx raises when an error or response was built without a request
         url = None
     return redact_url(str(url)) if url is not None else None
 
@@ -208,6 +208,15 @@ def to_taxonomy(
     if isinstance(exc, FlowstoneError):
         return exc
     secrets = [secret for secret in secrets if secret]
+    if isinstance(exc, WholeRequestTimeout):
+        return CallTimeout(
+            f"{_url_of(exc) or service} did not finish answering within {timeout:g} s "
+            "(timeout: the whole request, not one read)"
+            if timeout is not None
+            else f"{_url_of(exc) or service} did not finish answering in time (timeout)",
+            timeout=timeout,
+            service=service,
+        )
     if isinstance(
         exc, (anthropic.APITimeoutError, openai.APITimeoutError, httpx2.TimeoutException)
     ):

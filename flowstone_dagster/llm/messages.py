@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowstone_dagster.errors import ConfigurationError, DecodeError, truncate
+from flowstone_dagster.llm.tools import ToolCall
 
 __all__ = [
     "ROLES",
@@ -31,12 +32,14 @@ __all__ = [
     "LLMResponse",
     "Message",
     "Prompt",
+    "System",
     "Usage",
     "estimate_tokens",
     "normalize_messages",
     "parse_json_reply",
     "prompt_chars",
     "split_system",
+    "system_text",
 ]
 
 Message = dict[str, Any]
@@ -52,10 +55,20 @@ TOKENS_PER_MESSAGE = 4
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens a call used, as the provider counted them."""
+    """Tokens a call used, as the provider counted them.
+
+    ``input_tokens`` counts every input token, cached ones included (OpenAI's
+    ``prompt_tokens``; Anthropic's ``input_tokens`` + ``cache_read_input_tokens`` +
+    ``cache_creation_input_tokens``). ``cache_read_tokens`` of them were read from the
+    provider's prompt cache (Anthropic's ``cache_read_input_tokens``, OpenAI's
+    ``prompt_tokens_details.cached_tokens``), ``cache_write_tokens`` written to it (Anthropic's
+    ``cache_creation_input_tokens``; OpenAI does not report writes).
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -78,6 +91,27 @@ class LLMResponse:
     raw: Any = field(default=None, repr=False, compare=False)
     provider: str = ""
     attempts: int = 1
+    #: The tools the model asks to call (``stop_reason`` ``tool_use`` / ``tool_calls``).
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: With ``output=``: the reply validated (a model instance, or the parsed JSON).
+    parsed: Any = None
+    #: The fallback entry that answered (``None``: the primary); see ``fallbacks=``.
+    fallback: str | None = None
+
+    @property
+    def message(self) -> Message:
+        """This reply as the assistant message to append to the conversation (its text and
+        tool calls, in the neutral shape every adapter sends)."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.text}
+        blocks: list[dict[str, Any]] = []
+        if self.text:
+            blocks.append({"type": "text", "text": self.text})
+        blocks.extend(
+            {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+            for call in self.tool_calls
+        )
+        return {"role": "assistant", "content": blocks}
 
     @property
     def truncated(self) -> bool:
@@ -179,35 +213,80 @@ def normalize_messages(prompt: Prompt) -> list[Message]:
     return messages
 
 
-def split_system(messages: list[Message], system: str | None) -> tuple[str | None, list[Message]]:
-    """The system text (``system`` and any ``system`` messages, in order) and the others."""
-    parts = [system] if system else []
+System = str | list[dict[str, Any]]
+
+
+def split_system(
+    messages: list[Message], system: System | None
+) -> tuple[System | None, list[Message]]:
+    """The system prompt (``system`` and any ``system`` messages, in order) and the others.
+
+    Plain strings are joined into one string; as soon as one part is a list of content
+    blocks (e.g. with Anthropic's ``cache_control``), the result is a list of text blocks
+    that keeps every block as given.
+    """
+    parts: list[Any] = [system] if system else []
     rest: list[Message] = []
     for message in messages:
         if message["role"] == "system":
-            content = message["content"]
-            parts.append(content if isinstance(content, str) else _blocks_text(content))
+            parts.append(message["content"])
         else:
             rest.append(message)
-    return ("\n\n".join(parts) if parts else None), rest
+    if not parts:
+        return None, rest
+    if all(isinstance(part, str) for part in parts):
+        return "\n\n".join(parts), rest
+    blocks: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, str):
+            blocks.append({"type": "text", "text": part})
+        else:
+            for block in part:
+                if not isinstance(block, Mapping) or not isinstance(block.get("text"), str):
+                    raise ConfigurationError(
+                        "system content blocks must be text blocks {'type': 'text', 'text': "
+                        "...} (optionally with cache_control)",
+                        field="system",
+                    )
+                blocks.append(dict(block))
+    return blocks, rest
+
+
+def system_text(system: System | None) -> str:
+    """The text of a system prompt (string or blocks)."""
+    if system is None:
+        return ""
+    return system if isinstance(system, str) else _blocks_text(system)
 
 
 def _blocks_text(blocks: list[Any]) -> str:
-    return "".join(
-        str(block.get("text", "")) if isinstance(block, Mapping) else str(block) for block in blocks
-    )
+    return "".join(_block_text(block) for block in blocks)
 
 
-def prompt_chars(messages: Sequence[Message], system: str | None = None) -> int:
+def _block_text(block: Any) -> str:
+    """The text a content block carries (a tool call's arguments and a tool result count)."""
+    if not isinstance(block, Mapping):
+        return str(block)
+    if "text" in block:
+        return str(block["text"])
+    if block.get("type") == "tool_use":
+        return jsonlib.dumps(block.get("input", {}))
+    if block.get("type") == "tool_result":
+        content = block.get("content", "")
+        return content if isinstance(content, str) else _blocks_text(list(content))
+    return ""
+
+
+def prompt_chars(messages: Sequence[Message], system: System | None = None) -> int:
     """Characters of prompt text (what telemetry reports instead of the text itself)."""
-    total = len(system or "")
+    total = len(system_text(system))
     for message in messages:
         content = message["content"]
         total += len(content) if isinstance(content, str) else len(_blocks_text(content))
     return total
 
 
-def estimate_tokens(messages: Sequence[Message], system: str | None = None) -> int:
+def estimate_tokens(messages: Sequence[Message], system: System | None = None) -> int:
     """A quick, conservative-ish estimate of a prompt's input tokens (before sending).
 
     About 4 characters per token plus a few per message, as both providers document for

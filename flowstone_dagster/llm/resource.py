@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.llm.batches import BatchResult
 from flowstone_dagster.llm.client import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_RATE_LIMIT_MARGIN,
@@ -69,19 +70,50 @@ from flowstone_dagster.llm.client import (
     DEFAULT_TIMEOUT,
     LLMClient,
     LLMStream,
+    ToolRun,
 )
-from flowstone_dagster.llm.messages import LLMResponse, Prompt
+from flowstone_dagster.llm.messages import LLMResponse, Prompt, System
 from flowstone_dagster.redaction import register_secret
 from flowstone_dagster.resilience import ResilienceResource
 
-__all__ = ["API_KEY_ENV", "LLMResource"]
+__all__ = ["API_KEY_ENV", "LLMFallback", "LLMResource"]
 
 #: Fields given to ``LLMClient`` otherwise than as their value: the resolved key, and the
 #: resilience resource itself (not its dump).
-_NOT_COPIED = {"api_key", "resilience"}
+_NOT_COPIED = {"api_key", "resilience", "fallbacks"}
 
 #: The environment variable read when ``api_key`` is not set.
 API_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+
+
+class LLMFallback(dg.Config):
+    """A model tried when the resource's own cannot answer (see ``LLMResource.fallbacks``).
+
+    Fields not given here (``max_tokens``, ``timeout``, ``rpm_window``, the waits, the
+    resilience resource) are the resource's."""
+
+    provider: Literal["anthropic", "openai", "openai_compatible"] = Field(
+        description="anthropic, openai or openai_compatible."
+    )
+    model: str = Field(description="The model, e.g. gpt-4o-mini.")
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="API key; pass dg.EnvVar('...'). Null: $ANTHROPIC_API_KEY or "
+        "$OPENAI_API_KEY for those providers.",
+    )
+    base_url: str | None = Field(
+        default=None, description="Endpoint; null: the provider's (required for local servers)."
+    )
+    rpm_limit: float | None = Field(
+        default=None, gt=0, description="Requests per minute for this endpoint and model."
+    )
+    tpm_limit: float | None = Field(
+        default=None, ge=1, description="Tokens per minute for this endpoint and model."
+    )
+    service: str | None = Field(
+        default=None, description="Breaker and policy name; null: llm:<provider>:<origin>."
+    )
 
 
 class LLMResource(dg.ConfigurableResource):
@@ -118,9 +150,15 @@ class LLMResource(dg.ConfigurableResource):
     timeout: float = Field(
         default=DEFAULT_TIMEOUT,
         gt=0,
-        description="Seconds one request may take, the SDK's timeout (a stream: the longest "
-        "silence between chunks); cut to the resilience policy's per-attempt timeout when that "
-        "is sooner. A call's `timeout=` overrides it.",
+        description="Seconds one request may take as a whole (a body trickling past it, or a "
+        "stream from sending to its last event, is cut: CallTimeout); cut to the resilience "
+        "policy's per-attempt timeout when that is sooner. A call's `timeout=` overrides it.",
+    )
+    stream_idle_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="For a stream, the longest silence between two events, in seconds. Null: "
+        "timeout.",
     )
     rpm_limit: float | None = Field(
         default=None,
@@ -170,6 +208,26 @@ class LLMResource(dg.ConfigurableResource):
         "retry-after, a breaker of 5 failures / 30 s, both in this process's memory.",
     )
 
+    run_token_budget: float | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens (input + output) one Dagster run may spend through this resource, "
+        "shared by the run's step processes through the resilience store; a call that does "
+        "not fit raises BudgetExceeded (not retried) before sending. Null: no budget.",
+    )
+    asset_token_budget: float | None = Field(
+        default=None,
+        ge=1,
+        description="The same per asset (per step for ops) of a run. Null: no budget.",
+    )
+    fallbacks: list[LLMFallback] = Field(
+        default_factory=list,
+        description="Models tried in order when this one's circuit is open, it stays "
+        "overloaded or failing (5xx, 529, timeouts) through its retries, or its rate limit "
+        "cannot be waited out; the response (`fallback`, `model`) and the metadata "
+        "(flowstone/llm/models) name the model that answered. Not for streams.",
+    )
+
     _client: LLMClient | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -180,8 +238,34 @@ class LLMResource(dg.ConfigurableResource):
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         with self._lock:
             if self._client is not None:
+                for fallback in self._client.fallbacks:
+                    fallback.close()
                 self._client.close()
                 self._client = None
+
+    def _fallback_client(self, entry: LLMFallback, fields: dict[str, Any]) -> LLMClient:
+        key = entry.api_key
+        variable = API_KEY_ENV.get(entry.provider)
+        if not key and variable:
+            key = os.environ.get(variable)
+            if not key:
+                raise ConfigurationError(
+                    f"no API key for the {entry.provider} fallback {entry.model!r}: set its "
+                    f"api_key=dg.EnvVar('{variable}') or export {variable}",
+                    field="fallbacks.api_key",
+                )
+        register_secret(key)
+        own = entry.model_dump(exclude={"api_key"})
+        inherited = {name: value for name, value in fields.items() if name not in own}
+        if entry.provider == "anthropic":
+            inherited.pop("temperature", None)  # the Messages API of anthropic 2.x has none
+        return LLMClient(
+            **inherited,
+            **own,
+            api_key=key,
+            resilience=self.resilience,
+            dagster_errors=None,
+        )
 
     def resolved_api_key(self) -> str | None:
         """``api_key``, else the provider's environment variable (none for local servers)."""
@@ -205,11 +289,13 @@ class LLMResource(dg.ConfigurableResource):
                 # Every other field is LLMClient's argument of the same name: a field added
                 # here reaches the client (or fails loudly if LLMClient lacks it).
                 fields = self.model_dump(exclude=_NOT_COPIED)
+                fallbacks = [self._fallback_client(entry, fields) for entry in self.fallbacks]
                 self._client = LLMClient(
                     **fields,
                     api_key=api_key,
                     resilience=self.resilience,
                     dagster_errors=None,  # the resilience resource's setting
+                    fallbacks=fallbacks,
                 )
             return self._client
 
@@ -217,15 +303,19 @@ class LLMResource(dg.ConfigurableResource):
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> Any:
-        """The reply's text (``json=True``: the parsed JSON); see :meth:`LLMClient.call`."""
+        """The reply's text (``json=True``: the parsed JSON; ``output=``: the validated reply);
+        see :meth:`LLMClient.call`."""
         response = self.chat(
             prompt,
             system=system,
@@ -235,22 +325,33 @@ class LLMResource(dg.ConfigurableResource):
             stop=stop,
             json=json,
             timeout=timeout,
+            output=output,
+            output_retries=output_retries,
+            prompt_cache_key=prompt_cache_key,
         )
+        if output is not None:
+            return response.parsed
         return response.json() if json else response.text
 
     def chat(
         self,
         messages: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stop: str | list[str] | None = None,
         json: bool = False,
         timeout: float | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        output: Any = None,
+        output_retries: int = 0,
+        prompt_cache_key: str | None = None,
     ) -> LLMResponse:
-        """The whole reply as an :class:`LLMResponse`; see :meth:`LLMClient.chat`."""
+        """The whole reply as an :class:`LLMResponse` (text, usage, ``tool_calls``,
+        ``parsed``); see :meth:`LLMClient.chat`."""
         return self.client().chat(
             messages,
             system=system,
@@ -260,13 +361,60 @@ class LLMResource(dg.ConfigurableResource):
             stop=stop,
             json=json,
             timeout=timeout,
+            tools=tools,
+            tool_choice=tool_choice,
+            output=output,
+            output_retries=output_retries,
+            prompt_cache_key=prompt_cache_key,
         )
+
+    def get_client(self, context: Any = None) -> Any:
+        """The official SDK client (``anthropic.Anthropic`` / ``openai.OpenAI``), governed:
+        each of its requests goes through this resource's breaker, rpm limit, retries and
+        telemetry, and its usage counts in the step's ``flowstone/llm/...`` metadata (as
+        ``dagster-openai``'s ``get_client(context)``); ``context`` makes that work from worker
+        threads too. Usable as a context manager (``with llm.get_client(context) as sdk``)."""
+        return self.client().sdk_client(context)
+
+    def batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        job: str,
+        system: System | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        poll_interval: float = 5.0,
+        max_poll_interval: float = 60.0,
+        max_wait: float = 3600.0,
+        context: Any = None,
+    ) -> list[BatchResult]:
+        """``prompts`` as one Anthropic / OpenAI batch job, results in input order, resumed
+        after a step restart; see :meth:`LLMClient.batch` and ``docs/llm.md``."""
+        return self.client().batch(
+            prompts,
+            job=job,
+            system=system,
+            model=model,
+            max_tokens=max_tokens,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            max_wait=max_wait,
+            context=context,
+        )
+
+    def run_tools(
+        self, messages: Prompt, *, tools: Sequence[Any], max_rounds: int = 8, **options: Any
+    ) -> ToolRun:
+        """Let the model call Python ``tools`` until it answers; see
+        :meth:`LLMClient.run_tools`."""
+        return self.client().run_tools(messages, tools=tools, max_rounds=max_rounds, **options)
 
     def stream(
         self,
         prompt: Prompt,
         *,
-        system: str | None = None,
+        system: System | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,

@@ -222,3 +222,62 @@ def test_a_key_echoed_by_the_server_never_reaches_the_event_log(
     for record in dagster_instance.all_logs(result.run_id):
         assert sent not in record.user_message
         assert sent not in str(record.dagster_event)
+
+
+@dg.asset
+def plain_labels(llm: LLMResource) -> list[str]:
+    # No context, no telemetry.observe: the usage still reaches the materialization.
+    return [llm.call(f"Label ticket {n}", max_tokens=5) for n in (1, 2)]
+
+
+def test_usage_reaches_the_materialization_without_observe(
+    anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    anthropic_api.fail(529, "overloaded_error", "Overloaded")
+    anthropic_api.reply("refund", input_tokens=40, output_tokens=2, cache_read=100)
+    anthropic_api.reply("billing", input_tokens=42, output_tokens=3)
+    result = dg.materialize(
+        [plain_labels], resources={"llm": claude(anthropic_api)}, instance=dagster_instance
+    )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("plain_labels")
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    assert metadata["flowstone/llm/calls"] == 2
+    assert metadata["flowstone/llm/attempts"] == 3  # the 529 was retried
+    assert metadata["flowstone/llm/prompt_tokens"] == 182  # cached tokens included
+    assert metadata["flowstone/llm/completion_tokens"] == 5
+    assert metadata["flowstone/llm/total_tokens"] == 187
+    assert metadata["flowstone/llm/cache_read_tokens"] == 100
+    assert metadata["flowstone/llm/errors"] == 0
+    assert metadata["flowstone/llm/models"] == "claude-sonnet-5-5"
+
+
+@dg.asset
+def first_step(llm: LLMResource) -> str:
+    return llm.call("one")
+
+
+@dg.asset(deps=[first_step])
+def second_step(llm: LLMResource) -> str:
+    return llm.call("two") + llm.call("three")
+
+
+def test_each_step_gets_its_own_totals(
+    anthropic_api: AnthropicServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    result = dg.materialize(
+        [first_step, second_step],
+        resources={"llm": claude(anthropic_api)},
+        instance=dagster_instance,
+    )
+    assert result.success
+    calls = {
+        node: result.asset_materializations_for_node(node)[0].metadata["flowstone/llm/calls"].value
+        for node in ("first_step", "second_step")
+    }
+    assert calls == {"first_step": 1, "second_step": 2}
+
+
+def test_calls_outside_a_step_attach_nothing(anthropic_api: AnthropicServer) -> None:
+    llm = claude(anthropic_api)
+    assert llm.call("Hi") == "ok"  # no context, no error

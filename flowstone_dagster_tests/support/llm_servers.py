@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import re
 import threading
 import time
 from collections import deque
@@ -80,6 +81,10 @@ class Scripted:
     stream_error: tuple[int, str, str] | None = None  # after N deltas: (N, type, message)
     stall: threading.Event | None = None
     raw_body: str | None = None
+    trickle: float | None = None  # seconds between chunks of chunk_size (default 8) bytes
+    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, input)
+    cache_read: int = 0  # input tokens read from the prompt cache
+    cache_write: int = 0  # input tokens written to it (Anthropic only)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,11 @@ class LLMServer:
         self._admitted: deque[float] = deque()
         self._ids = itertools.count(1)
         server.expect_request(self.path, method="POST").respond_with_handler(self.handle)
+        #: Batches by id: {"requests": [(custom_id, body)], "polls": int, "results": [...]}
+        self.batches: dict[str, dict[str, Any]] = {}
+        #: Status polls a batch answers "in progress" before it ends.
+        self.batch_polls = 1
+        self.register_batch_endpoints()
 
     @property
     def base_url(self) -> str:
@@ -197,7 +207,28 @@ class LLMServer:
         if isinstance(body, dict) and body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream_response(scripted, body, include_usage)
-        return self.success(scripted, body)
+        response = self.success(scripted, body)
+        if scripted.trickle is None:
+            return response
+        return self._trickled(response, scripted)
+
+    @staticmethod
+    def _trickled(response: Response, scripted: Scripted) -> Response:
+        """``response`` with its body sent ``chunk_size`` bytes at a time, ``trickle`` seconds
+        apart: each gap far below a read timeout, the whole far above it."""
+        data = response.get_data()
+        step, pause = scripted.chunk_size or 8, scripted.trickle or 0.0
+
+        def generate() -> Iterator[bytes]:
+            for start in range(0, len(data), step):
+                time.sleep(pause)
+                yield data[start : start + step]
+
+        headers = dict(response.headers.items())
+        headers["Content-Length"] = str(len(data))
+        return Response(
+            generate(), status=response.status, headers=headers, direct_passthrough=True
+        )
 
     def _over_limit(self, recorded: Recorded) -> Response | None:
         if self.rpm_limit is None:
@@ -237,6 +268,8 @@ class LLMServer:
                 data = event.encode()
                 step = scripted.chunk_size or len(data)
                 for start in range(0, len(data), step):
+                    if scripted.trickle is not None:
+                        time.sleep(scripted.trickle)
                     yield data[start : start + step]
                 sent_deltas += is_delta
 
@@ -262,6 +295,46 @@ class LLMServer:
             if scripted.output_tokens is not None
             else _token_count(scripted.text),
         )
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def register_batch_endpoints(self) -> None:
+        """The provider's batch API (see the subclasses)."""
+
+    def process_item(self, request: Request, body: Any) -> tuple[int, Any]:
+        """One batch item answered as a single request would be: ``(status, JSON body)``."""
+        with self.lock:
+            self.requests.append(
+                Recorded("BATCH", self.path, dict(request.headers.items()), body, time.time())
+            )
+        problem = self.validate(request, body)
+        if problem is not None:
+            return problem.status_code, json.loads(problem.get_data())
+        with self.lock:
+            scripted = self.script.popleft() if self.script else Scripted(text=self.default_text)
+        if scripted.status >= 400:
+            error = self.error(
+                scripted.status,
+                scripted.error_type or "api_error",
+                scripted.error_message or "error",
+            )
+            return scripted.status, json.loads(error.get_data())
+        return 200, json.loads(self.success(scripted, body).get_data())
+
+    def batch_finished(self, batch: dict[str, Any], request: Request) -> bool:
+        """Count one status poll; after ``batch_polls`` of them, answer every item (once)."""
+        batch["polls"] += 1
+        if batch["polls"] > self.batch_polls and batch["results"] is None:
+            # Each item is checked as if sent with the creating request's headers.
+            created = batch["created_by"]
+            batch["results"] = [
+                (custom_id, *self.process_item(created, body))
+                for custom_id, body in batch["requests"]
+            ]
+        return batch["results"] is not None
+
+    def _json(self, data: Any, status: int = 200) -> Response:
+        return Response(json.dumps(data), status=status, content_type="application/json")
 
     # -- provider specifics ------------------------------------------------------------------
 
@@ -361,6 +434,92 @@ class AnthropicServer(LLMServer):
     def _invalid(self, message: str) -> Response:
         return self.error(400, "invalid_request_error", message)
 
+    def register_batch_endpoints(self) -> None:
+        base = "/v1/messages/batches"
+        self.server.expect_request(base, method="POST").respond_with_handler(self.create_batch)
+        self.server.expect_request(
+            re.compile(r"^/v1/messages/batches/[^/]+$"), method="GET"
+        ).respond_with_handler(self.retrieve_batch)
+        self.server.expect_request(
+            re.compile(r"^/v1/messages/batches/[^/]+/results$"), method="GET"
+        ).respond_with_handler(self.batch_results)
+
+    def _batch_object(self, batch_id: str) -> dict[str, Any]:
+        batch = self.batches[batch_id]
+        ended = batch["results"] is not None
+        results = batch["results"] or []
+        succeeded = sum(1 for _, status, _ in results if status == 200)
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        return {
+            "id": batch_id,
+            "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress",
+            "request_counts": {
+                "processing": 0 if ended else len(batch["requests"]),
+                "succeeded": succeeded,
+                "errored": len(results) - succeeded,
+                "canceled": 0,
+                "expired": 0,
+            },
+            "created_at": now,
+            "expires_at": now,
+            "ended_at": now if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": None,
+            "results_url": f"{self.base_url}/v1/messages/batches/{batch_id}/results"
+            if ended
+            else None,
+        }
+
+    def create_batch(self, request: Request) -> Response:
+        body = json.loads(request.get_data(as_text=True) or "null")
+        if not isinstance(body, dict) or set(body) != {"requests"}:
+            return self._invalid("requests: Field required; no other field is permitted")
+        items = body["requests"]
+        if not isinstance(items, list) or not items:
+            return self._invalid("requests: at least one request is required")
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or set(item) != {"custom_id", "params"}:
+                return self._invalid(f"requests.{index}: 'custom_id' and 'params' are required")
+            custom_id = item["custom_id"]
+            if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(custom_id)) or custom_id in seen:
+                return self._invalid(f"requests.{index}.custom_id: must be unique, 1-64 chars")
+            if "stream" in item["params"]:
+                return self._invalid(f"requests.{index}.params.stream: not permitted in batches")
+            seen.add(custom_id)
+        batch_id = f"msgbatch_{next(self._ids):08d}"
+        with self.lock:
+            self.batches[batch_id] = {
+                "requests": [(item["custom_id"], item["params"]) for item in items],
+                "polls": 0,
+                "results": None,
+                "created_by": request,
+            }
+        return self._json(self._batch_object(batch_id))
+
+    def retrieve_batch(self, request: Request) -> Response:
+        batch_id = request.path.rsplit("/", 1)[1]
+        if batch_id not in self.batches:
+            return self.error(404, "not_found_error", f"batch {batch_id} not found")
+        self.batch_finished(self.batches[batch_id], request)
+        return self._json(self._batch_object(batch_id))
+
+    def batch_results(self, request: Request) -> Response:
+        batch_id = request.path.split("/")[-2]
+        batch = self.batches.get(batch_id)
+        if batch is None or batch["results"] is None:
+            return self.error(404, "not_found_error", "results are not available yet")
+        lines = []
+        for custom_id, status, data in reversed(batch["results"]):  # order not guaranteed
+            result = (
+                {"type": "succeeded", "message": data}
+                if status == 200
+                else {"type": "errored", "error": data}
+            )
+            lines.append(json.dumps({"custom_id": custom_id, "result": result}))
+        return Response("\n".join(lines) + "\n", content_type="application/binary")
+
     def validate(self, request: Request, body: Any) -> Response | None:
         if self.api_key is not None:
             given = request.headers.get("x-api-key")
@@ -415,6 +574,139 @@ class AnthropicServer(LLMServer):
                 return self._invalid("stop_sequences: Input should be a valid list of strings")
         if "stream" in body and not isinstance(body["stream"], bool):
             return self._invalid("stream: Input should be a valid boolean")
+        return (
+            self._check_system_blocks(body)
+            or self._check_content_blocks(messages)
+            or self._check_tools(body)
+            or self._check_output_config(body)
+        )
+
+    #: The content blocks this server understands, with their fields (the Messages API's).
+    BLOCK_FIELDS: Mapping[str, frozenset[str]] = {
+        "text": frozenset({"type", "text", "cache_control", "citations"}),
+        "tool_use": frozenset({"type", "id", "name", "input", "cache_control"}),
+        "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+    }
+
+    def _check_cache_control(self, where: str, block: Mapping[str, Any]) -> Response | None:
+        if "cache_control" not in block or block["cache_control"] is None:
+            return None
+        control = block["cache_control"]
+        if (
+            not isinstance(control, dict)
+            or control.get("type") != "ephemeral"
+            or set(control) - {"type", "ttl"}
+            or control.get("ttl", "5m") not in ("5m", "1h")
+        ):
+            return self._invalid(f"{where}.cache_control: Input should be {{'type': 'ephemeral'}}")
+        return None
+
+    def _check_system_blocks(self, body: dict[str, Any]) -> Response | None:
+        system = body.get("system")
+        if not isinstance(system, list):
+            return None
+        for index, block in enumerate(system):
+            extra = set(block) - self.BLOCK_FIELDS["text"]
+            if extra:
+                return self._invalid(
+                    f"system.{index}.{sorted(extra)[0]}: Extra inputs are not permitted"
+                )
+            problem = self._check_cache_control(f"system.{index}", block)
+            if problem is not None:
+                return problem
+        return None
+
+    def _check_content_blocks(self, messages: list[Any]) -> Response | None:
+        previous_tool_ids: set[str] = set()
+        for index, message in enumerate(messages):
+            content = message["content"]
+            tool_ids: set[str] = set()
+            for number, block in enumerate(content if isinstance(content, list) else []):
+                where = f"messages.{index}.content.{number}"
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind not in self.BLOCK_FIELDS:
+                    return self._invalid(f"{where}.type: Input tag {kind!r} is not a block type")
+                extra = set(block) - self.BLOCK_FIELDS[kind]
+                if extra:
+                    return self._invalid(
+                        f"{where}.{sorted(extra)[0]}: Extra inputs are not permitted"
+                    )
+                problem = self._check_cache_control(where, block)
+                if problem is not None:
+                    return problem
+                if kind == "tool_use":
+                    if message["role"] != "assistant" or not isinstance(block.get("input"), dict):
+                        return self._invalid(f"{where}: tool_use blocks belong to the assistant")
+                    tool_ids.add(str(block.get("id")))
+                if kind == "tool_result" and block.get("tool_use_id") not in previous_tool_ids:
+                    return self._invalid(
+                        f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block.get('tool_use_id')}. Each `tool_result` block must have a "
+                        "corresponding `tool_use` block in the previous message."
+                    )
+            previous_tool_ids = tool_ids
+        return None
+
+    def _check_tools(self, body: dict[str, Any]) -> Response | None:
+        names: set[str] = set()
+        tools = body.get("tools", [])
+        if not isinstance(tools, list):
+            return self._invalid("tools: Input should be a valid list")
+        for index, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                return self._invalid(f"tools.{index}: Input should be an object")
+            extra = set(tool) - {
+                "name",
+                "description",
+                "input_schema",
+                "cache_control",
+                "type",
+                "strict",
+            }
+            if extra:
+                return self._invalid(
+                    f"tools.{index}.{sorted(extra)[0]}: Extra inputs are not permitted"
+                )
+            name = tool.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9_-]{1,128}", name):
+                return self._invalid(f"tools.{index}.name: String should match pattern")
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict) or schema.get("type") != "object":
+                return self._invalid(f"tools.{index}.input_schema.type: Input should be 'object'")
+            names.add(name)
+        if "tool_choice" in body:
+            choice = body["tool_choice"]
+            if not isinstance(choice, dict) or choice.get("type") not in (
+                "auto",
+                "any",
+                "tool",
+                "none",
+            ):
+                return self._invalid(
+                    "tool_choice: Input tag does not match any of the expected tags"
+                )
+            if choice["type"] == "tool" and choice.get("name") not in names:
+                return self._invalid(
+                    f"tool_choice.name: tool {choice.get('name')!r} not found in tools"
+                )
+        return None
+
+    def _check_output_config(self, body: dict[str, Any]) -> Response | None:
+        if "output_config" not in body:
+            return None
+        config = body["output_config"]
+        if not isinstance(config, dict) or set(config) - {"effort", "format"}:
+            return self._invalid("output_config: Extra inputs are not permitted")
+        fmt = config.get("format")
+        if fmt is not None and (
+            not isinstance(fmt, dict)
+            or fmt.get("type") != "json_schema"
+            or set(fmt) != {"type", "schema"}
+            or not isinstance(fmt["schema"], dict)
+        ):
+            return self._invalid(
+                "output_config.format: Input should be {'type': 'json_schema', 'schema': {...}}"
+            )
         return None
 
     def limit_headers(self) -> dict[str, str]:
@@ -426,17 +718,42 @@ class AnthropicServer(LLMServer):
             "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
         }
 
+    @staticmethod
+    def _usage(scripted: Scripted, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        """Anthropic's usage: ``input_tokens`` excludes the cache's reads and writes."""
+        return {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": scripted.cache_write,
+            "cache_read_input_tokens": scripted.cache_read,
+            "output_tokens": output_tokens,
+        }
+
     def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
         input_tokens, output_tokens = self.usage_of(scripted, body)
+        content: list[dict[str, Any]] = (
+            [{"type": "text", "text": scripted.text}]
+            if scripted.text or not scripted.tool_calls
+            else []
+        )
+        content.extend(
+            {
+                "type": "tool_use",
+                "id": f"toolu_{next(self._ids):08d}",
+                "name": name,
+                "input": arguments,
+            }
+            for name, arguments in scripted.tool_calls
+        )
         message = {
             "id": f"msg_{next(self._ids):08d}",
             "type": "message",
             "role": "assistant",
             "model": scripted.model or body["model"],
-            "content": [{"type": "text", "text": scripted.text}],
-            "stop_reason": scripted.stop_reason or "end_turn",
+            "content": content,
+            "stop_reason": scripted.stop_reason
+            or ("tool_use" if scripted.tool_calls else "end_turn"),
             "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "usage": self._usage(scripted, input_tokens, output_tokens),
         }
         return Response(
             json.dumps(message),
@@ -461,7 +778,7 @@ class AnthropicServer(LLMServer):
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                    "usage": self._usage(scripted, input_tokens, 1),
                 },
             },
         )
@@ -530,9 +847,13 @@ class OpenAIServer(LLMServer):
             "logit_bias",
             "logprobs",
             "top_logprobs",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "parallel_tool_calls",
         }
     )
     ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+    MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
 
     @property
     def base_url(self) -> str:
@@ -557,6 +878,124 @@ class OpenAIServer(LLMServer):
             headers={"x-request-id": f"req_{next(self._ids):08d}", **(headers or {})},
             content_type="application/json",
         )
+
+    def register_batch_endpoints(self) -> None:
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.server.expect_request("/v1/files", method="POST").respond_with_handler(
+            self.upload_file
+        )
+        self.server.expect_request(
+            re.compile(r"^/v1/files/[^/]+/content$"), method="GET"
+        ).respond_with_handler(self.file_content)
+        self.server.expect_request("/v1/batches", method="POST").respond_with_handler(
+            self.create_batch
+        )
+        self.server.expect_request(
+            re.compile(r"^/v1/batches/[^/]+$"), method="GET"
+        ).respond_with_handler(self.retrieve_batch)
+
+    def upload_file(self, request: Request) -> Response:
+        if request.form.get("purpose") != "batch" or "file" not in request.files:
+            return self._invalid("'purpose' must be 'batch' and 'file' is required.", "file")
+        upload = request.files["file"]
+        data = upload.read()
+        file_id = f"file-{next(self._ids):08d}"
+        self.files[file_id] = (upload.filename or "batch.jsonl", data)
+        return self._json(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": upload.filename,
+                "purpose": "batch",
+                "status": "processed",
+            }
+        )
+
+    def file_content(self, request: Request) -> Response:
+        file_id = request.path.split("/")[-2]
+        if file_id not in self.files:
+            return self._invalid(f"No such File object: {file_id}", "id")
+        return Response(self.files[file_id][1], content_type="application/octet-stream")
+
+    def _batch_object(self, batch_id: str) -> dict[str, Any]:
+        batch = self.batches[batch_id]
+        done = batch["results"] is not None
+        return {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": batch["input_file_id"],
+            "completion_window": "24h",
+            "status": "completed" if done else "in_progress",
+            "output_file_id": batch.get("output_file_id"),
+            "error_file_id": None,
+            "created_at": int(time.time()),
+            "metadata": batch["metadata"],
+            "request_counts": {
+                "total": len(batch["requests"]),
+                "completed": len(batch["requests"]) if done else 0,
+                "failed": 0,
+            },
+        }
+
+    def create_batch(self, request: Request) -> Response:
+        body = json.loads(request.get_data(as_text=True) or "null")
+        if not isinstance(body, dict):
+            return self._invalid("We could not parse the JSON body of your request.")
+        for name in sorted(
+            set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}
+        ):
+            return self._invalid(f"Unrecognized request argument supplied: {name}")
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return self._invalid("Invalid 'endpoint' or 'completion_window'.", "endpoint")
+        stored = self.files.get(str(body.get("input_file_id")))
+        if stored is None:
+            return self._invalid("Invalid 'input_file_id'.", "input_file_id")
+        requests: list[tuple[str, Any]] = []
+        for number, line in enumerate(stored[1].decode().splitlines(), 1):
+            item = json.loads(line)
+            if (
+                set(item) != {"custom_id", "method", "url", "body"}
+                or item["method"] != "POST"
+                or (item["url"] != "/v1/chat/completions")
+            ):
+                return self._invalid(f"Line {number}: invalid batch request.", "input_file_id")
+            requests.append((item["custom_id"], item["body"]))
+        batch_id = f"batch_{next(self._ids):08d}"
+        with self.lock:
+            self.batches[batch_id] = {
+                "requests": requests,
+                "polls": 0,
+                "results": None,
+                "created_by": request,
+                "input_file_id": body["input_file_id"],
+                "metadata": body.get("metadata"),
+            }
+        return self._json(self._batch_object(batch_id))
+
+    def retrieve_batch(self, request: Request) -> Response:
+        batch_id = request.path.rsplit("/", 1)[1]
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            return self._invalid(f"No batch found with id '{batch_id}'.", "batch_id")
+        if self.batch_finished(batch, request) and "output_file_id" not in batch:
+            lines = [
+                json.dumps(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": custom_id,
+                        "response": {"status_code": status, "request_id": f"req_{n}", "body": data},
+                        "error": None,
+                    }
+                )
+                for n, (custom_id, status, data) in enumerate(reversed(batch["results"]))
+            ]
+            file_id = f"file-{next(self._ids):08d}"
+            self.files[file_id] = ("output.jsonl", ("\n".join(lines) + "\n").encode())
+            batch["output_file_id"] = file_id
+        return self._json(self._batch_object(batch_id))
 
     def _invalid(self, message: str, param: str | None = None) -> Response:
         return Response(
@@ -596,16 +1035,53 @@ class OpenAIServer(LLMServer):
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             return self._invalid("'messages' must be a non-empty array.", "messages")
+        open_calls: set[str] = set()
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in self.ROLES:
                 return self._invalid(
                     f"Invalid value for 'messages[{index}].role'.", f"messages[{index}].role"
                 )
-            if not isinstance(message.get("content"), (str, list)):
+            extra = set(message) - self.MESSAGE_FIELDS
+            if extra:
+                return self._invalid(
+                    f"Unrecognized request argument supplied: messages[{index}].{sorted(extra)[0]}"
+                )
+            calls = message.get("tool_calls")
+            if calls is not None:
+                if message["role"] != "assistant" or not isinstance(calls, list):
+                    return self._invalid(f"Invalid 'messages[{index}].tool_calls'.")
+                for call in calls:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if (
+                        not isinstance(function, dict)
+                        or call.get("type") != "function"
+                        or set(call) != {"id", "type", "function"}
+                        or set(function) != {"name", "arguments"}
+                        or not isinstance(function["arguments"], str)
+                    ):
+                        return self._invalid(f"Invalid 'messages[{index}].tool_calls'.")
+                    open_calls.add(call["id"])
+            if message["role"] == "tool" and message.get("tool_call_id") not in open_calls:
+                return self._invalid(
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'.",
+                    f"messages.[{index}].role",
+                )
+            content = message.get("content")
+            if not (isinstance(content, (str, list)) or (content is None and calls)):
                 return self._invalid(
                     f"Missing required parameter: 'messages[{index}].content'.",
                     f"messages[{index}].content",
                 )
+            for part in content if isinstance(content, list) else []:
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or set(part) != {"type", "text"}
+                ):
+                    return self._invalid(
+                        f"Invalid 'messages[{index}].content': unknown content part {part!r}."
+                    )
         for name in ("max_tokens", "max_completion_tokens"):
             if name in body:
                 value = body[name]
@@ -627,15 +1103,92 @@ class OpenAIServer(LLMServer):
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                 "stream_options",
             )
+        if "prompt_cache_key" in body and not isinstance(body["prompt_cache_key"], str):
+            return self._invalid("Invalid type for 'prompt_cache_key'.", "prompt_cache_key")
+        problem = self._check_tools(body)
+        if problem is not None:
+            return problem
         if "response_format" in body:
             kind = (body["response_format"] or {}).get("type")
             if kind not in ("text", "json_object", "json_schema"):
                 return self._invalid("Invalid 'response_format.type'.", "response_format.type")
+            if kind == "json_schema":
+                problem = self._check_json_schema(body["response_format"])
+                if problem is not None:
+                    return problem
             if kind == "json_object" and "json" not in json.dumps(messages).lower():
                 return self._invalid(
                     "'messages' must contain the word 'json' in some form, to use "
                     "'response_format' of type 'json_object'.",
                     "messages",
+                )
+        return None
+
+    def _check_tools(self, body: dict[str, Any]) -> Response | None:
+        names: set[str] = set()
+        for index, tool in enumerate(body.get("tools") or []):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if (
+                not isinstance(function, dict)
+                or tool.get("type") != "function"
+                or set(tool) != {"type", "function"}
+                or set(function) - {"name", "description", "parameters", "strict"}
+                or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(function.get("name")))
+            ):
+                return self._invalid(f"Invalid 'tools[{index}]'.", f"tools[{index}]")
+            names.add(function["name"])
+        if "tool_choice" in body:
+            choice = body["tool_choice"]
+            if not names:
+                return self._invalid(
+                    "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                    "'tools' are specified.",
+                    "tool_choice",
+                )
+            named = (
+                isinstance(choice, dict)
+                and choice.get("type") == "function"
+                and choice.get("function", {}).get("name") in names
+            )
+            if choice not in ("auto", "none", "required") and not named:
+                return self._invalid("Invalid value for 'tool_choice'.", "tool_choice")
+        return None
+
+    def _check_json_schema(self, response_format: dict[str, Any]) -> Response | None:
+        spec = response_format.get("json_schema")
+        if (
+            set(response_format) != {"type", "json_schema"}
+            or not isinstance(spec, dict)
+            or set(spec) - {"name", "description", "schema", "strict"}
+            or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", str(spec.get("name")))
+        ):
+            return self._invalid(
+                "Invalid 'response_format.json_schema'.", "response_format.json_schema"
+            )
+        if spec.get("strict"):
+
+            def problem(node: Any) -> str | None:
+                if isinstance(node, dict):
+                    if node.get("type") == "object":
+                        if node.get("additionalProperties") is not False:
+                            return (
+                                "'additionalProperties' is required to be supplied and to be false"
+                            )
+                        if set(node.get("properties", {})) != set(node.get("required", [])):
+                            return (
+                                "'required' is required to be supplied and to be an array "
+                                "including every key in properties"
+                            )
+                    return next(filter(None, (problem(value) for value in node.values())), None)
+                if isinstance(node, list):
+                    return next(filter(None, (problem(value) for value in node)), None)
+                return None
+
+            found = problem(spec.get("schema", {}))
+            if found is not None:
+                return self._invalid(
+                    f"Invalid schema for response_format '{spec['name']}': {found}.",
+                    "response_format",
                 )
         return None
 
@@ -647,8 +1200,34 @@ class OpenAIServer(LLMServer):
             "x-ratelimit-reset-requests": f"{self.rpm_window:g}s",
         }
 
+    @staticmethod
+    def _usage(scripted: Scripted, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        """OpenAI's usage: ``prompt_tokens`` includes the cached ones."""
+        prompt = input_tokens + scripted.cache_read
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": output_tokens,
+            "total_tokens": prompt + output_tokens,
+            "prompt_tokens_details": {"cached_tokens": scripted.cache_read, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        }
+
     def success(self, scripted: Scripted, body: dict[str, Any]) -> Response:
         input_tokens, output_tokens = self.usage_of(scripted, body)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": scripted.text if scripted.text or not scripted.tool_calls else None,
+            "refusal": None,
+        }
+        if scripted.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{next(self._ids):08d}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments)},
+                }
+                for name, arguments in scripted.tool_calls
+            ]
         completion = {
             "id": f"chatcmpl-{next(self._ids):08d}",
             "object": "chat.completion",
@@ -657,16 +1236,13 @@ class OpenAIServer(LLMServer):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": scripted.text, "refusal": None},
+                    "message": message,
                     "logprobs": None,
-                    "finish_reason": scripted.stop_reason or "stop",
+                    "finish_reason": scripted.stop_reason
+                    or ("tool_calls" if scripted.tool_calls else "stop"),
                 }
             ],
-            "usage": {
-                "prompt_tokens": input_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            },
+            "usage": self._usage(scripted, input_tokens, output_tokens),
         }
         return Response(
             json.dumps(completion),
@@ -702,11 +1278,7 @@ class OpenAIServer(LLMServer):
             return
         yield chunk({}, scripted.stop_reason or "stop")
         if include_usage:
-            usage = {
-                "prompt_tokens": input_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            }
+            usage = self._usage(scripted, input_tokens, output_tokens)
             yield _sse(None, {**base, "choices": [], "usage": usage})
         yield _sse(None, "[DONE]")
 

@@ -1,0 +1,259 @@
+"""Batch jobs: Anthropic's Message Batches and OpenAI's Batch API, for bulk work at half price.
+
+::
+
+    results = llm.batch([f"Classify: {row}" for row in rows], job="classify-2025-01-15")
+    for result in results:                  # in input order
+        result.response.text if result.ok else result.error
+
+Submitting, polling and fetching go through the resource's governed SDK client (breaker, rpm
+limit, retries, telemetry; :mod:`.governed`): Anthropic ``POST /v1/messages/batches``, then
+``GET`` it until ``processing_status`` is ``ended``, then its ``results_url`` (JSONL);
+OpenAI: the requests uploaded as a JSONL file (``purpose=batch``), ``POST /v1/batches``
+(``/v1/chat/completions``, 24 h), ``GET`` it until ``completed``, then the output file. Each
+item's request is built as :meth:`LLMClient.chat <.client.LLMClient.chat>` builds one (same
+wire format; ``custom_id`` ``<job>-<index>``). Polls back off from ``poll_interval`` to
+``max_poll_interval``.
+
+Results come back in input order, one :class:`BatchResult` per prompt: the reply, or the
+provider's error for that item (per-item errors never fail the whole batch). Each answered
+item emits ``flowstone.llm.call`` (``batch=True``, tokens), so the usage reaches the step's
+metadata.
+
+**Resumable.** Inside an asset, the batch's id is recorded as an ``AssetObservation`` of the
+asset (metadata ``flowstone/llm/batch_id`` and ``flowstone/llm/batch_job``) as soon as it is
+submitted. When the step starts again in the same run (a step retry) with the same ``job``,
+the batch is found in the run's event log and polled instead of submitted again. A batch that
+is not done within ``max_wait`` raises, with Dagster errors on, ``RetryRequested`` (the step
+is retried later and resumes it), otherwise :class:`BatchPending` carrying ``batch_id``.
+"""
+
+from __future__ import annotations
+
+import io
+import json as jsonlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+import openai
+
+from flowstone_dagster import telemetry
+from flowstone_dagster.errors import ConfigurationError, FlowstoneError
+from flowstone_dagster.llm import usage as usage_module
+from flowstone_dagster.llm.messages import LLMResponse, Prompt, System
+from flowstone_dagster.llm.providers import anthropic_response, openai_response
+
+if TYPE_CHECKING:
+    from flowstone_dagster.llm.client import LLMClient
+
+__all__ = ["BatchPending", "BatchResult", "find_batch", "run_batch"]
+
+BATCH_ID_KEY = "flowstone/llm/batch_id"
+BATCH_JOB_KEY = "flowstone/llm/batch_job"
+
+
+class BatchPending(FlowstoneError):
+    """A batch was not done within ``max_wait``; ``batch_id`` resumes it. Retryable."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, batch_id: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One prompt's outcome: ``response``, or ``error`` (the provider's ``type: message``)."""
+
+    index: int
+    custom_id: str
+    response: LLMResponse | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None
+
+
+def find_batch(context: Any, job: str) -> str | None:
+    """The id of ``job``'s batch recorded earlier in this run (a previous step attempt)."""
+    if context is None or not getattr(context, "has_assets_def", False):
+        return None
+    records = context.instance.get_records_for_run(
+        context.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
+    ).records
+    found = None
+    for record in records:
+        observation = record.event_log_entry.asset_observation
+        metadata = observation.metadata if observation is not None else {}
+        job_value = metadata.get(BATCH_JOB_KEY)
+        if job_value is not None and getattr(job_value, "value", None) == job:
+            found = metadata[BATCH_ID_KEY].value
+    return found
+
+
+def _remember(context: Any, job: str, batch_id: str) -> None:
+    if context is None or not getattr(context, "has_assets_def", False):
+        return
+    for key in context.assets_def.keys:  # every asset the step materializes
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=key, metadata={BATCH_ID_KEY: batch_id, BATCH_JOB_KEY: job}
+            )
+        )
+
+
+def run_batch(
+    client: LLMClient,
+    prompts: Sequence[Prompt],
+    *,
+    job: str,
+    system: System | None = None,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    poll_interval: float = 5.0,
+    max_poll_interval: float = 60.0,
+    max_wait: float = 3600.0,
+    context: Any = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[BatchResult]:
+    """Run ``prompts`` as one batch job; see the module docs."""
+    if not prompts:
+        raise ConfigurationError("must hold at least one prompt", field="prompts")
+    if not job or len(job) > 40 or not job.replace("-", "").replace("_", "").isalnum():
+        raise ConfigurationError(
+            "must be 1-40 letters, digits, '-' or '_' (it names the items' custom_ids)",
+            field="job",
+        )
+    if poll_interval <= 0 or max_poll_interval < poll_interval or max_wait <= 0:
+        raise ConfigurationError("poll intervals and max_wait must be positive", field="poll")
+    if client.provider == "openai_compatible":
+        raise ConfigurationError("batches need the Anthropic or OpenAI batch API", field="provider")
+    context = context or usage_module.bound_context() or usage_module.current_step_context()
+    requests = [
+        client.batch_request(prompt, system=system, model=model, max_tokens=max_tokens)
+        for prompt in prompts
+    ]
+    ids = [f"{job}-{index}" for index in range(len(prompts))]
+    sdk = client.sdk_client(context)
+    try:
+        batch_id = find_batch(context, job)
+        if batch_id is None:
+            batch_id = _submit(client, sdk, ids, requests)
+            _remember(context, job, batch_id)
+        waited, interval = 0.0, poll_interval
+        while not _done(client, sdk, batch_id):
+            if waited + interval > max_wait:
+                pending = BatchPending(
+                    f"batch {batch_id} ({job}) is not done after {waited:g} s; it goes on at "
+                    "the provider: run again with the same job to collect it",
+                    batch_id=batch_id,
+                    retry_after=max_poll_interval,
+                )
+                if client._to_dagster():
+                    raise dg.RetryRequested(
+                        max_retries=client.resilience.step_max_retries,
+                        seconds_to_wait=max_poll_interval,
+                    ) from pending
+                raise pending
+            sleep(interval)
+            waited += interval
+            interval = min(interval * 2, max_poll_interval)
+        by_id = _collect(client, sdk, batch_id)
+    finally:
+        sdk.close()
+    results = []
+    for index, custom_id in enumerate(ids):
+        response, error = by_id.get(custom_id, (None, "no result for this item"))
+        measures: dict[str, Any] = {
+            "provider": client.provider,
+            "service": client.service,
+            "model": response.model if response else (model or client.model),
+            "batch": True,
+        }
+        if response is not None:
+            measures["input_tokens"] = response.usage.input_tokens
+            measures["output_tokens"] = response.usage.output_tokens
+        telemetry.emit(
+            "flowstone.llm.call",
+            outcome="ok" if response is not None else "error",
+            **measures,
+        )
+        results.append(BatchResult(index, custom_id, response, error))
+    return results
+
+
+def _submit(client: LLMClient, sdk: Any, ids: list[str], requests: list[dict[str, Any]]) -> str:
+    if client.provider == "anthropic":
+        batch = sdk.messages.batches.create(
+            requests=[
+                {"custom_id": custom_id, "params": params}
+                for custom_id, params in zip(ids, requests, strict=True)
+            ]
+        )
+        return str(batch.id)
+    lines = "".join(
+        jsonlib.dumps(
+            {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+        )
+        + "\n"
+        for custom_id, body in zip(ids, requests, strict=True)
+    )
+    uploaded = sdk.files.create(file=("batch.jsonl", io.BytesIO(lines.encode())), purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    return str(batch.id)
+
+
+def _done(client: LLMClient, sdk: Any, batch_id: str) -> bool:
+    if client.provider == "anthropic":
+        return bool(sdk.messages.batches.retrieve(batch_id).processing_status == "ended")
+    batch = sdk.batches.retrieve(batch_id)
+    if batch.status in ("failed", "expired", "cancelled"):
+        raise FlowstoneError(f"OpenAI batch {batch_id} ended {batch.status}")
+    return bool(batch.status == "completed")
+
+
+def _error_text(error: Any) -> str:
+    inner = error.get("error", error) if isinstance(error, dict) else error
+    if isinstance(inner, dict):
+        return f"{inner.get('type')}: {inner.get('message')}"
+    return str(inner)
+
+
+def _collect(
+    client: LLMClient, sdk: Any, batch_id: str
+) -> dict[str, tuple[LLMResponse | None, str | None]]:
+    found: dict[str, tuple[LLMResponse | None, str | None]] = {}
+    if client.provider == "anthropic":
+        for item in sdk.messages.batches.results(batch_id):
+            result = item.result
+            if result.type == "succeeded":
+                found[item.custom_id] = (anthropic_response(result.message, "anthropic"), None)
+            else:
+                error = getattr(result, "error", None)
+                text = _error_text(error.model_dump() if error is not None else result.type)
+                found[item.custom_id] = (None, text)
+        return found
+    batch = sdk.batches.retrieve(batch_id)
+    content = sdk.files.content(batch.output_file_id).text if batch.output_file_id else ""
+    for line in content.splitlines():
+        if not line.strip():
+            continue
+        item = jsonlib.loads(line)
+        response = item.get("response") or {}
+        if item.get("error") is None and response.get("status_code") == 200:
+            completion = openai.types.chat.ChatCompletion.model_validate(response["body"])
+            found[item["custom_id"]] = (openai_response(completion, client.provider), None)
+        else:
+            found[item["custom_id"]] = (
+                None,
+                _error_text(item.get("error") or response.get("body")),
+            )
+    return found
