@@ -109,12 +109,21 @@ if _typing.TYPE_CHECKING:  # imported on first use (below): each needs its extra
         stream_dbt,
     )
     from flowstone_dagster.llm import (
+        BatchPending,
+        BatchResult,
+        BudgetExceeded,
         InvalidJSON,
+        InvalidOutput,
         LLMClient,
+        LLMFallback,
         LLMResource,
         LLMResponse,
         StreamInterrupted,
+        ToolCall,
+        ToolLoopExceeded,
+        ToolRun,
         Usage,
+        tool_result,
     )
     from flowstone_dagster.notifications import (
         AllChannelsFailed,
@@ -140,6 +149,15 @@ _OPTIONAL: dict[str, tuple[str, str]] = {
     "DbtResult": ("flowstone_dagster.dbt", "dbt"),
     "DbtWarehouseUnreachable": ("flowstone_dagster.dbt", "dbt"),
     "EmailConfig": ("flowstone_dagster.notifications", "slack"),
+    "BatchPending": ("flowstone_dagster.llm", "llm"),
+    "BatchResult": ("flowstone_dagster.llm", "llm"),
+    "BudgetExceeded": ("flowstone_dagster.llm", "llm"),
+    "InvalidOutput": ("flowstone_dagster.llm", "llm"),
+    "LLMFallback": ("flowstone_dagster.llm", "llm"),
+    "ToolCall": ("flowstone_dagster.llm", "llm"),
+    "ToolLoopExceeded": ("flowstone_dagster.llm", "llm"),
+    "ToolRun": ("flowstone_dagster.llm", "llm"),
+    "tool_result": ("flowstone_dagster.llm", "llm"),
     "InvalidJSON": ("flowstone_dagster.llm", "llm"),
     "LLMClient": ("flowstone_dagster.llm", "llm"),
     "LLMResource": ("flowstone_dagster.llm", "llm"),
@@ -178,6 +196,16 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 __all__ = [
+    # LLM tools, structured output, fallbacks, budgets and batches (flowstone_dagster.llm)
+    "BatchPending",
+    "BatchResult",
+    "BudgetExceeded",
+    "InvalidOutput",
+    "LLMFallback",
+    "ToolCall",
+    "ToolLoopExceeded",
+    "ToolRun",
+    "tool_result",
     # REST pagination kinds (flowstone_dagster.rest.pagination) and OAuth2 auth
     "OAuth2ClientCredentials",
     "CursorPagination",

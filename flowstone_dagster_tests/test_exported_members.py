@@ -51,6 +51,8 @@ PUBLIC = {
     "stream_dbt", "telemetry", "to_dagster_error", "with_circuit_breaker", "with_retry",
     "with_timeout",
     "PostgresConfig", "SQLiteConfig",
+    "BatchPending", "BatchResult", "BudgetExceeded", "InvalidOutput", "LLMFallback", "ToolCall",
+    "ToolLoopExceeded", "ToolRun", "tool_result",
 }  # fmt: skip
 
 
