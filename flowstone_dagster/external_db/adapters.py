@@ -942,28 +942,26 @@ class SQLiteAdapter:
         kinds = {column.name: column.kind for column in info}
         if not rows:
             return LoadedFrame(pd.DataFrame(columns=names), 0)
-        data: dict[str, Any] = {}
         size = 0
         with gc_paused():
+            # pandas transposes the rows and infers plain columns (int64, float64, object) in
+            # C, as read_sql does; only columns whose kind needs decoding, and integer columns
+            # holding NULL (which pandas would make float64), are rebuilt from their values.
+            frame = pd.DataFrame.from_records(rows, columns=names, coerce_float=False)
             for position, name in enumerate(names):
+                column = frame[name]
+                kind = kinds.get(name)
+                if column.dtype.kind in "iuf" and kind not in ("boolean", "numeric"):
+                    if column.dtype.kind == "f" and kind == "integer":
+                        values = list(map(operator.itemgetter(position), rows))
+                        frame[name] = _frame_column(pd, kind, values)
+                    size += 8 * int(column.notna().sum())
+                    continue
                 values = list(map(operator.itemgetter(position), rows))
                 size += payload_size([values])
-                kind = kinds.get(name)
-                types = set(map(type, values))
-                if kind in ("timestamp", "timestamptz") and types <= {str, type(None)}:
-                    data[name] = pd.to_datetime(
-                        values, format="ISO8601", utc=kind == "timestamptz"
-                    ).as_unit("us")
+                if kind is None or kind == "text":
                     continue
-                values = decode_sqlite_column(kind, values)
-                types = set(map(type, values))
-                if types == {int, type(None)}:
-                    data[name] = pd.array(values, dtype="Int64")
-                elif types == {bool, type(None)}:
-                    data[name] = pd.array(values, dtype="boolean")
-                else:
-                    data[name] = values
-            frame = pd.DataFrame(data, columns=names)
+                frame[name] = _frame_column(pd, kind, values)
         return LoadedFrame(frame, size)
 
     def query(
@@ -980,3 +978,17 @@ class SQLiteAdapter:
 
 
 Adapter = PostgresAdapter | SQLiteAdapter
+
+
+def _frame_column(pd: Any, kind: str, values: list[Any]) -> Any:
+    """One loaded SQLite column as the DataFrame column the row-by-row load gives."""
+    types = set(map(type, values))
+    if kind in ("timestamp", "timestamptz") and types <= {str, type(None)}:
+        return pd.to_datetime(values, format="ISO8601", utc=kind == "timestamptz").as_unit("us")
+    values = decode_sqlite_column(kind, values)
+    types = set(map(type, values))
+    if types == {int, type(None)}:
+        return pd.array(values, dtype="Int64")
+    if types == {bool, type(None)}:
+        return pd.array(values, dtype="boolean")
+    return values
