@@ -980,7 +980,7 @@ class SQLiteAdapter:
 Adapter = PostgresAdapter | SQLiteAdapter
 
 
-def _frame_column(pd: Any, kind: str, values: list[Any]) -> Any:
+def _frame_column(pd: Any, kind: Kind, values: list[Any]) -> Any:
     """One loaded SQLite column as the DataFrame column the row-by-row load gives."""
     types = set(map(type, values))
     if kind in ("timestamp", "timestamptz") and types <= {str, type(None)}:
