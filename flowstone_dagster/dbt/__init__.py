@@ -18,9 +18,12 @@ from flowstone_dagster.dbt.errors import (
     DbtNothingSelected,
     DbtProfileNotFound,
     DbtProjectNotFound,
+    DbtTransientFailure,
+    DbtWarehouseRejected,
     DbtWarehouseUnreachable,
+    classify_adapter_message,
 )
-from flowstone_dagster.dbt.invocation import DbtOptions, DbtResult, DbtSettings
+from flowstone_dagster.dbt.invocation import DbtOptions, DbtResult, DbtSelection, DbtSettings
 from flowstone_dagster.dbt.output import DbtOutputSummary, parse_dbt_output
 from flowstone_dagster.dbt.resource import DbtResource
 
@@ -34,8 +37,12 @@ __all__ = [
     "DbtProjectNotFound",
     "DbtResource",
     "DbtResult",
+    "DbtSelection",
     "DbtSettings",
+    "DbtTransientFailure",
+    "DbtWarehouseRejected",
     "DbtWarehouseUnreachable",
+    "classify_adapter_message",
     "parse_dbt_output",
     "stream_dbt",
 ]

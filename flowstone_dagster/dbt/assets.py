@@ -1,34 +1,37 @@
 """dbt inside ``@dbt_assets``: :func:`stream_dbt` streams dagster-dbt's events through the
-resource's timeout, retries and process-tree kill."""
+resource's timeout, retries and process-tree kill, as dagster-dbt's ``DbtEventIterator``."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DbtCliResource
-from dagster_dbt.core.dbt_cli_event import DbtCliEventMessage
-from dagster_dbt.core.dbt_cli_invocation import DbtCliInvocation
+from dagster_dbt import DbtCliEventMessage, DbtCliInvocation, DbtCliResource
+
+# The documented return type of the public DbtCliInvocation.stream(); dagster-dbt does not
+# re-export it at the top level, and has no hook to wrap the events it iterates.
+from dagster_dbt.core.dbt_event_iterator import DbtEventIterator
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.dbt.artifacts import (
-    read_node_results,
-)
-from flowstone_dagster.dbt.errors import (
-    DbtWarehouseUnreachable,
-    all_transient,
-)
+from flowstone_dagster.dbt.artifacts import read_node_results
 from flowstone_dagster.dbt.invocation import (
     DbtResult,
+    DbtSelection,
     _Console,
     _dagster_errors,
     _describe_args,
     _failure_messages,
-    _raise_for_outcome,
+    _new_target_path,
     emit_node_events,
+    mark_failed,
+    prune_target_dirs,
+    raise_for_outcome,
+    transient_error,
 )
 from flowstone_dagster.dbt.process import (
     DEFAULT_KILL_GRACE,
@@ -44,9 +47,6 @@ from flowstone_dagster.errors import CallTimeout
 from flowstone_dagster.resilience import ResilienceResource, resolve
 
 __all__ = ["stream_dbt"]
-
-
-# -- @dbt_assets -----------------------------------------------------------------------------------
 
 
 def _with_node_metadata(dagster_event: Any, event: DbtCliEventMessage, attempt: int) -> Any:
@@ -80,7 +80,7 @@ class _DbtStream:
     """One streamed dbt command of an ``@dbt_assets`` step (see :func:`stream_dbt`).
 
     An attempt starts dbt through ``DbtCliResource.cli`` and reads dbt's events up to the first
-    node: a connection failure before it is retryable (nothing has been materialized yet).
+    node: a transient failure before it is retryable (nothing has been materialized yet).
     After it, events stream to Dagster as they come, so a failure is final for this step.
     """
 
@@ -97,6 +97,8 @@ class _DbtStream:
         self.context = context
         self.cli = cli
         self.args = args
+        self.command = _command_of(args)
+        self.shown = ("dbt", *_describe_args(args))
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.service = service
@@ -109,34 +111,37 @@ class _DbtStream:
         """One attempt: start dbt and read up to its first node."""
         self.attempts += 1
         self.console, self.buffered = _Console(), []
-        invocation = self.cli.cli(self.args, context=self.context, raise_on_error=False)
+        target_path = _new_target_path(Path(self.cli.project_dir), self.command)
+        invocation = self.cli.cli(
+            self.args, context=self.context, raise_on_error=False, target_path=target_path
+        )
         watchdog = Watchdog(
-            invocation.process, _effective_timeout(self.timeout), grace=self.kill_grace
+            invocation.process,
+            _effective_timeout(self.timeout),
+            grace=self.kill_grace,
+            on_fire=self.console.interrupted,
         )
         watchdog.__enter__()
         events = invocation.stream_raw_events()
         try:
             for event in events:
-                self.console.add(event)
+                self.console.add(event.raw_event)
                 self.buffered.append(event)
                 if self.console.node_started:
                     return invocation, events, watchdog
-            exit_code = invocation.process.wait()
-            messages = _failure_messages(
-                self.console,
-                read_node_results(invocation.target_path, project_dir=invocation.project_dir),
-            )
-            if exit_code != 0 and not watchdog.fired and all_transient(messages):
-                raise DbtWarehouseUnreachable(
-                    f"`{invocation.dbt_command}` could not reach the warehouse: {messages[0]}",
-                    exit_code=exit_code,
-                    output=self.console.text,
-                    service=self.service,
-                )
+            result = self.result(invocation)
+            error = None if watchdog.fired else self.transient(result)
+            if error is not None:
+                mark_failed(invocation.target_path)
+                raise error
         except BaseException as exc:
             watchdog.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return invocation, events, watchdog
+
+    def transient(self, result: DbtResult) -> Exception | None:
+        messages = _failure_messages(self.console, result.nodes)
+        return transient_error(result, messages, service=self.service)
 
     def dagster_events(
         self, invocation: DbtCliInvocation, events: Iterator[DbtCliEventMessage]
@@ -146,7 +151,7 @@ class _DbtStream:
         def everything() -> Iterator[DbtCliEventMessage]:
             yield from self.buffered  # read by start(), already in the console text
             for event in events:
-                self.console.add(event)
+                self.console.add(event.raw_event)
                 yield event
 
         for event in everything():
@@ -163,7 +168,7 @@ class _DbtStream:
         exit_code = invocation.process.wait()
         nodes = read_node_results(invocation.target_path, project_dir=invocation.project_dir)
         return DbtResult(
-            command=("dbt", *_describe_args(self.args)),
+            command=self.shown,
             exit_code=exit_code,
             nodes=tuple(nodes),
             output=self.console.text,
@@ -180,84 +185,104 @@ def stream_dbt(
     dbt: DbtResource | DbtCliResource,
     args: Sequence[str] = ("build",),
     *,
-    timeout: float | None = None,
+    timeout: float | EllipsisType | None = ...,
+    allow_empty: bool | None = None,
     resilience: ResilienceResource | None = None,
     service: str = "dbt",
     kill_grace: float = DEFAULT_KILL_GRACE,
-) -> Iterator[Any]:
+) -> DbtEventIterator[Any]:
     """What ``@dbt_assets`` bodies yield in place of ``dbt.cli(args, context=context).stream()``.
 
     ::
 
         @dbt_assets(manifest=project.manifest_path)
         def analytics(context: dg.AssetExecutionContext, dbt: DbtResource):
-            yield from stream_dbt(context, dbt, ["build"])
+            yield from stream_dbt(context, dbt, ["build"]).fetch_row_counts()
 
-    ``dbt`` may also be a plain ``DbtCliResource`` (then pass ``resilience`` and ``timeout``;
-    with a ``DbtResource`` they default to its fields, and its ``vars`` and ``threads`` are
-    added to ``args``). See :meth:`DbtResource.stream`.
+    dbt starts when this is called (as with ``DbtCliResource.cli``); the returned
+    ``DbtEventIterator`` streams its events. ``dbt`` may also be a plain ``DbtCliResource``
+    (then pass ``resilience`` and ``timeout``; with a ``DbtResource`` they default to its
+    fields, and its ``vars`` and ``threads`` are added to ``args``). ``timeout=None``: no limit.
+    See :meth:`DbtResource.stream`.
     """
     args = list(args)
-    limit = timeout
+    selection = DbtSelection.from_args(args)
+    keep_target_dirs: int | None = None
     if isinstance(dbt, DbtResource):
         settings = dbt.settings()
         cli = dbt.cli_resource(settings)
         resilience = resilience or dbt.resilience
         service, kill_grace = dbt.service, dbt.kill_grace
-        limit = timeout if timeout is not None else settings.timeout
+        limit = settings.timeout if isinstance(timeout, EllipsisType) else timeout
+        empty_ok = dbt.allow_empty if allow_empty is None else allow_empty
+        keep_target_dirs = dbt.keep_target_dirs
         if settings.vars and "--vars" not in args:
             args += ["--vars", json.dumps(settings.vars)]
         if settings.threads is not None and "--threads" not in args:
             args += ["--threads", str(settings.threads)]
     else:
         cli = dbt
+        limit = None if isinstance(timeout, EllipsisType) else timeout
+        empty_ok = bool(allow_empty)
     resilience = resolve(resilience)
     stream = _DbtStream(context, cli, args, timeout=limit, kill_grace=kill_grace, service=service)
-    command = _command_of(args)
-    # The mapping is outermost: telemetry records dbt's own error, Dagster gets the mapped one.
-    with (
-        _dagster_errors(resilience, service),
-        telemetry.observe(context, attach_metadata=False),
-        telemetry.span("flowstone.dbt.command", command=command, service=service) as call,
-    ):
-        try:
-            invocation, events, watchdog = resilience.call(
-                service, stream.start, dagster_errors=False
-            )
-        finally:
-            call.attempts = max(stream.attempts, 1)
-        with watchdog:
-            yield from stream.dagster_events(invocation, events)
-        result = stream.result(invocation)
-        emit_node_events(result.nodes)
-        call.set(
-            exit_code=result.exit_code,
-            nodes=len(result.nodes),
-            models_run=result.models_run,
-            failed=len(result.failed_nodes),
-            tests=len(result.tests),
-        )
-        if watchdog.fired:
-            waited = watchdog.timeout or 0.0
-            raise CallTimeout(
-                f"`dbt {command}` did not finish within {waited:g} s; dbt and its child "
-                "processes were stopped",
-                timeout=waited,
-                service=service,
-            )
-        if result.exit_code == 0:
-            seed_partial_parse(invocation.project_dir, invocation.target_path)
-        messages = _failure_messages(stream.console, result.nodes)
-        if result.exit_code != 0 and all_transient(messages):
-            # The connection dropped mid-run: retryable, but by the step's RetryPolicy.
-            raise DbtWarehouseUnreachable(
-                f"`dbt {command}` lost the warehouse connection: {messages[0]}",
+    with _dagster_errors(resilience, service):
+        invocation, events, watchdog = resilience.call(service, stream.start, dagster_errors=False)
+
+    def streamed() -> Iterator[Any]:
+        # The mapping is outermost: telemetry records dbt's own error, Dagster the mapped one.
+        with (
+            _dagster_errors(resilience, service),
+            telemetry.observe(context, attach_metadata=False),
+            telemetry.span(
+                "flowstone.dbt.command", command=stream.command, service=service
+            ) as call,
+        ):
+            call.attempts = stream.attempts
+            try:
+                with watchdog:
+                    yield from stream.dagster_events(invocation, events)
+                result = stream.result(invocation)
+            finally:
+                if keep_target_dirs is not None:
+                    prune_target_dirs(invocation.project_dir, keep=keep_target_dirs)
+            emit_node_events(result.nodes)
+            call.set(
                 exit_code=result.exit_code,
-                output=result.output,
-                failed_nodes=[node.as_dict() for node in result.failed_nodes],
+                nodes=len(result.nodes),
+                models_run=result.models_run,
+                failed=len(result.failed_nodes),
+                tests=len(result.tests),
+            )
+            if not result.success or watchdog.fired:
+                mark_failed(invocation.target_path)
+            if watchdog.fired:
+                waited = watchdog.timeout or 0.0
+                raise CallTimeout(
+                    f"`{' '.join(stream.shown)}` did not finish within {waited:g} s; dbt and its "
+                    "child processes were stopped. dbt's last lines before the interrupt:\n"
+                    f"{stream.console.last_lines()}\n(dbt's log: {result.log_path})",
+                    timeout=waited,
+                    service=service,
+                )
+            if result.exit_code == 0:
+                seed_partial_parse(invocation.project_dir, invocation.target_path)
+            # A connection lost mid-run: retryable, but by the step's RetryPolicy.
+            error = stream.transient(result)
+            if error is not None:
+                raise error
+            raise_for_outcome(
+                result,
+                stream.command,
+                selection,
+                unmatched=stream.console.unmatched,
+                nothing_selected=stream.console.nothing_selected and not result.nodes,
+                allow_empty=empty_ok,
+                subset=True,
                 service=service,
             )
-        _raise_for_outcome(result, command, None)
+
+    return DbtEventIterator(streamed(), invocation)
 
 
 def _command_of(args: Sequence[str]) -> str:

@@ -219,3 +219,55 @@ def test_a_missing_project_fails_at_resource_set_up(
         and "no_project does not exist" in message
         for name, message in causes
     ), causes
+
+
+def test_stream_chains_fetch_row_counts_and_column_metadata(
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance
+) -> None:
+    """stream() is dagster-dbt's DbtEventIterator: row counts and column schemas as with plain
+    dagster-dbt, and still flowstone's metadata and outcome checks."""
+
+    @dbt_assets(manifest=manifest, exclude="tag:deliberately_failing tag:deliberately_slow")
+    def analytics(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["build"], context=context).fetch_row_counts().fetch_column_metadata()
+
+    result = dg.materialize(
+        [analytics],
+        resources={"dbt": DbtResource(project_dir=str(project))},
+        instance=dagster_instance,
+    )
+
+    assert result.success
+    materialized = _materialized(result)
+    assert set(materialized) == HEALTHY
+    assert materialized["raw_orders"]["dagster/row_count"].value == 5
+    assert materialized["raw_customers"]["dagster/row_count"].value == 3
+    assert materialized["customer_revenue"]["dagster/row_count"].value == 3
+    columns = materialized["customer_revenue"]["dagster/column_schema"].value.columns
+    assert {column.name for column in columns} >= {"name", "revenue"}
+    assert materialized["customer_revenue"]["flowstone/dbt.command/attempts"].value == 1
+
+
+def test_an_asset_subset_without_seeds_runs_seed_then_run_without_error(
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """`dbt seed` on a subset with no seeds has nothing to do: not an error (dagster issue
+    18184)."""
+    # A database of its own: after fetch_row_counts, dagster-dbt's in-process DuckDB adapter
+    # keeps the file open (plain dagster-dbt too), so no later dbt process could write it.
+    dbt = DbtResource(project_dir=str(project), vars={"duckdb_path": str(tmp_path / "db.duckdb")})
+    dbt.seed()
+
+    @dbt_assets(manifest=manifest, exclude="tag:deliberately_failing tag:deliberately_slow")
+    def analytics(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["seed"], context=context)
+        yield from dbt.stream(["run"], context=context)
+
+    result = dg.materialize(
+        [analytics],
+        selection=["stg_orders", "stg_customers"],
+        resources={"dbt": dbt},
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert set(_materialized(result)) == {"stg_orders", "stg_customers"}
