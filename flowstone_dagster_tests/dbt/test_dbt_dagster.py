@@ -271,3 +271,67 @@ def test_an_asset_subset_without_seeds_runs_seed_then_run_without_error(
     )
     assert result.success
     assert set(_materialized(result)) == {"stg_orders", "stg_customers"}
+
+
+def test_stream_starts_dbt_in_a_session_of_its_own_and_a_timeout_stops_the_group(
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pids"
+    wrapper = _write_wrapper(tmp_path / "dbt-wrapper", pid_file)
+    session_file = tmp_path / "session"
+    # The wrapper also records its session id (field 6 of /proc/<pid>/stat).
+    script = wrapper.read_text().replace(
+        f'echo $$ > "{pid_file}"\n',
+        f'echo $$ > "{pid_file}"\nawk \'{{print $6}}\' /proc/$$/stat > "{session_file}"\n',
+    )
+    wrapper.write_text(script)
+
+    @dbt_assets(manifest=manifest, select="tag:deliberately_slow")
+    def slow(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["run"], context=context, timeout=5.0)
+
+    result = dg.materialize(
+        [slow],
+        resources={
+            "dbt": DbtResource(
+                project_dir=str(project), dbt_executable=str(wrapper), kill_grace=1.0
+            )
+        },
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data is not None
+    metadata = failure.step_failure_data.user_failure_data.metadata
+    assert metadata["flowstone/error_type"].value == "CallTimeout"
+    wrapper_pid, dbt_pid = (int(line) for line in pid_file.read_text().split())
+    # dagster-dbt started the launcher, which exec'd the wrapper under setsid: it leads its
+    # own session (and group), which the timeout stopped as a whole.
+    assert int(session_file.read_text()) == wrapper_pid
+    assert not _running(wrapper_pid, "slow_model")
+    assert not _running(dbt_pid, "slow_model")
+
+
+SLOW_PROJECT = Path(__file__).parent / "dbt_slow_project"
+
+
+def test_stream_timeout_none_means_no_limit(
+    tmp_path: Path, dagster_instance: dg.DagsterInstance
+) -> None:
+    """The resource says 2 s; the call's timeout=None lifts it for the 8 s model."""
+    slow_project = shutil.copytree(
+        SLOW_PROJECT, tmp_path / "slow", ignore=shutil.ignore_patterns("target", "logs")
+    )
+    parsed = DbtResource(project_dir=str(slow_project), profiles_dir=str(slow_project))
+    slow_manifest = parsed.invoke("parse").target_path / "manifest.json"
+    dbt = DbtResource(project_dir=str(slow_project), profiles_dir=str(slow_project), timeout=2.0)
+
+    @dbt_assets(manifest=slow_manifest)
+    def sleepy(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["run"], context=context, timeout=None)
+
+    result = dg.materialize([sleepy], resources={"dbt": dbt}, instance=dagster_instance)
+    assert result.success
+    assert set(_materialized(result)) == {"sleepy_model"}
