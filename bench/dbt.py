@@ -93,7 +93,9 @@ def main() -> None:
         def materialize(assets: Any, make: Callable[[], Any]) -> None:
             # A database file per materialization: DuckDB's in-process adapter of
             # fetch_row_counts keeps the file it read open (see docs/dbt.md).
-            database = Path(tmp) / f"assets-{time.perf_counter_ns()}.duckdb"
+            # (The same file name: DuckDB names the catalog after it, and the manifest has it.)
+            database = Path(tmp) / f"assets-{time.perf_counter_ns()}" / "fixture.duckdb"
+            database.parent.mkdir()
             shutil.copyfile(project / "target" / "fixture.duckdb", database)
             os.environ["FLOWSTONE_DBT_DUCKDB_PATH"] = str(database)
             try:

@@ -29,6 +29,7 @@ from flowstone_dagster.dbt.invocation import (
     _new_target_path,
     emit_node_events,
     mark_failed,
+    merge_results,
     prune_target_dirs,
     raise_for_outcome,
     transient_error,
@@ -81,7 +82,9 @@ class _DbtStream:
 
     An attempt starts dbt through ``DbtCliResource.cli`` and reads dbt's events up to the first
     node: a transient failure before it is retryable (nothing has been materialized yet).
-    After it, events stream to Dagster as they come, so a failure is final for this step.
+    After it, events stream to Dagster as they come. A transient failure after the first node
+    is retried with ``dbt retry`` (:attr:`retry_from` set): only the failed and skipped nodes
+    run again, their events stream as they come too.
     """
 
     def __init__(
@@ -106,15 +109,35 @@ class _DbtStream:
         self.started_at = time.perf_counter()
         self.console = _Console()
         self.buffered: list[DbtCliEventMessage] = []
+        #: The first invocation (its manifest and translator serve ``dbt retry`` too).
+        self.first: DbtCliInvocation | None = None
+        #: The target directory of the failed invocation that ``dbt retry`` runs again.
+        self.retry_from: Path | None = None
+
+    def _invoke(self, target_path: Path) -> DbtCliInvocation:
+        if self.retry_from is None or self.first is None:
+            invocation = self.cli.cli(
+                self.args, context=self.context, raise_on_error=False, target_path=target_path
+            )
+            self.first = self.first or invocation
+            return invocation
+        # No context: dagster-dbt would add the subset's --select, which `dbt retry` refuses
+        # (it reuses the failed invocation's selection); the first invocation's manifest and
+        # translator map the events to the same assets.
+        return self.cli.cli(
+            ["retry", "--state", str(self.retry_from)],
+            manifest=self.first.manifest,
+            dagster_dbt_translator=self.first.dagster_dbt_translator,
+            raise_on_error=False,
+            target_path=target_path,
+        )
 
     def start(self) -> tuple[DbtCliInvocation, Iterator[DbtCliEventMessage], Watchdog]:
         """One attempt: start dbt and read up to its first node."""
         self.attempts += 1
         self.console, self.buffered = _Console(), []
         target_path = _new_target_path(Path(self.cli.project_dir), self.command)
-        invocation = self.cli.cli(
-            self.args, context=self.context, raise_on_error=False, target_path=target_path
-        )
+        invocation = self._invoke(target_path)
         watchdog = Watchdog(
             invocation.process,
             _effective_timeout(self.timeout),
@@ -158,7 +181,7 @@ class _DbtStream:
             for dagster_event in event.to_default_asset_events(
                 manifest=invocation.manifest,
                 dagster_dbt_translator=invocation.dagster_dbt_translator,
-                context=invocation.context,
+                context=self.context,
                 target_path=invocation.target_path,
                 project=invocation.project,
             ):
@@ -229,60 +252,95 @@ def stream_dbt(
     with _dagster_errors(resilience, service):
         invocation, events, watchdog = resilience.call(service, stream.start, dagster_errors=False)
 
-    def streamed() -> Iterator[Any]:
-        # The mapping is outermost: telemetry records dbt's own error, Dagster the mapped one.
-        with (
-            _dagster_errors(resilience, service),
-            telemetry.observe(context, attach_metadata=False),
-            telemetry.span(
-                "flowstone.dbt.command", command=stream.command, service=service
-            ) as call,
-        ):
-            call.attempts = stream.attempts
-            try:
-                with watchdog:
-                    yield from stream.dagster_events(invocation, events)
-                result = stream.result(invocation)
-            finally:
-                if keep_target_dirs is not None:
-                    prune_target_dirs(invocation.project_dir, keep=keep_target_dirs)
-            emit_node_events(result.nodes)
-            call.set(
-                exit_code=result.exit_code,
-                nodes=len(result.nodes),
-                models_run=result.models_run,
-                failed=len(result.failed_nodes),
-                tests=len(result.tests),
-            )
-            if not result.success or watchdog.fired:
-                mark_failed(invocation.target_path)
-            if watchdog.fired:
-                waited = watchdog.timeout or 0.0
-                raise CallTimeout(
-                    f"`{' '.join(stream.shown)}` did not finish within {waited:g} s; dbt and its "
-                    "child processes were stopped. dbt's last lines before the interrupt:\n"
-                    f"{stream.console.last_lines()}\n(dbt's log: {result.log_path})",
-                    timeout=waited,
-                    service=service,
-                )
-            if result.exit_code == 0:
-                seed_partial_parse(invocation.project_dir, invocation.target_path)
-            # A connection lost mid-run: retryable, but by the step's RetryPolicy.
-            error = stream.transient(result)
-            if error is not None:
-                raise error
-            raise_for_outcome(
-                result,
-                stream.command,
-                selection,
-                unmatched=stream.console.unmatched,
-                nothing_selected=stream.console.nothing_selected and not result.nodes,
-                allow_empty=empty_ok,
-                subset=True,
-                service=service,
-            )
+    # A transient failure after the first node is retried with `dbt retry` only when the policy
+    # allows retries at all (without resilience, dbt runs once).
+    retries_mid_run = resilience.policy_for(service).retry.max_attempts > 1
+    streamed = _streamed(
+        stream,
+        resilience,
+        (invocation, events, watchdog),
+        selection=selection,
+        allow_empty=empty_ok,
+        keep_target_dirs=keep_target_dirs,
+        retries_mid_run=retries_mid_run,
+    )
+    return DbtEventIterator(streamed, invocation)
 
-    return DbtEventIterator(streamed(), invocation)
+
+def _streamed(
+    stream: _DbtStream,
+    resilience: ResilienceResource,
+    started: tuple[DbtCliInvocation, Iterator[DbtCliEventMessage], Watchdog],
+    *,
+    selection: DbtSelection,
+    allow_empty: bool,
+    keep_target_dirs: int | None,
+    retries_mid_run: bool,
+) -> Iterator[Any]:
+    """The events of :func:`stream_dbt` once dbt reached its first node, then its outcome."""
+    # The mapping is outermost: telemetry records dbt's own error, Dagster the mapped one.
+    with (
+        _dagster_errors(resilience, stream.service),
+        telemetry.observe(stream.context, attach_metadata=False),
+        telemetry.span(
+            "flowstone.dbt.command", command=stream.command, service=stream.service
+        ) as call,
+    ):
+        current, current_events, current_watchdog = started
+        invocation = current
+        failed_before: DbtResult | None = None
+        try:
+            while True:
+                call.attempts = stream.attempts
+                with current_watchdog:
+                    yield from stream.dagster_events(current, current_events)
+                latest = stream.result(current)
+                result = latest if failed_before is None else merge_results(failed_before, latest)
+                if not result.success or current_watchdog.fired:
+                    mark_failed(current.target_path)
+                error = None if current_watchdog.fired else stream.transient(result)
+                if error is None or not retries_mid_run or not latest.nodes:
+                    break
+                # A connection lost mid-run: `dbt retry` runs the failed and skipped nodes.
+                failed_before, stream.retry_from = result, current.target_path
+                current, current_events, current_watchdog = resilience.call(
+                    stream.service, stream.start, dagster_errors=False
+                )
+        finally:
+            call.attempts = stream.attempts
+            if keep_target_dirs is not None:
+                prune_target_dirs(invocation.project_dir, keep=keep_target_dirs)
+        emit_node_events(result.nodes)
+        call.set(
+            exit_code=result.exit_code,
+            nodes=len(result.nodes),
+            models_run=result.models_run,
+            failed=len(result.failed_nodes),
+            tests=len(result.tests),
+        )
+        if current_watchdog.fired:
+            waited = current_watchdog.timeout or 0.0
+            raise CallTimeout(
+                f"`{' '.join(stream.shown)}` did not finish within {waited:g} s; dbt and its "
+                "child processes were stopped. dbt's last lines before the interrupt:\n"
+                f"{stream.console.last_lines()}\n(dbt's log: {result.log_path})",
+                timeout=waited,
+                service=stream.service,
+            )
+        if result.exit_code == 0:
+            seed_partial_parse(current.project_dir, current.target_path)
+        if error is not None:
+            raise error  # retries exhausted or not allowed here: the step's RetryPolicy may
+        raise_for_outcome(
+            result,
+            stream.command,
+            selection,
+            unmatched=stream.console.unmatched,
+            nothing_selected=stream.console.nothing_selected and not result.nodes,
+            allow_empty=allow_empty,
+            subset=True,
+            service=stream.service,
+        )
 
 
 def _command_of(args: Sequence[str]) -> str:

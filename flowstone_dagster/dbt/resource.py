@@ -505,8 +505,9 @@ class DbtResource(dg.ConfigurableResource):
 
         Returns dagster-dbt's ``DbtEventIterator``, so ``.fetch_row_counts()`` and
         ``.fetch_column_metadata()`` chain as on ``DbtCliResource.cli(...).stream()``: the same
-        Dagster events (selection, translator, asset checks), plus: a transient failure before
-        any node started is retried through ``resilience``; a non-zero exit raises (as a Dagster
+        Dagster events (selection, translator, asset checks), plus: a transient failure is
+        retried through ``resilience`` (after the first node, with ``dbt retry``: only the
+        failed and skipped nodes run again); a non-zero exit raises (as a Dagster
         ``Failure`` whose cause is ``DbtFailed``, with the failed nodes in its metadata);
         ``timeout`` (default: the resource's; ``None``: no limit) stops dbt and its children;
         telemetry events and ``flowstone/dbt.node/...`` metadata on each materialization. An

@@ -346,3 +346,57 @@ def test_a_connection_lost_mid_run_reruns_only_the_failed_node(
     with psycopg2.connect(pg_database.dsn) as connection, connection.cursor() as cursor:
         cursor.execute("select last_value from flowstone_small.runs")
         assert cursor.fetchone() == (2,)
+
+
+@pytest.mark.dagster
+def test_dbt_assets_rerun_only_the_node_whose_connection_was_lost(
+    tmp_path: Path,
+    warehouse_port: Forwarder,
+    pg_database: PostgresCluster,
+    dagster_instance: dg.DagsterInstance,
+) -> None:
+    """Inside @dbt_assets the retry is `dbt retry` too, in the same step: the nodes that
+    succeeded are materialized once, the failed one after its second run."""
+    warehouse_port.start()
+    project = shutil.copytree(
+        SMALL_PROJECT, tmp_path / "small", ignore=shutil.ignore_patterns("target", "logs")
+    )
+    (project / "models" / "terminated_once.sql").write_text(TERMINATED_ONCE)
+    with psycopg2.connect(pg_database.dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("create schema flowstone_small; create sequence flowstone_small.runs")
+    dbt = DbtResource(
+        service="dbt",
+        project_dir=str(project),
+        target="postgres",
+        threads=1,
+        resilience=ResilienceResource(
+            store_url="memory://dbt-postgres-assets-mid-run",
+            policies={"dbt": ServicePolicy(retry=RetryConfig(max_attempts=3, base_delay=0.1))},
+        ),
+    )
+    manifest = dbt.invoke("parse").target_path / "manifest.json"
+
+    @dbt_assets(manifest=manifest, exclude="lock_probe")
+    def small(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["build"], context=context)
+
+    result = dg.materialize([small], resources={"dbt": dbt}, instance=dagster_instance)
+
+    assert result.success
+    attempts = [
+        (event.asset_key.path[-1], event.materialization.metadata["flowstone/dbt.command/attempts"])
+        for event in result.get_asset_materialization_events()
+        if event.asset_key is not None
+    ]
+    by_name = {name: value.value for name, value in attempts}
+    assert len(attempts) == len(by_name)  # each asset materialized once
+    assert by_name == {
+        "raw_items": 1,
+        "items": 1,
+        "item_totals": 1,
+        "constants": 1,
+        "terminated_once": 2,
+    }
+    with psycopg2.connect(pg_database.dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("select last_value from flowstone_small.runs")
+        assert cursor.fetchone() == (2,)
