@@ -1,6 +1,7 @@
 """What DbtResource costs over running dbt directly, and over plain dagster-dbt in @dbt_assets.
 
-Times, interleaved (one of each per round), on a copy of the fixture project (DuckDB):
+Times, interleaved (one of each per round, the order rotating), on a copy of the fixture
+project (DuckDB):
 
 - the call API: ``dbt build`` as a subprocess (bare, what a shell script does), against
   ``DbtResource(...).build()`` and dagster-dbt's ``DbtCliResource(...).cli(["build"]).wait()``;
@@ -126,9 +127,12 @@ def main() -> None:
             for group in groups.values():  # one untimed call each (imports, caches)
                 for warm_up in group.values():
                     warm_up()
-            for _ in range(rounds):
+            for round_number in range(rounds):
                 for group in groups.values():
-                    for name, fn in group.items():
+                    # The order rotates each round: no variant always runs after the same one.
+                    order = list(group.items())
+                    shift = round_number % len(order)
+                    for name, fn in order[shift:] + order[:shift]:
                         started = time.perf_counter()
                         fn()
                         times[name].append(time.perf_counter() - started)

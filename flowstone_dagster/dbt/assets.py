@@ -120,6 +120,10 @@ class _DbtStream:
                 self.args, context=self.context, raise_on_error=False, target_path=target_path
             )
             self.first = self.first or invocation
+            # What dbt really ran: with dagster-dbt's selection of the asset subset.
+            started = invocation.process.args
+            if isinstance(started, (list, tuple)):
+                self.shown = ("dbt", *_describe_args([str(arg) for arg in started][1:]))
             return invocation
         # No context: dagster-dbt would add the subset's --select, which `dbt retry` refuses
         # (it reuses the failed invocation's selection); the first invocation's manifest and

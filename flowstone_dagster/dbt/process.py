@@ -150,13 +150,16 @@ def dbt_launcher(executable: str) -> str:
     script = f'#!/bin/sh\n# flowstone-dagster: dbt in its own session.\n{version}{run} "$@"\n'
     digest = hashlib.sha256(script.encode()).hexdigest()[:16]
     directory = Path(tempfile.gettempdir()) / f"flowstone-dbt-{os.getuid()}"
-    directory.mkdir(mode=0o700, exist_ok=True)
     path = directory / f"dbt-{digest}"
-    if not path.exists():
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        temporary.write_text(script)
-        temporary.chmod(0o700)
-        os.replace(temporary, path)
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        if not path.exists():
+            temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            temporary.write_text(script)
+            temporary.chmod(0o700)
+            os.replace(temporary, path)
+    except OSError:
+        return executable  # no writable temporary directory: dbt as dagster-dbt starts it
     return str(path)
 
 

@@ -115,6 +115,10 @@ def test_dbt_assets_failure_fails_the_step_with_the_failed_nodes(
     assert data.user_failure_data is not None
     metadata = data.user_failure_data.metadata
     assert metadata["flowstone/dbt.command/exit_code"].value == 1
+    # The command with the selection dagster-dbt gave dbt, the target directory and the log.
+    assert "--select" in metadata["flowstone/dbt.command/command"].value
+    assert metadata["flowstone/dbt.command/log_path"].value.endswith("dbt.log")
+    assert "flowstone/dbt.command/target_path" in metadata
     assert metadata["flowstone/error_type"].value == "DbtFailed"
     assert metadata["flowstone/retryable"].value is False
     broken = metadata["flowstone/dbt.command/failed/model.flowstone_fixture.broken_model"].value
