@@ -226,20 +226,21 @@ def test_a_missing_project_fails_at_resource_set_up(
 
 
 def test_stream_chains_fetch_row_counts_and_column_metadata(
-    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """stream() is dagster-dbt's DbtEventIterator: row counts and column schemas as with plain
     dagster-dbt, and still flowstone's metadata and outcome checks."""
+    # A database of its own (named like the manifest's catalog): dagster-dbt's in-process
+    # DuckDB adapter keeps the file it counted rows in open after the step (plain dagster-dbt
+    # too), and later tests' dbt processes must write the module's database.
+    database = tmp_path / "fixture.duckdb"
+    dbt = DbtResource(project_dir=str(project), vars={"duckdb_path": str(database)})
 
     @dbt_assets(manifest=manifest, exclude="tag:deliberately_failing tag:deliberately_slow")
     def analytics(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
         yield from dbt.stream(["build"], context=context).fetch_row_counts().fetch_column_metadata()
 
-    result = dg.materialize(
-        [analytics],
-        resources={"dbt": DbtResource(project_dir=str(project))},
-        instance=dagster_instance,
-    )
+    result = dg.materialize([analytics], resources={"dbt": dbt}, instance=dagster_instance)
 
     assert result.success
     materialized = _materialized(result)
