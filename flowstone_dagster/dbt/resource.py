@@ -72,10 +72,6 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
-
-# The documented return type of the public DbtCliInvocation.stream(); dagster-dbt does not
-# re-export it at the top level.
-from dagster_dbt.core.dbt_event_iterator import DbtEventIterator
 from pydantic import Field, PrivateAttr, model_validator
 
 from flowstone_dagster import telemetry
