@@ -1,11 +1,18 @@
-"""The adapter-message classifier, table-style, with messages as the adapters print them."""
+"""The adapter-message classifier, table-style, with messages as the adapters print them; the
+selection parser; the dbt launcher (no dbt run: the quick tier)."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from flowstone_dagster.dbt.errors import classify_adapter_message, classify_failure
 from flowstone_dagster.dbt.invocation import DbtSelection, first_useful_lines
+from flowstone_dagster.dbt.process import dbt_launcher, installed_dbt_core_version
 
 #: (adapter, message, kind)
 MESSAGES = [
@@ -188,3 +195,24 @@ def test_state_selections_may_be_empty() -> None:
     assert DbtSelection(("state:modified+",)).stateful
     assert DbtSelection(("result:error+",)).stateful
     assert not DbtSelection(("orders",)).stateful
+
+
+def test_the_launcher_answers_version_itself_and_starts_dbt_in_its_own_session(
+    tmp_path: Path,
+) -> None:
+    dbt = shutil.which("dbt") or str(Path(sys.executable).parent / "dbt")
+    launcher = dbt_launcher(dbt)
+    answered = subprocess.run(
+        [launcher, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    # dbt's own answer also lists the latest release and the plugins (and asks PyPI).
+    assert answered.split() == ["Core:", "-", "installed:", installed_dbt_core_version()]
+
+    # Anything else runs the program under setsid: it leads its own session, same PID.
+    fake = tmp_path / "fake-dbt"
+    fake.write_text("#!/bin/sh\nawk '{print $1, $6}' /proc/$$/stat\n")
+    fake.chmod(0o700)
+    pid, session = subprocess.run(
+        [dbt_launcher(str(fake)), "run"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert pid == session
