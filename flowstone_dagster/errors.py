@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -337,7 +338,14 @@ class PartialFailure(FlowstoneError):
 
 
 class DbtFailed(ExternalServiceError):
-    """dbt exited non-zero. ``exit_code``, ``output`` and ``failed_nodes`` say what failed."""
+    """dbt exited non-zero (or ran nothing that was asked for). What failed and where to look.
+
+    ``exit_code``, ``output`` (dbt's console text); ``failed_nodes``, ``skipped_nodes`` and
+    ``succeeded_nodes`` (dicts as ``DbtNodeResult.as_dict``); ``command`` the dbt command line
+    with its selection (``--vars`` hidden); ``target_path`` the invocation's own target
+    directory (``run_results.json``, compiled SQL: what ``dbt retry --state`` needs);
+    ``invocation_id`` dbt's id of the run; ``log_path`` dbt's debug log.
+    """
 
     def __init__(
         self,
@@ -346,12 +354,24 @@ class DbtFailed(ExternalServiceError):
         exit_code: int,
         output: str = "",
         failed_nodes: Sequence[Mapping[str, Any]] = (),
+        skipped_nodes: Sequence[Mapping[str, Any]] = (),
+        succeeded_nodes: Sequence[Mapping[str, Any]] = (),
+        command: str = "",
+        target_path: Path | None = None,
+        invocation_id: str | None = None,
+        log_path: Path | None = None,
         service: str | None = "dbt",
     ) -> None:
         super().__init__(message, service=service)
         self.exit_code = exit_code
         self.output = output
         self.failed_nodes = list(failed_nodes)
+        self.skipped_nodes = list(skipped_nodes)
+        self.succeeded_nodes = list(succeeded_nodes)
+        self.command = command
+        self.target_path = target_path
+        self.invocation_id = invocation_id
+        self.log_path = log_path
 
 
 class PythonWorkerError(ExternalServiceError):

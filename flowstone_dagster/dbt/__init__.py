@@ -4,9 +4,10 @@ warehouse-aware retries, and streaming inside ``@dbt_assets``, over dagster-dbt.
 - :mod:`.resource`: :class:`DbtResource`, the Dagster resource;
 - :mod:`.invocation`: one command's settings, environment and :class:`DbtResult`;
 - :mod:`.assets`: :func:`stream_dbt` for ``@dbt_assets``;
-- :mod:`.process`: running dbt in its own process group; :mod:`.artifacts`:
-  ``run_results.json`` and ``manifest.json``; :mod:`.output`: dbt's console output;
-  :mod:`.errors`: what can go wrong before dbt runs.
+- :mod:`.process`: running dbt in its own process group (also under dagster-dbt, through a
+  launcher); :mod:`.artifacts`: ``run_results.json`` and ``manifest.json``; :mod:`.output`:
+  dbt's console output; :mod:`.errors`: the errors and the per-adapter classifier of
+  transient and permanent warehouse failures.
 
 The guide is ``docs/dbt.md``.
 """
@@ -18,9 +19,12 @@ from flowstone_dagster.dbt.errors import (
     DbtNothingSelected,
     DbtProfileNotFound,
     DbtProjectNotFound,
+    DbtTransientFailure,
+    DbtWarehouseRejected,
     DbtWarehouseUnreachable,
+    classify_adapter_message,
 )
-from flowstone_dagster.dbt.invocation import DbtOptions, DbtResult, DbtSettings
+from flowstone_dagster.dbt.invocation import DbtOptions, DbtResult, DbtSelection, DbtSettings
 from flowstone_dagster.dbt.output import DbtOutputSummary, parse_dbt_output
 from flowstone_dagster.dbt.resource import DbtResource
 
@@ -34,8 +38,12 @@ __all__ = [
     "DbtProjectNotFound",
     "DbtResource",
     "DbtResult",
+    "DbtSelection",
     "DbtSettings",
+    "DbtTransientFailure",
+    "DbtWarehouseRejected",
     "DbtWarehouseUnreachable",
+    "classify_adapter_message",
     "parse_dbt_output",
     "stream_dbt",
 ]

@@ -1,34 +1,38 @@
 """dbt inside ``@dbt_assets``: :func:`stream_dbt` streams dagster-dbt's events through the
-resource's timeout, retries and process-tree kill."""
+resource's timeout, retries and process-tree kill, as dagster-dbt's ``DbtEventIterator``."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DbtCliResource
-from dagster_dbt.core.dbt_cli_event import DbtCliEventMessage
-from dagster_dbt.core.dbt_cli_invocation import DbtCliInvocation
+from dagster_dbt import DbtCliEventMessage, DbtCliInvocation, DbtCliResource
+
+# The documented return type of the public DbtCliInvocation.stream(); dagster-dbt does not
+# re-export it at the top level, and has no hook to wrap the events it iterates.
+from dagster_dbt.core.dbt_event_iterator import DbtEventIterator
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.dbt.artifacts import (
-    read_node_results,
-)
-from flowstone_dagster.dbt.errors import (
-    DbtWarehouseUnreachable,
-    all_transient,
-)
+from flowstone_dagster.dbt.artifacts import read_node_results
 from flowstone_dagster.dbt.invocation import (
     DbtResult,
+    DbtSelection,
     _Console,
     _dagster_errors,
     _describe_args,
     _failure_messages,
-    _raise_for_outcome,
+    _new_target_path,
     emit_node_events,
+    mark_failed,
+    merge_results,
+    prune_target_dirs,
+    raise_for_outcome,
+    transient_error,
 )
 from flowstone_dagster.dbt.process import (
     DEFAULT_KILL_GRACE,
@@ -44,9 +48,6 @@ from flowstone_dagster.errors import CallTimeout
 from flowstone_dagster.resilience import ResilienceResource, resolve
 
 __all__ = ["stream_dbt"]
-
-
-# -- @dbt_assets -----------------------------------------------------------------------------------
 
 
 def _with_node_metadata(dagster_event: Any, event: DbtCliEventMessage, attempt: int) -> Any:
@@ -80,8 +81,10 @@ class _DbtStream:
     """One streamed dbt command of an ``@dbt_assets`` step (see :func:`stream_dbt`).
 
     An attempt starts dbt through ``DbtCliResource.cli`` and reads dbt's events up to the first
-    node: a connection failure before it is retryable (nothing has been materialized yet).
-    After it, events stream to Dagster as they come, so a failure is final for this step.
+    node: a transient failure before it is retryable (nothing has been materialized yet).
+    After it, events stream to Dagster as they come. A transient failure after the first node
+    is retried with ``dbt retry`` (:attr:`retry_from` set): only the failed and skipped nodes
+    run again, their events stream as they come too.
     """
 
     def __init__(
@@ -97,6 +100,8 @@ class _DbtStream:
         self.context = context
         self.cli = cli
         self.args = args
+        self.command = _command_of(args)
+        self.shown = ("dbt", *_describe_args(args))
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.service = service
@@ -104,39 +109,66 @@ class _DbtStream:
         self.started_at = time.perf_counter()
         self.console = _Console()
         self.buffered: list[DbtCliEventMessage] = []
+        #: The first invocation (its manifest and translator serve ``dbt retry`` too).
+        self.first: DbtCliInvocation | None = None
+        #: The target directory of the failed invocation that ``dbt retry`` runs again.
+        self.retry_from: Path | None = None
+
+    def _invoke(self, target_path: Path) -> DbtCliInvocation:
+        if self.retry_from is None or self.first is None:
+            invocation = self.cli.cli(
+                self.args, context=self.context, raise_on_error=False, target_path=target_path
+            )
+            self.first = self.first or invocation
+            # What dbt really ran: with dagster-dbt's selection of the asset subset.
+            started = invocation.process.args
+            if isinstance(started, (list, tuple)):
+                self.shown = ("dbt", *_describe_args([str(arg) for arg in started][1:]))
+            return invocation
+        # No context: dagster-dbt would add the subset's --select, which `dbt retry` refuses
+        # (it reuses the failed invocation's selection); the first invocation's manifest and
+        # translator map the events to the same assets.
+        return self.cli.cli(
+            ["retry", "--state", str(self.retry_from)],
+            manifest=self.first.manifest,
+            dagster_dbt_translator=self.first.dagster_dbt_translator,
+            raise_on_error=False,
+            target_path=target_path,
+        )
 
     def start(self) -> tuple[DbtCliInvocation, Iterator[DbtCliEventMessage], Watchdog]:
         """One attempt: start dbt and read up to its first node."""
         self.attempts += 1
         self.console, self.buffered = _Console(), []
-        invocation = self.cli.cli(self.args, context=self.context, raise_on_error=False)
+        target_path = _new_target_path(Path(self.cli.project_dir), self.command)
+        invocation = self._invoke(target_path)
         watchdog = Watchdog(
-            invocation.process, _effective_timeout(self.timeout), grace=self.kill_grace
+            invocation.process,
+            _effective_timeout(self.timeout),
+            grace=self.kill_grace,
+            on_fire=self.console.interrupted,
         )
         watchdog.__enter__()
         events = invocation.stream_raw_events()
         try:
             for event in events:
-                self.console.add(event)
+                self.console.add(event.raw_event)
                 self.buffered.append(event)
                 if self.console.node_started:
                     return invocation, events, watchdog
-            exit_code = invocation.process.wait()
-            messages = _failure_messages(
-                self.console,
-                read_node_results(invocation.target_path, project_dir=invocation.project_dir),
-            )
-            if exit_code != 0 and not watchdog.fired and all_transient(messages):
-                raise DbtWarehouseUnreachable(
-                    f"`{invocation.dbt_command}` could not reach the warehouse: {messages[0]}",
-                    exit_code=exit_code,
-                    output=self.console.text,
-                    service=self.service,
-                )
+            result = self.result(invocation)
+            error = None if watchdog.fired else self.transient(result)
+            if error is not None:
+                mark_failed(invocation.target_path)
+                raise error
         except BaseException as exc:
             watchdog.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return invocation, events, watchdog
+
+    def transient(self, result: DbtResult) -> Exception | None:
+        messages = _failure_messages(self.console, result.nodes)
+        return transient_error(result, messages, service=self.service)
 
     def dagster_events(
         self, invocation: DbtCliInvocation, events: Iterator[DbtCliEventMessage]
@@ -146,14 +178,14 @@ class _DbtStream:
         def everything() -> Iterator[DbtCliEventMessage]:
             yield from self.buffered  # read by start(), already in the console text
             for event in events:
-                self.console.add(event)
+                self.console.add(event.raw_event)
                 yield event
 
         for event in everything():
             for dagster_event in event.to_default_asset_events(
                 manifest=invocation.manifest,
                 dagster_dbt_translator=invocation.dagster_dbt_translator,
-                context=invocation.context,
+                context=self.context,
                 target_path=invocation.target_path,
                 project=invocation.project,
             ):
@@ -163,7 +195,7 @@ class _DbtStream:
         exit_code = invocation.process.wait()
         nodes = read_node_results(invocation.target_path, project_dir=invocation.project_dir)
         return DbtResult(
-            command=("dbt", *_describe_args(self.args)),
+            command=self.shown,
             exit_code=exit_code,
             nodes=tuple(nodes),
             output=self.console.text,
@@ -180,55 +212,108 @@ def stream_dbt(
     dbt: DbtResource | DbtCliResource,
     args: Sequence[str] = ("build",),
     *,
-    timeout: float | None = None,
+    timeout: float | EllipsisType | None = ...,
+    allow_empty: bool | None = None,
     resilience: ResilienceResource | None = None,
     service: str = "dbt",
     kill_grace: float = DEFAULT_KILL_GRACE,
-) -> Iterator[Any]:
+) -> DbtEventIterator[Any]:
     """What ``@dbt_assets`` bodies yield in place of ``dbt.cli(args, context=context).stream()``.
 
     ::
 
         @dbt_assets(manifest=project.manifest_path)
         def analytics(context: dg.AssetExecutionContext, dbt: DbtResource):
-            yield from stream_dbt(context, dbt, ["build"])
+            yield from stream_dbt(context, dbt, ["build"]).fetch_row_counts()
 
-    ``dbt`` may also be a plain ``DbtCliResource`` (then pass ``resilience`` and ``timeout``;
-    with a ``DbtResource`` they default to its fields, and its ``vars`` and ``threads`` are
-    added to ``args``). See :meth:`DbtResource.stream`.
+    dbt starts when this is called (as with ``DbtCliResource.cli``); the returned
+    ``DbtEventIterator`` streams its events. ``dbt`` may also be a plain ``DbtCliResource``
+    (then pass ``resilience`` and ``timeout``; with a ``DbtResource`` they default to its
+    fields, and its ``vars`` and ``threads`` are added to ``args``). ``timeout=None``: no limit.
+    See :meth:`DbtResource.stream`.
     """
     args = list(args)
-    limit = timeout
+    selection = DbtSelection.from_args(args)
+    keep_target_dirs: int | None = None
     if isinstance(dbt, DbtResource):
         settings = dbt.settings()
         cli = dbt.cli_resource(settings)
         resilience = resilience or dbt.resilience
         service, kill_grace = dbt.service, dbt.kill_grace
-        limit = timeout if timeout is not None else settings.timeout
+        limit = settings.timeout if isinstance(timeout, EllipsisType) else timeout
+        empty_ok = dbt.allow_empty if allow_empty is None else allow_empty
+        keep_target_dirs = dbt.keep_target_dirs
         if settings.vars and "--vars" not in args:
             args += ["--vars", json.dumps(settings.vars)]
         if settings.threads is not None and "--threads" not in args:
             args += ["--threads", str(settings.threads)]
     else:
         cli = dbt
+        limit = None if isinstance(timeout, EllipsisType) else timeout
+        empty_ok = bool(allow_empty)
     resilience = resolve(resilience)
     stream = _DbtStream(context, cli, args, timeout=limit, kill_grace=kill_grace, service=service)
-    command = _command_of(args)
-    # The mapping is outermost: telemetry records dbt's own error, Dagster gets the mapped one.
+    with _dagster_errors(resilience, service):
+        invocation, events, watchdog = resilience.call(service, stream.start, dagster_errors=False)
+
+    # A transient failure after the first node is retried with `dbt retry` only when the policy
+    # allows retries at all (without resilience, dbt runs once).
+    retries_mid_run = resilience.policy_for(service).retry.max_attempts > 1
+    streamed = _streamed(
+        stream,
+        resilience,
+        (invocation, events, watchdog),
+        selection=selection,
+        allow_empty=empty_ok,
+        keep_target_dirs=keep_target_dirs,
+        retries_mid_run=retries_mid_run,
+    )
+    return DbtEventIterator(streamed, invocation)
+
+
+def _streamed(
+    stream: _DbtStream,
+    resilience: ResilienceResource,
+    started: tuple[DbtCliInvocation, Iterator[DbtCliEventMessage], Watchdog],
+    *,
+    selection: DbtSelection,
+    allow_empty: bool,
+    keep_target_dirs: int | None,
+    retries_mid_run: bool,
+) -> Iterator[Any]:
+    """The events of :func:`stream_dbt` once dbt reached its first node, then its outcome."""
+    # The mapping is outermost: telemetry records dbt's own error, Dagster the mapped one.
     with (
-        _dagster_errors(resilience, service),
-        telemetry.observe(context, attach_metadata=False),
-        telemetry.span("flowstone.dbt.command", command=command, service=service) as call,
+        _dagster_errors(resilience, stream.service),
+        telemetry.observe(stream.context, attach_metadata=False),
+        telemetry.span(
+            "flowstone.dbt.command", command=stream.command, service=stream.service
+        ) as call,
     ):
+        current, current_events, current_watchdog = started
+        invocation = current
+        failed_before: DbtResult | None = None
         try:
-            invocation, events, watchdog = resilience.call(
-                service, stream.start, dagster_errors=False
-            )
+            while True:
+                call.attempts = stream.attempts
+                with current_watchdog:
+                    yield from stream.dagster_events(current, current_events)
+                latest = stream.result(current)
+                result = latest if failed_before is None else merge_results(failed_before, latest)
+                if not result.success or current_watchdog.fired:
+                    mark_failed(current.target_path)
+                error = None if current_watchdog.fired else stream.transient(result)
+                if error is None or not retries_mid_run or not latest.nodes:
+                    break
+                # A connection lost mid-run: `dbt retry` runs the failed and skipped nodes.
+                failed_before, stream.retry_from = result, current.target_path
+                current, current_events, current_watchdog = resilience.call(
+                    stream.service, stream.start, dagster_errors=False
+                )
         finally:
-            call.attempts = max(stream.attempts, 1)
-        with watchdog:
-            yield from stream.dagster_events(invocation, events)
-        result = stream.result(invocation)
+            call.attempts = stream.attempts
+            if keep_target_dirs is not None:
+                prune_target_dirs(invocation.project_dir, keep=keep_target_dirs)
         emit_node_events(result.nodes)
         call.set(
             exit_code=result.exit_code,
@@ -237,27 +322,29 @@ def stream_dbt(
             failed=len(result.failed_nodes),
             tests=len(result.tests),
         )
-        if watchdog.fired:
-            waited = watchdog.timeout or 0.0
+        if current_watchdog.fired:
+            waited = current_watchdog.timeout or 0.0
             raise CallTimeout(
-                f"`dbt {command}` did not finish within {waited:g} s; dbt and its child "
-                "processes were stopped",
+                f"`{' '.join(stream.shown)}` did not finish within {waited:g} s; dbt and its "
+                "child processes were stopped. dbt's last lines before the interrupt:\n"
+                f"{stream.console.last_lines()}\n(dbt's log: {result.log_path})",
                 timeout=waited,
-                service=service,
+                service=stream.service,
             )
         if result.exit_code == 0:
-            seed_partial_parse(invocation.project_dir, invocation.target_path)
-        messages = _failure_messages(stream.console, result.nodes)
-        if result.exit_code != 0 and all_transient(messages):
-            # The connection dropped mid-run: retryable, but by the step's RetryPolicy.
-            raise DbtWarehouseUnreachable(
-                f"`dbt {command}` lost the warehouse connection: {messages[0]}",
-                exit_code=result.exit_code,
-                output=result.output,
-                failed_nodes=[node.as_dict() for node in result.failed_nodes],
-                service=service,
-            )
-        _raise_for_outcome(result, command, None)
+            seed_partial_parse(current.project_dir, current.target_path)
+        if error is not None:
+            raise error  # retries exhausted or not allowed here: the step's RetryPolicy may
+        raise_for_outcome(
+            result,
+            stream.command,
+            selection,
+            unmatched=stream.console.unmatched,
+            nothing_selected=stream.console.nothing_selected and not result.nodes,
+            allow_empty=allow_empty,
+            subset=True,
+            service=stream.service,
+        )
 
 
 def _command_of(args: Sequence[str]) -> str:

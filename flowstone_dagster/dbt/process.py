@@ -1,114 +1,172 @@
 """Starting dbt, and stopping it with everything it started.
 
-:class:`GroupedDbtCliInvocation` is dagster-dbt's ``DbtCliInvocation`` (JSON log events parsed,
-forwarded to stdout, artifacts in a per-invocation target directory) with one difference: dbt
-runs in a **new process group**, so that a timeout can stop dbt *and* any process it started
-(a wrapper such as ``uv run dbt`` that forks dbt, a Python model's helper), not only the first
-one::
+dbt runs in a **new process group**, so that a timeout can stop dbt *and* any process it
+started (a wrapper such as ``uv run dbt`` that forks dbt, a Python model's helper), not only
+the first one. Plain calls start dbt with :func:`start_dbt`; ``@dbt_assets`` streaming goes
+through dagster-dbt's public ``DbtCliResource.cli``, whose ``dbt_executable`` is a small
+launcher (:func:`dbt_launcher`) that puts dbt in its own session and answers
+``dbt --version`` from the installed dbt-core (dagster-dbt otherwise runs ``dbt --version``,
+about 3 s, on every new resource)::
 
-    invocation = GroupedDbtCliInvocation.start(
-        ["dbt", "run", "--select", "orders"], env=env, project_dir=project, target_path=target
-    )
-    with Watchdog(invocation.process, timeout=600) as watchdog:
-        events = list(invocation.stream_raw_events())
+    process = start_dbt(["dbt", "run", "--select", "orders"], env=env, project_dir=project,
+                        target_path=target)
+    with Watchdog(process, timeout=600) as watchdog:
+        for event in read_events(process):
+            ...
     if watchdog.fired:
         ...  # dbt and its children have been stopped
 
 :func:`stop_process` first sends ``SIGINT`` (dbt cancels its running warehouse queries on it),
-then ``SIGKILL`` after ``grace`` seconds. A process that was not started in its own group (as
-``DbtCliResource.cli`` starts it) is stopped with every descendant found in ``/proc``.
+then ``SIGKILL`` after ``grace`` seconds. A process that was not started in its own group is
+stopped with every descendant found in ``/proc``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.metadata
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dagster_dbt import DagsterDbtTranslator
-from dagster_dbt.core.dbt_cli_invocation import (
-    PARTIAL_PARSE_FILE_NAME,
-    DbtCliInvocation,
-    _get_dbt_target_path,
-)
-from packaging import version
+import orjson
 
 __all__ = [
     "DEFAULT_KILL_GRACE",
-    "GroupedDbtCliInvocation",
+    "PARTIAL_PARSE_FILE_NAME",
     "Watchdog",
+    "dbt_launcher",
     "leads_group",
     "project_target_dir",
+    "read_events",
     "seed_partial_parse",
+    "start_dbt",
     "stop_process",
 ]
 
 #: Seconds between SIGINT (dbt cancels its queries and exits) and SIGKILL.
 DEFAULT_KILL_GRACE = 10.0
 
+#: dbt's partial-parse cache, in a target directory.
+PARTIAL_PARSE_FILE_NAME = "partial_parse.msgpack"
+
 
 def project_target_dir(project_dir: Path) -> Path:
-    """The project's own target directory (``DBT_TARGET_PATH`` or ``target``)."""
-    target = _get_dbt_target_path()
+    """The project's own target directory (``DBT_TARGET_PATH`` or ``target``), as dbt sees it."""
+    target = Path(os.environ.get("DBT_TARGET_PATH") or "target")
     return target if target.is_absolute() else project_dir / target
 
 
-class GroupedDbtCliInvocation(DbtCliInvocation):
-    """A ``DbtCliInvocation`` whose dbt process leads its own process group."""
+def copy_partial_parse(project_dir: Path, target_path: Path) -> None:
+    """Copy the project's ``partial_parse.msgpack`` into ``target_path`` (as dagster-dbt does),
+    so that dbt does not re-parse an unchanged project."""
+    source = project_target_dir(project_dir) / PARTIAL_PARSE_FILE_NAME
+    destination = target_path / PARTIAL_PARSE_FILE_NAME
+    if source.exists() and not destination.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a concurrent writer: dbt parses fully instead
+            shutil.copyfile(source, destination)
 
-    @classmethod
-    def start(
-        cls,
-        args: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        project_dir: Path,
-        target_path: Path,
-        cli_version: version.Version,
-        manifest: Mapping[str, Any] | None = None,
-    ) -> GroupedDbtCliInvocation:
-        """Start ``args`` (the executable first) in ``project_dir``, in a new process group.
 
-        Like dagster-dbt, a ``partial_parse.msgpack`` in the project's target directory is
-        copied to ``target_path`` first, so that dbt does not re-parse an unchanged project.
-        """
-        source = project_target_dir(project_dir) / PARTIAL_PARSE_FILE_NAME
-        destination = target_path / PARTIAL_PARSE_FILE_NAME
-        if source.exists() and not destination.exists():
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # a concurrent writer: dbt parses fully instead
-                shutil.copyfile(source, destination)
-        process = subprocess.Popen(
-            list(args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            cwd=project_dir,
-            start_new_session=True,
-        )
-        return cls(
-            process=process,
-            manifest=manifest or {},
-            dagster_dbt_translator=DagsterDbtTranslator(),
-            project_dir=project_dir,
-            target_path=target_path,
-            raise_on_error=False,
-            cli_version=cli_version,
-        )
+def start_dbt(
+    args: Sequence[str], *, env: Mapping[str, str], project_dir: Path, target_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``args`` (the executable first) in ``project_dir``, in a new process group."""
+    copy_partial_parse(project_dir, target_path)
+    return subprocess.Popen(
+        list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        cwd=project_dir,
+        start_new_session=True,
+    )
+
+
+def read_events(process: subprocess.Popen[bytes]) -> Iterator[dict[str, Any]]:
+    """dbt's JSON log events from ``process``'s output; a line that is not JSON (a Python
+    traceback printed before dbt's logger started) comes as ``{"info": {"msg": line}}``."""
+    assert process.stdout is not None
+    with process.stdout:
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").strip()
+            if not line:
+                continue
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                event = None
+            if isinstance(event, dict) and isinstance(event.get("info"), dict):
+                yield event
+            else:
+                yield {"info": {"msg": line, "level": "info", "name": ""}, "data": {}}
+
+
+def installed_dbt_core_version() -> str | None:
+    """The installed dbt-core's version, or ``None`` (dbt Fusion, or dbt in another venv)."""
+    try:
+        return importlib.metadata.version("dbt-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def dbt_launcher(executable: str) -> str:
+    """A launcher for ``DbtCliResource(dbt_executable=...)``: it runs ``executable`` in a new
+    session (``setsid``, so the timeout stops the whole tree), and answers ``--version`` with
+    the installed dbt-core's version instead of starting dbt (which also asks PyPI).
+
+    ``executable`` itself when neither applies (no ``setsid``, and dbt-core not installed here).
+    """
+    setsid = shutil.which("setsid")
+    # Only the dbt of this environment is the installed dbt-core; another one answers itself.
+    same_environment = Path(executable).parent == Path(sys.executable).parent
+    installed = installed_dbt_core_version() if same_environment else None
+    if setsid is None and installed is None:
+        return executable
+    run = (
+        f"exec {shlex.quote(setsid)} {shlex.quote(executable)}"
+        if setsid
+        else (f"exec {shlex.quote(executable)}")
+    )
+    version = (
+        f'if [ "$#" -eq 1 ] && [ "$1" = "--version" ]; then\n'
+        f"  echo 'Core:'; echo '  - installed: {installed}'; exit 0\nfi\n"
+        if installed
+        else ""
+    )
+    script = f'#!/bin/sh\n# flowstone-dagster: dbt in its own session.\n{version}{run} "$@"\n'
+    digest = hashlib.sha256(script.encode()).hexdigest()[:16]
+    directory = Path(tempfile.gettempdir()) / f"flowstone-dbt-{os.getuid()}"
+    path = directory / f"dbt-{digest}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        if not path.exists():
+            temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            temporary.write_text(script)
+            temporary.chmod(0o700)
+            os.replace(temporary, path)
+    except OSError:
+        return executable  # no writable temporary directory: dbt as dagster-dbt starts it
+    return str(path)
 
 
 def seed_partial_parse(project_dir: Path, target_path: Path) -> None:
     """Give the project a ``partial_parse.msgpack`` from ``target_path`` if it has none yet.
 
-    Later invocations then start from it (see :meth:`GroupedDbtCliInvocation.start`) instead of
+    Later invocations then start from it (see :func:`copy_partial_parse`) instead of
     parsing the whole project; dbt checks the file itself and re-parses when it is stale. The
     copy is atomic (temporary file, then rename), so concurrent invocations are safe.
     """
@@ -171,10 +229,11 @@ def stop_process(
 ) -> None:
     """Stop ``process`` and everything it started: SIGINT, then SIGKILL after ``grace`` s.
 
-    With ``grouped`` (the process leads its own group, as :class:`GroupedDbtCliInvocation`
-    starts it), the signals go to the group, which also reaches descendants whose parent
-    already exited. Otherwise they go to the process and the descendants found in ``/proc``
-    before and after the grace period. Returns once the process has exited and been reaped.
+    With ``grouped`` (the process leads its own group, as :func:`start_dbt` and
+    :func:`dbt_launcher` start it), the signals go to the group, which also reaches descendants
+    whose parent already exited. Otherwise they go to the process and the descendants found in
+    ``/proc`` before and after the grace period. Returns once the process has exited and been
+    reaped.
     """
     tree = [] if grouped else _descendants(process.pid)
     if process.poll() is None or grouped or tree:
@@ -198,7 +257,8 @@ class Watchdog:
     """Stop a process (see :func:`stop_process`) if it is still running after ``timeout`` s.
 
     Used as a context manager around reading the process's output; ``fired`` says whether it
-    stopped the process. ``timeout=None`` never fires. Leaving the block early (an exception,
+    stopped the process, ``on_fire`` is called just before it does. ``timeout=None`` never
+    fires. Leaving the block early (an exception,
     an interrupt) also stops the process, so that nothing keeps running behind the caller.
     """
 
@@ -208,8 +268,10 @@ class Watchdog:
         timeout: float | None,
         *,
         grace: float = DEFAULT_KILL_GRACE,
+        on_fire: Callable[[], None] | None = None,
     ) -> None:
         self.process = process
+        self.on_fire = on_fire
         # Decided now, while the process surely exists: it may have exited when the timer fires.
         self.grouped = leads_group(process)
         self.timeout = timeout
@@ -223,6 +285,8 @@ class Watchdog:
             if self.process.poll() is not None:
                 return
             self.fired = True
+        if self.on_fire is not None:
+            self.on_fire()  # before the SIGINT: what dbt said until now is what matters
         stop_process(self.process, grouped=self.grouped, grace=self.grace)
 
     def __enter__(self) -> Watchdog:

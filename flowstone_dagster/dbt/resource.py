@@ -20,13 +20,20 @@ from that file and the ``manifest.json`` beside it. The outcomes:
 
 - dbt exits non-zero: :class:`~flowstone_dagster.errors.DbtFailed` with the exit code, the console
   output and the failed nodes (unique id, status, message, compiled SQL path);
-- the selection matches no node (dbt warns and exits 0): :class:`DbtNothingSelected`;
+- an explicit selection (``select``, ``exclude``, ``selector``) matches no node (dbt warns and
+  exits 0): :class:`DbtNothingSelected`, naming the argument; a default selection with nothing
+  to run (``dbt snapshot`` without snapshots), a ``state:modified+`` with nothing modified, or
+  ``allow_empty=True`` return an empty result instead;
 - a missing project, profile or dbt executable: :class:`DbtProjectNotFound`,
   :class:`DbtProfileNotFound`, :class:`DbtExecutableNotFound`, before dbt starts;
 - ``timeout`` passes: dbt and every process it started are stopped (SIGINT, which makes dbt
   cancel its warehouse queries, then SIGKILL), and ``CallTimeout`` is raised;
-- the warehouse refuses or drops the connection: :class:`DbtWarehouseUnreachable`, retried
-  through ``resilience`` when one is configured. SQL errors and failing tests are not retried.
+- every failure is transient (the warehouse refuses or drops the connection, a rate limit, a
+  lock, a serialization conflict): :class:`DbtWarehouseUnreachable` /
+  :class:`DbtTransientFailure`, retried through ``resilience`` when one is configured; the retry
+  runs ``dbt retry`` on the failed invocation, so only the failed and skipped nodes run again;
+- the warehouse refuses the credentials or access, or the database does not exist:
+  :class:`DbtWarehouseRejected`, never retried. SQL errors and failing tests are not retried.
 
 These errors are raised as Dagster control flow (a ``Failure``, or a ``RetryRequested`` for an
 open circuit; the error itself is the ``__cause__``) unless the ``resilience`` resource says
@@ -42,21 +49,26 @@ context=context).stream()`` with the same semantics; see ``docs/dbt.md``.
 
 Why a wrapper around dagster-dbt's ``DbtCliResource`` and not a subclass: ``DbtCliResource``
 validates paths in pydantic validators (a missing project is a pydantic ``ValidationError`` at
-construction, not an error naming the field at set-up, and it cannot see per-call overrides), its
-``cli()`` starts dbt in the caller's process group (a timeout could not stop dbt's children), and
-it opens a dbt adapter in the calling process on every call (about 0.3 s; useful only for
-column metadata in ``@dbt_assets``). ``DbtResource`` keeps the same configuration fields, builds
-a ``DbtCliResource`` for ``@dbt_assets`` streaming (:meth:`cli_resource`), and runs plain calls
-through dagster-dbt's ``DbtCliInvocation`` in a process group of their own.
+construction, not an error naming the field at set-up, and it cannot see per-call overrides), and
+its ``cli()`` opens a dbt adapter in the calling process on every call (about 0.3 s; useful only
+for row counts and column metadata in ``@dbt_assets``). ``DbtResource`` keeps the same
+configuration fields and composes a ``DbtCliResource`` for ``@dbt_assets`` streaming
+(:meth:`cli_resource`, through public API only); plain calls start dbt themselves, in a process
+group of their own, and read ``run_results.json``.
+
+Each invocation has its own target directory under the project's; the last
+``keep_target_dirs`` are kept, and of the failed ones (what ``dbt retry --state`` needs) as many
+again; older ones are removed.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Unpack
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any, Unpack
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
@@ -67,36 +79,42 @@ from flowstone_dagster.dbt.artifacts import (
     read_node_results,
     read_run_results,
 )
-from flowstone_dagster.dbt.errors import (
-    DbtWarehouseUnreachable,
-    all_transient,
-)
 from flowstone_dagster.dbt.invocation import (
     DEFAULT_DBT_TIMEOUT,
     DbtOptions,
     DbtResult,
+    DbtSelection,
     DbtSettings,
     _check_profile,
     _check_project,
-    _cli_version,
     _Console,
     _dagster_errors,
     _dbt_env,
     _describe_args,
     _failure_messages,
     _new_target_path,
-    _raise_for_outcome,
     _resolve_executable,
     emit_node_events,
+    mark_failed,
+    merge_results,
+    prune_target_dirs,
+    raise_for_outcome,
+    transient_error,
 )
 from flowstone_dagster.dbt.process import (
     DEFAULT_KILL_GRACE,
-    GroupedDbtCliInvocation,
     Watchdog,
+    dbt_launcher,
+    read_events,
     seed_partial_parse,
+    start_dbt,
 )
 from flowstone_dagster.errors import CallTimeout, ConfigurationError
 from flowstone_dagster.resilience import ResilienceResource, current_deadline, resolve
+
+if TYPE_CHECKING:
+    # The documented return type of DbtCliInvocation.stream() (see assets.py).
+    from dagster_dbt.core.dbt_event_iterator import DbtEventIterator
 
 __all__ = ["DbtResource"]
 
@@ -149,6 +167,18 @@ class DbtResource(dg.ConfigurableResource):
         default=DEFAULT_KILL_GRACE,
         ge=0,
         description="Seconds between SIGINT (dbt cancels its queries) and SIGKILL on timeout.",
+    )
+    allow_empty: bool = Field(
+        default=False,
+        description="Accept an explicit selection (select/exclude/selector) that matches no "
+        "node instead of raising DbtNothingSelected. A call's allow_empty overrides it.",
+    )
+    keep_target_dirs: int = Field(
+        default=20,
+        ge=1,
+        description="Per-invocation target directories kept under the project's target "
+        "directory (and as many of failed invocations, for `dbt retry --state`); older ones "
+        "are removed after each call.",
     )
     dbt_executable: str = Field(
         default="dbt",
@@ -267,6 +297,8 @@ class DbtResource(dg.ConfigurableResource):
             args += ["--select", select]
         if opts.get("exclude"):
             args += ["--exclude", str(opts["exclude"])]
+        if opts.get("selector"):
+            args += ["--selector", str(opts["selector"])]
         if settings.vars:
             args += ["--vars", json.dumps(settings.vars)]
         if settings.full_refresh and command in ("run", "build", "seed"):
@@ -280,34 +312,73 @@ class DbtResource(dg.ConfigurableResource):
         args += list(opts.get("extra_args") or ())
         return args
 
+    def retry_args(self, settings: DbtSettings, failed_target_path: Path) -> list[str]:
+        """``dbt retry`` of the invocation whose target directory is ``failed_target_path``: it
+        runs that invocation's failed and skipped nodes again, with its own arguments."""
+        args = [settings.executable, *self.global_config_flags, "retry"]
+        args += ["--state", str(failed_target_path)]
+        if settings.vars:
+            args += ["--vars", json.dumps(settings.vars)]
+        if settings.threads is not None:
+            args += ["--threads", str(settings.threads)]
+        return args
+
     def invoke(
         self, command: str, *, select: str | None = None, **opts: Unpack[DbtOptions]
     ) -> DbtResult:
         """Run ``dbt <command>`` and return its result, or raise what went wrong.
 
         Emits ``flowstone.dbt.command`` and one ``flowstone.dbt.node`` per node. What goes
-        wrong is ``DbtFailed`` (exit code, output, failed nodes), ``DbtNothingSelected``,
-        ``CallTimeout``, ``DbtWarehouseUnreachable`` (after the resilience policy's retries:
-        wrapped in ``MaxAttemptsExceeded``); with the resilience resource's ``dagster_errors``
-        on (the default, also with no ``resilience``) it is raised as Dagster control flow, a
-        ``Failure`` (with ``flowstone/dbt.command/failed/...`` metadata) or ``RetryRequested`` whose
-        ``__cause__`` is that error. The set-up errors are raised as they are, before dbt starts.
+        wrong is ``DbtFailed`` (exit code, output, the command with its selection, target path,
+        log path, invocation id, and the failed, skipped and succeeded nodes),
+        ``DbtNothingSelected``, ``DbtWarehouseRejected``, ``CallTimeout``,
+        ``DbtTransientFailure`` (after the resilience
+        policy's retries: wrapped in ``MaxAttemptsExceeded``); with the resilience resource's
+        ``dagster_errors`` on (the default, also with no ``resilience``) it is raised as Dagster
+        control flow, a ``Failure`` (with ``flowstone/dbt.command/...`` metadata) or
+        ``RetryRequested`` whose ``__cause__`` is that error. The set-up errors are raised as
+        they are, before dbt starts.
+
+        A retry after a transient failure runs ``dbt retry`` against the failed invocation (only
+        its failed and skipped nodes run again) and the result merges both (see
+        :class:`DbtResult`); when dbt failed before writing any result, the command runs again.
         """
         settings = self.settings(**opts)
         args = self.command_args(command, settings, select=select, opts=opts)
+        selection = DbtSelection.from_args(args[2 + len(self.global_config_flags) :])
+        allow_empty = opts.get("allow_empty", self.allow_empty)
+        shown = ("dbt", *_describe_args(args[1:]))
         started = time.perf_counter()
         attempts = 0
+        failed_before: DbtResult | None = None
+        last_console = _Console()
 
         def attempt() -> DbtResult:
-            nonlocal attempts
+            nonlocal attempts, failed_before, last_console
             attempts += 1
-            return self._invoke_once(
+            retrying = failed_before is not None and bool(failed_before.nodes)
+            run_args = (
+                self.retry_args(settings, failed_before.target_path)
+                if failed_before is not None and retrying
+                else args
+            )
+            result, last_console = self._invoke_once(
                 settings,
-                args,
+                run_args,
+                shown=shown,
                 target_path=_new_target_path(settings.project_dir, command),
                 started=started,
                 attempt=attempts,
             )
+            if failed_before is not None and retrying:
+                result = merge_results(failed_before, result)
+            error = transient_error(
+                result, _failure_messages(last_console, result.nodes), service=self.service
+            )
+            if error is not None:
+                failed_before = result
+                raise error
+            return result
 
         resilience = resolve(self.resilience)
         with (
@@ -318,6 +389,7 @@ class DbtResource(dg.ConfigurableResource):
                 result = resilience.call(self.service, attempt, dagster_errors=False)
             finally:
                 call.attempts = max(attempts, 1)
+                prune_target_dirs(settings.project_dir, keep=self.keep_target_dirs)
             emit_node_events(result.nodes)
             call.set(
                 exit_code=result.exit_code,
@@ -326,7 +398,15 @@ class DbtResource(dg.ConfigurableResource):
                 failed=len(result.failed_nodes),
                 tests=len(result.tests),
             )
-            _raise_for_outcome(result, command, select)
+            raise_for_outcome(
+                result,
+                command,
+                selection,
+                unmatched=last_console.unmatched,
+                nothing_selected=last_console.nothing_selected and not result.nodes,
+                allow_empty=allow_empty,
+                service=self.service,
+            )
         return result
 
     def _invoke_once(
@@ -334,36 +414,38 @@ class DbtResource(dg.ConfigurableResource):
         settings: DbtSettings,
         args: Sequence[str],
         *,
+        shown: tuple[str, ...],
         target_path: Path,
         started: float,
         attempt: int,
-    ) -> DbtResult:
-        """One dbt process; raises only timeouts and connection failures (the retryable)."""
-        shown = _describe_args(args[1:])
-        invocation = GroupedDbtCliInvocation.start(
+    ) -> tuple[DbtResult, _Console]:
+        """One dbt process; raises only a timeout."""
+        process = start_dbt(
             args,
             env=_dbt_env(settings, target_path),
             project_dir=settings.project_dir,
             target_path=target_path,
-            cli_version=_cli_version(settings.executable),
         )
         timeout = _effective_timeout(settings.timeout)
         console = _Console()
-        with Watchdog(invocation.process, timeout, grace=self.kill_grace) as watchdog:
-            for event in invocation.stream_raw_events():
+        with Watchdog(
+            process, timeout, grace=self.kill_grace, on_fire=console.interrupted
+        ) as watchdog:
+            for event in read_events(process):
                 console.add(event)
-        exit_code = invocation.process.wait()
+        exit_code = process.wait()
         if watchdog.fired:
-            tail = "\n".join(console.text.strip().splitlines()[-5:])
+            mark_failed(target_path)
             raise CallTimeout(
-                f"`dbt {' '.join(shown)}` did not finish within {timeout:g} s; dbt and its child "
-                f"processes were stopped. Last output:\n{tail}",
+                f"`{' '.join(shown)}` did not finish within {timeout:g} s; dbt and its child "
+                f"processes were stopped. dbt's last lines before the interrupt:\n"
+                f"{console.last_lines()}\n(dbt's log: {target_path / 'dbt.log'})",
                 timeout=timeout,
                 service=self.service,
             )
         nodes = read_node_results(target_path, project_dir=settings.project_dir)
         result = DbtResult(
-            command=("dbt", *shown),
+            command=shown,
             exit_code=exit_code,
             nodes=tuple(nodes),
             output=console.text,
@@ -373,23 +455,21 @@ class DbtResource(dg.ConfigurableResource):
             attempts=attempt,
             warnings=tuple(console.unmatched),
         )
-        if exit_code != 0 and all_transient(_failure_messages(console, nodes)):
-            raise DbtWarehouseUnreachable(
-                f"`dbt {' '.join(shown)}` could not reach the warehouse: "
-                f"{_failure_messages(console, nodes)[0]}",
-                exit_code=exit_code,
-                output=console.text,
-                failed_nodes=[node.as_dict() for node in nodes if node.failed],
-                service=self.service,
-            )
         if exit_code == 0:
             seed_partial_parse(settings.project_dir, target_path)
-        return result
+        if not result.success:
+            mark_failed(target_path)
+        return result, console
 
     # -- inside @dbt_assets ----------------------------------------------------------------------
 
     def cli_resource(self, settings: DbtSettings | None = None) -> DbtCliResource:
-        """dagster-dbt's ``DbtCliResource`` with this resource's settings (cached)."""
+        """dagster-dbt's ``DbtCliResource`` with this resource's settings (cached).
+
+        Its ``dbt_executable`` is a launcher (:func:`~.process.dbt_launcher`) that starts dbt in
+        a session of its own, so that a timeout stops dbt and every process it started, and that
+        answers ``dbt --version`` without starting dbt.
+        """
         settings = settings or self.settings()
         key = (
             str(settings.project_dir),
@@ -399,19 +479,14 @@ class DbtResource(dg.ConfigurableResource):
             settings.executable,
         )
         if key not in self._cli_resources:
-            cli = DbtCliResource(
+            self._cli_resources[key] = DbtCliResource(
                 project_dir=str(settings.project_dir),
                 profiles_dir=str(settings.profiles_dir),
                 profile=settings.profile,
                 target=settings.target,
-                dbt_executable=settings.executable,
+                dbt_executable=dbt_launcher(settings.executable),
                 global_config_flags=list(self.global_config_flags),
             )
-            # DbtCliResource learns dbt's version by running `dbt --version`, which also asks
-            # PyPI for the latest release (a network call, up to a second). The installed
-            # dbt-core already says which version runs; fill in the cached answer.
-            cli.__dict__["_cli_version"] = _cli_version(settings.executable)
-            self._cli_resources[key] = cli
         return self._cli_resources[key]
 
     def stream(
@@ -419,20 +494,26 @@ class DbtResource(dg.ConfigurableResource):
         args: Sequence[str],
         *,
         context: dg.AssetExecutionContext | dg.OpExecutionContext,
-        timeout: float | None = None,
-    ) -> Iterator[Any]:
+        timeout: float | EllipsisType | None = ...,
+        allow_empty: bool | None = None,
+    ) -> DbtEventIterator[Any]:
         """``yield from dbt.stream(["build"], context=context)`` inside ``@dbt_assets``.
 
-        The same Dagster events as ``DbtCliResource.cli(args, context=context).stream()``
-        (selection, translator, asset checks), plus: a connection failure before any node
-        started is retried through ``resilience``; a non-zero exit raises (as a Dagster
+        Returns dagster-dbt's ``DbtEventIterator``, so ``.fetch_row_counts()`` and
+        ``.fetch_column_metadata()`` chain as on ``DbtCliResource.cli(...).stream()``: the same
+        Dagster events (selection, translator, asset checks), plus: a transient failure is
+        retried through ``resilience`` (after the first node, with ``dbt retry``: only the
+        failed and skipped nodes run again); a non-zero exit raises (as a Dagster
         ``Failure`` whose cause is ``DbtFailed``, with the failed nodes in its metadata);
-        ``timeout`` (default: the resource's) stops dbt and its children; telemetry events and
-        ``flowstone/dbt.node/...`` metadata on each materialization.
+        ``timeout`` (default: the resource's; ``None``: no limit) stops dbt and its children;
+        telemetry events and ``flowstone/dbt.node/...`` metadata on each materialization. An
+        asset subset with nothing of a kind to run (no seeds) is not an error; a ``--select``
+        criterion that matches no node of the project, or a ``--selector`` that selects none,
+        is (``allow_empty`` overrides, default the resource's).
         """
         from flowstone_dagster.dbt.assets import stream_dbt  # (it imports this module)
 
-        yield from stream_dbt(context, self, args, timeout=timeout)
+        return stream_dbt(context, self, args, timeout=timeout, allow_empty=allow_empty)
 
 
 def _effective_timeout(timeout: float | None) -> float | None:

@@ -132,7 +132,8 @@ def test_detects_dbt_failures(dbt: DbtResource, built: object) -> None:
     assert raised.value.allow_retries is False
     error = dbt_error(raised)
     assert isinstance(error, DbtNothingSelected)
-    assert "could not find" in str(error)
+    assert "matches no enabled node" in str(error)
+    assert error.argument == "select"
     assert "nonexistent_model" in str(error)
     assert error.exit_code == 0  # what dbt itself returned
     assert (
@@ -473,6 +474,11 @@ def test_timeout_stops_dbt_and_its_children(project: Path, built: object, tmp_pa
     assert isinstance(error, CallTimeout)
     assert error.timeout == 4.0
     assert "dbt and its child processes were stopped" in str(error)
+    # dbt's lines before the interrupt, not its KeyboardInterrupt traceback; and the log.
+    assert "before the interrupt" in str(error)
+    assert "slow_model" in str(error)
+    assert "KeyboardInterrupt" not in str(error)
+    assert "dbt.log" in str(error)
     wrapper_pid, dbt_pid = (int(line) for line in pid_file.read_text().split())
     assert not _running(wrapper_pid, "slow_model")
     assert not _running(dbt_pid, "slow_model")

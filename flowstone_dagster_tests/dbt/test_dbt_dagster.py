@@ -115,6 +115,10 @@ def test_dbt_assets_failure_fails_the_step_with_the_failed_nodes(
     assert data.user_failure_data is not None
     metadata = data.user_failure_data.metadata
     assert metadata["flowstone/dbt.command/exit_code"].value == 1
+    # The command with the selection dagster-dbt gave dbt, the target directory and the log.
+    assert "--select" in metadata["flowstone/dbt.command/command"].value
+    assert metadata["flowstone/dbt.command/log_path"].value.endswith("dbt.log")
+    assert "flowstone/dbt.command/target_path" in metadata
     assert metadata["flowstone/error_type"].value == "DbtFailed"
     assert metadata["flowstone/retryable"].value is False
     broken = metadata["flowstone/dbt.command/failed/model.flowstone_fixture.broken_model"].value
@@ -219,3 +223,120 @@ def test_a_missing_project_fails_at_resource_set_up(
         and "no_project does not exist" in message
         for name, message in causes
     ), causes
+
+
+def test_stream_chains_fetch_row_counts_and_column_metadata(
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """stream() is dagster-dbt's DbtEventIterator: row counts and column schemas as with plain
+    dagster-dbt, and still flowstone's metadata and outcome checks."""
+    # A database of its own (named like the manifest's catalog): dagster-dbt's in-process
+    # DuckDB adapter keeps the file it counted rows in open after the step (plain dagster-dbt
+    # too), and later tests' dbt processes must write the module's database.
+    database = tmp_path / "fixture.duckdb"
+    dbt = DbtResource(project_dir=str(project), vars={"duckdb_path": str(database)})
+
+    @dbt_assets(manifest=manifest, exclude="tag:deliberately_failing tag:deliberately_slow")
+    def analytics(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["build"], context=context).fetch_row_counts().fetch_column_metadata()
+
+    result = dg.materialize([analytics], resources={"dbt": dbt}, instance=dagster_instance)
+
+    assert result.success
+    materialized = _materialized(result)
+    assert set(materialized) == HEALTHY
+    assert materialized["raw_orders"]["dagster/row_count"].value == 5
+    assert materialized["raw_customers"]["dagster/row_count"].value == 3
+    assert materialized["customer_revenue"]["dagster/row_count"].value == 3
+    columns = materialized["customer_revenue"]["dagster/column_schema"].value.columns
+    assert {column.name for column in columns} >= {"name", "revenue"}
+    assert materialized["customer_revenue"]["flowstone/dbt.command/attempts"].value == 1
+
+
+def test_an_asset_subset_without_seeds_runs_seed_then_run_without_error(
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """`dbt seed` on a subset with no seeds has nothing to do: not an error (dagster issue
+    18184)."""
+    # A database of its own: after fetch_row_counts, dagster-dbt's in-process DuckDB adapter
+    # keeps the file open (plain dagster-dbt too), so no later dbt process could write it.
+    dbt = DbtResource(project_dir=str(project), vars={"duckdb_path": str(tmp_path / "db.duckdb")})
+    dbt.seed()
+
+    @dbt_assets(manifest=manifest, exclude="tag:deliberately_failing tag:deliberately_slow")
+    def analytics(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["seed"], context=context)
+        yield from dbt.stream(["run"], context=context)
+
+    result = dg.materialize(
+        [analytics],
+        selection=["stg_orders", "stg_customers"],
+        resources={"dbt": dbt},
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert set(_materialized(result)) == {"stg_orders", "stg_customers"}
+
+
+def test_stream_starts_dbt_in_a_session_of_its_own_and_a_timeout_stops_the_group(
+    project: Path, manifest: Path, dagster_instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pids"
+    wrapper = _write_wrapper(tmp_path / "dbt-wrapper", pid_file)
+    session_file = tmp_path / "session"
+    # The wrapper also records its session id (field 6 of /proc/<pid>/stat).
+    script = wrapper.read_text().replace(
+        f'echo $$ > "{pid_file}"\n',
+        f'echo $$ > "{pid_file}"\nawk \'{{print $6}}\' /proc/$$/stat > "{session_file}"\n',
+    )
+    wrapper.write_text(script)
+
+    @dbt_assets(manifest=manifest, select="tag:deliberately_slow")
+    def slow(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["run"], context=context, timeout=5.0)
+
+    result = dg.materialize(
+        [slow],
+        resources={
+            "dbt": DbtResource(
+                project_dir=str(project), dbt_executable=str(wrapper), kill_grace=1.0
+            )
+        },
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data is not None
+    metadata = failure.step_failure_data.user_failure_data.metadata
+    assert metadata["flowstone/error_type"].value == "CallTimeout"
+    wrapper_pid, dbt_pid = (int(line) for line in pid_file.read_text().split())
+    # dagster-dbt started the launcher, which exec'd the wrapper under setsid: it leads its
+    # own session (and group), which the timeout stopped as a whole.
+    assert int(session_file.read_text()) == wrapper_pid
+    assert not _running(wrapper_pid, "slow_model")
+    assert not _running(dbt_pid, "slow_model")
+
+
+SLOW_PROJECT = Path(__file__).parent / "dbt_slow_project"
+
+
+def test_stream_timeout_none_means_no_limit(
+    tmp_path: Path, dagster_instance: dg.DagsterInstance
+) -> None:
+    """The resource says 2 s; the call's timeout=None lifts it for the 8 s model."""
+    slow_project = shutil.copytree(
+        SLOW_PROJECT, tmp_path / "slow", ignore=shutil.ignore_patterns("target", "logs")
+    )
+    parsed = DbtResource(project_dir=str(slow_project), profiles_dir=str(slow_project))
+    slow_manifest = parsed.invoke("parse").target_path / "manifest.json"
+    dbt = DbtResource(project_dir=str(slow_project), profiles_dir=str(slow_project), timeout=2.0)
+
+    @dbt_assets(manifest=slow_manifest)
+    def sleepy(context: dg.AssetExecutionContext, dbt: DbtResource) -> Iterator[Any]:
+        yield from dbt.stream(["run"], context=context, timeout=None)
+
+    result = dg.materialize([sleepy], resources={"dbt": dbt}, instance=dagster_instance)
+    assert result.success
+    assert set(_materialized(result)) == {"sleepy_model"}

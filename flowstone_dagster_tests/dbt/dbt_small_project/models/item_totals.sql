@@ -1,0 +1,1 @@
+select count(*) as items, sum(qty) as qty from {{ ref('items') }}
