@@ -53,6 +53,7 @@ PUBLIC = {
     "PostgresConfig", "SQLiteConfig",
     "BatchPending", "BatchResult", "BudgetExceeded", "InvalidOutput", "LLMFallback", "ToolCall",
     "ToolLoopExceeded", "ToolRun", "tool_result",
+    "DbtTransientFailure", "DbtWarehouseRejected",
 }  # fmt: skip
 
 
