@@ -250,26 +250,21 @@ class CeleryDeployment:
                 else:
                     os.environ[name] = value
 
-    def backfill(self, partitions: Sequence[str]) -> str:
-        """Submit a backfill of ``partitions`` with ``dagster job backfill``; returns its id."""
+    def _job_command(self, command: str, *arguments: str) -> None:
+        """``dagster job <command>`` on the example's job, from the client node."""
         directory = self._node_dir("client")
-        tag = f"flowstone-{time.time_ns()}"
         subprocess.run(
             [
                 str(Path(sys.executable).with_name("dagster")),
                 "job",
-                "backfill",
+                command,
                 "-w",
                 str(HERE / "workspace.yaml"),
                 "-l",
                 LOCATION,
                 "-j",
                 JOB,
-                "--partitions",
-                ",".join(partitions),
-                "--tags",
-                json.dumps({"flowstone/cluster-backfill": tag}),
-                "--noprompt",
+                *arguments,
             ],
             cwd=directory,
             env=self.environment(directory),
@@ -277,6 +272,18 @@ class CeleryDeployment:
             capture_output=True,
             text=True,
             timeout=300,
+        )
+
+    def backfill(self, partitions: Sequence[str]) -> str:
+        """Submit a backfill of ``partitions`` with ``dagster job backfill``; returns its id."""
+        tag = f"flowstone-{time.time_ns()}"
+        self._job_command(
+            "backfill",
+            "--partitions",
+            ",".join(partitions),
+            "--tags",
+            json.dumps({"flowstone/cluster-backfill": tag}),
+            "--noprompt",
         )
         with self.instance() as instance:
             for backfill in instance.get_backfills():
@@ -287,28 +294,11 @@ class CeleryDeployment:
     def launch(self, partition: str) -> str:
         """Submit one run of the job for ``partition`` (``dagster job launch``, queued);
         returns its run id."""
-        directory = self._node_dir("client")
         tag = f"flowstone-{time.time_ns()}"
-        subprocess.run(
-            [
-                str(Path(sys.executable).with_name("dagster")),
-                "job",
-                "launch",
-                "-w",
-                str(HERE / "workspace.yaml"),
-                "-l",
-                LOCATION,
-                "-j",
-                JOB,
-                "--tags",
-                json.dumps({"dagster/partition": partition, "flowstone/cluster-run": tag}),
-            ],
-            cwd=directory,
-            env=self.environment(directory),
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        self._job_command(
+            "launch",
+            "--tags",
+            json.dumps({"dagster/partition": partition, "flowstone/cluster-run": tag}),
         )
         with self.instance() as instance:
             (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"flowstone/cluster-run": tag}))
