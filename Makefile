@@ -13,7 +13,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 ## make test-fast: the quick tier for the edit-test loop (no PostgreSQL, dbt, Dagster runs or
-## extra processes; about a minute).
+## extra processes; about two minutes).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not postgres and not dbt and not multiprocess and not dagster and not workers and not smtp" -q
 
