@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import dagster as dg
+import httpx2
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import (
@@ -96,6 +97,7 @@ from flowstone_dagster.llm.tools import (
     tool_result,
     tool_specs,
 )
+from flowstone_dagster.llm.wire import confirm_at_send, late_after
 from flowstone_dagster.redaction import redact_exception_chain, register_secret
 from flowstone_dagster.resilience import (
     CircuitBreaker,
@@ -336,8 +338,15 @@ class LLMClient:
                 mode="wait",
                 max_wait=rate_limit_max_wait,
             )
+        #: How late (seconds after its rpm admission) a request may go on the wire before it
+        #: is admitted again; see :mod:`.wire`.
+        self.late_after = late_after(rate_limit_margin)
         self._adapter: ProviderAdapter = make_adapter(
-            provider, api_key=api_key, base_url=base_url, timeout=self.timeout
+            provider,
+            api_key=api_key,
+            base_url=base_url,
+            timeout=self.timeout,
+            on_request=self._on_request,
         )
         self._closed = threading.Event()
         self.run_token_budget = run_token_budget
@@ -381,24 +390,23 @@ class LLMClient:
         return self.resilience.breaker(self.service)
 
     def _limits(self, model: str, estimate: int) -> list[tuple[str, RateLimitConfig, float]]:
+        """The limits one request takes: tokens first, then the request itself, so that a
+        wait for token capacity never stands between the rpm admission and the send."""
         limits: list[tuple[str, RateLimitConfig, float]] = []
-        if self.rpm is not None:
-            limits.append((self.limit_name("rpm", model), self.rpm, 1.0))
         if self.tpm is not None:
             assert self.tpm.limit is not None
-            limits.append(
-                (
-                    self.limit_name("tpm", model),
-                    self.tpm,
-                    float(max(min(estimate, self.tpm.limit), 1)),
-                )
-            )
+            units = float(max(min(estimate, self.tpm.limit), 1))
+            limits.append((self.limit_name("tpm", model), self.tpm, units))
+        if self.rpm is not None:
+            limits.append((self.limit_name("rpm", model), self.rpm, 1.0))
         return limits
 
     def limits_for(self, model: str | None = None) -> list[tuple[str, RateLimitConfig, float]]:
         """The limits one request of ``model`` takes when its tokens are not known (a request
         of the governed SDK client): the rpm limit."""
-        return self._limits(model or self.model, 0)[:1] if self.rpm is not None else []
+        if self.rpm is None:
+            return []
+        return [(self.limit_name("rpm", model or self.model), self.rpm, 1.0)]
 
     def sdk_client(self, context: Any = None) -> Any:
         """A new official SDK client (``anthropic.Anthropic`` / ``openai.OpenAI``) for this
@@ -410,6 +418,10 @@ class LLMClient:
         return governed_sdk_client(
             self, api_key=self._secrets[0] if self._secrets else None, context=context
         )
+
+    def _on_request(self, request: httpx2.Request) -> None:
+        """The SDK's request hook: confirm the rate admission at the wire (see :mod:`.wire`)."""
+        confirm_at_send(request, self.late_after)
 
     def _to_dagster(self) -> bool:
         if self.dagster_errors is None:

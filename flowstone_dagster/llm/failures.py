@@ -232,6 +232,10 @@ def to_taxonomy(
         exc, (anthropic.APIConnectionError, openai.APIConnectionError, httpx2.TransportError)
     ):
         cause = exc.__cause__ or exc
+        if isinstance(cause, FlowstoneError):
+            # Raised by our own hook before anything was sent (a rate admission taken again
+            # at the wire that cannot wait long enough): the SDK wrapped it, we unwrap it.
+            return cause
         reason = redact_text(f"{type(cause).__name__}: {cause}", secrets)
         return TransportError(
             f"connection to {_url_of(exc) or service} failed: {truncate(reason, 300)}",

@@ -40,6 +40,7 @@ from flowstone_dagster.http import redact_url
 from flowstone_dagster.llm import usage as usage_module
 from flowstone_dagster.llm.deadlines import RequestDeadline
 from flowstone_dagster.llm.failures import rate_limit_wait, to_taxonomy
+from flowstone_dagster.llm.wire import confirm_at_send
 
 if TYPE_CHECKING:
     from flowstone_dagster.llm.client import LLMClient
@@ -160,6 +161,7 @@ class GovernedTransport(httpx2.BaseTransport):
         resilience path, carrying what to hand back when retrying ends."""
         client = self.client
         deadline = RequestDeadline(client.timeout)
+        confirm_at_send(request, client.late_after)
         try:
             response = self.inner.handle_request(request)
             if stream:  # events arrive as the caller reads: idle timeout only

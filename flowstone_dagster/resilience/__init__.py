@@ -30,6 +30,7 @@
 The full guide is ``docs/resilience.md``.
 """
 
+from flowstone_dagster.resilience.admission import Admission, current_admission
 from flowstone_dagster.resilience.breaker import (
     BreakerStatus,
     CircuitBreaker,
@@ -78,6 +79,7 @@ from flowstone_dagster.resilience.timeouts import (
 
 __all__ = [
     "ONCE",
+    "Admission",
     "RECOMMENDED_RETRY_POLICY",
     "BreakerRecord",
     "BreakerStatus",
@@ -104,6 +106,7 @@ __all__ = [
     "check_store_url",
     "classify",
     "close_stores",
+    "current_admission",
     "current_deadline",
     "dagster_retries",
     "deadline_scope",

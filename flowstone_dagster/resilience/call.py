@@ -16,6 +16,7 @@ from flowstone_dagster.errors import (
     StoreUnavailable,
     is_retryable,
 )
+from flowstone_dagster.resilience.admission import Admission, admitted
 from flowstone_dagster.resilience.breaker import CircuitBreaker
 from flowstone_dagster.resilience.bulkhead import Bulkhead
 from flowstone_dagster.resilience.config import RateLimitConfig, ServicePolicy
@@ -139,30 +140,38 @@ class _GuardedCall:
             _store_down_until[url] = time.monotonic() + STORE_RECHECK_AFTER
         _warn_degraded_once(url, error, self.service)
 
-    def _admit(self, local: bool) -> tuple[CircuitBreaker | None, Any, _Slot | None]:
-        """Pass the breaker, take the limits, then a bulkhead slot (every wait bounded by
-        the retry deadline)."""
+    def _admit(
+        self, local: bool
+    ) -> tuple[CircuitBreaker | None, Any, _Slot | None, Admission | None]:
+        """Pass the breaker, take a bulkhead slot, then the limits (every wait bounded by the
+        retry deadline): the limits last, so that a wait for a slot never stands between a
+        rate admission and the call (see :mod:`.admission`)."""
         resource = self.resource
         breaker, limiter = resource._guards(self.service, local)
         bulkhead = resource._bulkhead(self.service, local)
+        admission: Admission | None = None
         with _store_bound(self.deadline):
             ticket = breaker.enter() if breaker is not None else None
+            slot = None
             try:
-                if limiter is not None:
-                    limiter.acquire(self.cost, max_wait=self._wait_budget())
-                for name, config, units in self.limits:
-                    extra = resource._extra_limiter(name, config, local)
-                    extra.acquire(units, max_wait=self._wait_budget())
-                slot = None
                 if bulkhead is not None:
                     budget = self._wait_budget()
                     slot = _Slot(bulkhead, bulkhead.acquire(max_wait=budget))
+                if limiter is not None or self.limits:
+                    admission = Admission(self._wait_budget)
+                if limiter is not None:
+                    admission.take(limiter, self.cost)  # type: ignore[union-attr]
+                for name, config, units in self.limits:
+                    extra = resource._extra_limiter(name, config, local)
+                    admission.take(extra, units)  # type: ignore[union-attr]
             except BaseException as exc:
+                if slot is not None:
+                    self._after(_release_slot, slot)
                 if breaker is not None and ticket is not None:
                     # The service was not called: give a probe lease back, count nothing.
                     _record_outcome(breaker, ticket, exc)
                 raise
-        return breaker, ticket, slot
+        return breaker, ticket, slot, admission
 
     def attempt(self) -> Any:
         self.attempts += 1
@@ -173,24 +182,25 @@ class _GuardedCall:
                 self._degrade(_RECENTLY_DOWN)
                 local = True
         try:
-            breaker, ticket, slot = self._admit(local)
+            breaker, ticket, slot, admission = self._admit(local)
         except StoreUnavailable as error:
             if self.policy.on_store_error != "local" or local:
                 raise
             self._degrade(error)
-            breaker, ticket, slot = self._admit(True)
+            breaker, ticket, slot, admission = self._admit(True)
         try:
-            # Only the policy's timeout (and any deadline the caller set) bounds the attempt.
-            if self.policy.timeout is None:
-                result = self.fn(*self.args, **self.kwargs)
-            else:
-                with deadline_scope(self.policy.timeout) as deadline:
-                    if self.policy.enforce_timeout and deadline is not None:
-                        result = with_timeout(
-                            self.fn, deadline.remaining(), *self.args, **self.kwargs
-                        )
-                    else:
-                        result = self.fn(*self.args, **self.kwargs)
+            with admitted(admission):
+                # Only the policy's timeout (and any deadline the caller set) bounds it.
+                if self.policy.timeout is None:
+                    result = self.fn(*self.args, **self.kwargs)
+                else:
+                    with deadline_scope(self.policy.timeout) as deadline:
+                        if self.policy.enforce_timeout and deadline is not None:
+                            result = with_timeout(
+                                self.fn, deadline.remaining(), *self.args, **self.kwargs
+                            )
+                        else:
+                            result = self.fn(*self.args, **self.kwargs)
         except BaseException as exc:
             if slot is not None:
                 self._after(_release_slot, slot)

@@ -152,12 +152,20 @@ class RateLimiter:
         ``max_wait``, the limiter's or the lower one given here) and ``ConfigurationError``
         for a cost above the limit.
         """
+        return self.admit(cost, max_wait=max_wait)[0]
+
+    def admit(self, cost: float = 1, *, max_wait: float | None = None) -> tuple[float, float]:
+        """:meth:`acquire`, returning the admission's store time and when it happened on this
+        process's clock (``clock``, else ``time.monotonic``), which
+        :class:`~.admission.Admission` compares with the send time: exact when the store
+        keeps this machine's time (or ``clock``'s), else the moment the store answered (a
+        database server's clock is not ours to compare)."""
+        clock = self.clock or time.monotonic
         reservation = self.try_acquire(cost)
         if reservation.admitted:
-            return reservation.at
+            return reservation.at, self._local_time(reservation.at, clock)
         if self.mode == "reject":
             self._refuse(cost, reservation.wait)
-        clock = self.clock or time.monotonic
         started = clock()
         limit = self.max_wait if max_wait is None else min(self.max_wait, max_wait)
         while True:
@@ -174,7 +182,15 @@ class RateLimiter:
                     cost=cost,
                     wait_s=round(clock() - started, 4),
                 )
-                return reservation.at
+                return reservation.at, self._local_time(reservation.at, clock)
+
+    def _local_time(self, at: float, clock: Callable[[], float]) -> float:
+        """Store time ``at``, just admitted, on ``clock``."""
+        if self.clock is not None:
+            return at  # the store used the clock's own time
+        if getattr(self.store, "local_clock", False):
+            return clock() - (time.time() - at)
+        return clock()
 
     def _refuse(self, cost: float, wait: float) -> NoReturn:
         error = RateLimitExceeded(self.name, wait, limit=self.limit, period=self.period)

@@ -36,6 +36,7 @@ windows, as providers do, answering 429 with ``retry-after`` and rate-limit head
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import multiprocessing
@@ -1305,6 +1306,13 @@ def llm_server(kind: str, **options: Any) -> Iterator[Any]:
 
 def _serve(kind: str, options: dict[str, Any], conn: Any) -> None:
     with llm_server(kind, **options) as server:
+        # The fake provider stamps a request's arrival in Python, after its own queue: a full
+        # garbage collection of this process's heap (about 180 ms, measured) would stamp the
+        # requests that arrived meanwhile all at once, bunched into one window, which is a
+        # stall of the fake, not of the client under test (a provider counts at its edge).
+        # Objects alive after start-up are frozen out of the collector's scans.
+        gc.collect()
+        gc.freeze()
         conn.send(server.base_url)
         conn.recv()  # any message: report and stop
         conn.send(

@@ -153,6 +153,9 @@ class StateStore(Protocol):
     """
 
     url: str
+    #: Whether the store's times are this machine's ``time.time()`` (an in-process or
+    #: SQLite store), so that an admission's store time says exactly when it happened here.
+    local_clock: bool
 
     def read_breaker(self, name: str) -> BreakerRecord:
         """The breaker's current record (a closed one when it was never written)."""

@@ -39,6 +39,8 @@ class MemoryStore:
     ``open_store("memory://name")`` returns the same store for the same name within a process.
     """
 
+    local_clock = True  # the store's times (this machine's time.time())
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.Lock()

@@ -189,6 +189,8 @@ class PostgresStore:
     seconds. Failures raise ``StoreUnavailable``.
     """
 
+    local_clock = False  # the store's times (the server's, shared by every machine)
+
     def __init__(self, url: str) -> None:
         import psycopg2
 

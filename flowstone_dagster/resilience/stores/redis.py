@@ -233,6 +233,8 @@ class RedisStore:
     One connection per thread and process (a forked child opens its own).
     """
 
+    local_clock = False  # the store's times (the server's, shared by every machine)
+
     def __init__(self, url: str) -> None:
         self._redis = require_redis()
         self.url = url

@@ -142,6 +142,8 @@ class SQLiteStore:
     so that processes never split between an old and a new file.
     """
 
+    local_clock = True  # the store's times (this machine's time.time())
+
     def __init__(self, url: str, path: Path, *, private_directory: bool = False) -> None:
         self.url = url
         self.path = path
