@@ -47,7 +47,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
@@ -69,7 +69,7 @@ from flowstone_dagster.errors import (
 )
 from flowstone_dagster.llm import usage as _usage  # noqa: F401 - registers the listener
 from flowstone_dagster.llm.budgets import Budget, BudgetExceeded, budgets_for, record, take
-from flowstone_dagster.llm.failures import StreamInterrupted, to_taxonomy
+from flowstone_dagster.llm.failures import StreamInterrupted, provider_limits, to_taxonomy
 from flowstone_dagster.llm.messages import (
     LLMResponse,
     Message,
@@ -97,7 +97,7 @@ from flowstone_dagster.llm.tools import (
     tool_result,
     tool_specs,
 )
-from flowstone_dagster.llm.wire import confirm_at_send, late_after
+from flowstone_dagster.llm.wire import PROVIDER_COUNTING_WINDOW, confirm_at_send, late_after
 from flowstone_dagster.redaction import redact_exception_chain, register_secret
 from flowstone_dagster.resilience import (
     CircuitBreaker,
@@ -107,6 +107,7 @@ from flowstone_dagster.resilience import (
     ResilienceResource,
     RetryConfig,
     ServicePolicy,
+    current_admission,
     current_deadline,
     resolve,
 )
@@ -321,23 +322,18 @@ class LLMClient:
         self.resilience: ResilienceResource = resolve(resilience, default_policy=DEFAULT_POLICY)
         self.dagster_errors = dagster_errors
         self._secrets = [api_key] if api_key else []
-        self.rpm: RateLimitConfig | None = None
+        self._rate_options = (rpm_window, rate_limit_margin, rate_limit_max_wait)
+        #: The configured limits per minute (``rpm_limit``, ``tpm_limit``).
+        self.per_minute: dict[str, float] = {}
         if rpm_limit is not None:
-            per_window, seconds = _rpm_window(float(rpm_limit), rpm_window)
-            self.rpm = RateLimitConfig(
-                limit=per_window,
-                period=seconds * (1 + rate_limit_margin),
-                mode="wait",
-                max_wait=rate_limit_max_wait,
-            )
-        self.tpm: RateLimitConfig | None = None
+            self.per_minute["rpm"] = float(rpm_limit)
         if tpm_limit is not None:
-            self.tpm = RateLimitConfig(
-                limit=float(tpm_limit),
-                period=60.0 * (1 + rate_limit_margin),
-                mode="wait",
-                max_wait=rate_limit_max_wait,
-            )
+            self.per_minute["tpm"] = float(tpm_limit)
+        self.rpm: RateLimitConfig | None = self._config("rpm", rpm_limit)
+        self.tpm: RateLimitConfig | None = self._config("tpm", tpm_limit)
+        # Limits a provider stated lower than configured, by limit name (see _correct_limits).
+        self._lowered: dict[str, RateLimitConfig] = {}
+        self._lowered_per_minute: dict[str, float] = {}
         #: How late (seconds after its rpm admission) a request may go on the wire before it
         #: is admitted again; see :mod:`.wire`.
         self.late_after = late_after(rate_limit_margin)
@@ -347,6 +343,7 @@ class LLMClient:
             base_url=base_url,
             timeout=self.timeout,
             on_request=self._on_request,
+            on_response=self._on_response,
         )
         self._closed = threading.Event()
         self.run_token_budget = run_token_budget
@@ -373,16 +370,39 @@ class LLMClient:
     # -- what the one path protects ------------------------------------------------------------
 
     def limit_name(self, kind: Literal["rpm", "tpm"], model: str | None = None) -> str:
-        """The store name of ``model``'s (default: the client's) ``rpm`` or ``tpm`` limit."""
-        return limit_name(self.provider, self.base_url, model or self.model, kind)
+        """The store name of ``model``'s (default: the client's) ``rpm`` or ``tpm`` limit
+        (:func:`limit_name`, from the origin parsed once)."""
+        return f"llm:{self.provider}:{self.origin}:{model or self.model}:{kind}"
 
     def limiter(self, kind: Literal["rpm", "tpm"], model: str | None = None) -> RateLimiter | None:
         """``model``'s ``rpm`` or ``tpm`` limiter on the resilience store (``None`` when no
         such limit is set), e.g. to read its ``usage()``."""
-        config = self.rpm if kind == "rpm" else self.tpm
+        name = self.limit_name(kind, model)
+        config = self._config_of(kind, name)
         if config is None:
             return None
-        return self.resilience.limiter(self.limit_name(kind, model), config=config)
+        return self.resilience.limiter(name, config=config)
+
+    def _config(self, kind: str, per_minute: float | None) -> RateLimitConfig | None:
+        """The limiter config of ``per_minute`` requests (``rpm``) or tokens (``tpm``)."""
+        if per_minute is None:
+            return None
+        rpm_window, margin, max_wait = self._rate_options
+        if kind == "rpm":
+            limit, seconds = _rpm_window(float(per_minute), rpm_window)
+        else:
+            limit, seconds = float(per_minute), 60.0
+        return RateLimitConfig(
+            limit=limit, period=seconds * (1 + margin), mode="wait", max_wait=max_wait
+        )
+
+    def _config_of(self, kind: str, name: str) -> RateLimitConfig | None:
+        """The config of limit ``name``: the configured one, or the provider's lower one."""
+        if self._lowered:
+            lowered = self._lowered.get(name)
+            if lowered is not None:
+                return lowered
+        return self.rpm if kind == "rpm" else self.tpm
 
     @property
     def breaker(self) -> CircuitBreaker | None:
@@ -394,11 +414,13 @@ class LLMClient:
         wait for token capacity never stands between the rpm admission and the send."""
         limits: list[tuple[str, RateLimitConfig, float]] = []
         if self.tpm is not None:
-            assert self.tpm.limit is not None
-            units = float(max(min(estimate, self.tpm.limit), 1))
-            limits.append((self.limit_name("tpm", model), self.tpm, units))
+            name = self.limit_name("tpm", model)
+            tpm = self._config_of("tpm", name)
+            assert tpm is not None
+            assert tpm.limit is not None
+            limits.append((name, tpm, float(max(min(estimate, tpm.limit), 1))))
         if self.rpm is not None:
-            limits.append((self.limit_name("rpm", model), self.rpm, 1.0))
+            limits.extend(self.limits_for(model))
         return limits
 
     def limits_for(self, model: str | None = None) -> list[tuple[str, RateLimitConfig, float]]:
@@ -406,7 +428,10 @@ class LLMClient:
         of the governed SDK client): the rpm limit."""
         if self.rpm is None:
             return []
-        return [(self.limit_name("rpm", model or self.model), self.rpm, 1.0)]
+        name = self.limit_name("rpm", model or self.model)
+        rpm = self._config_of("rpm", name)
+        assert rpm is not None
+        return [(name, rpm, 1.0)]
 
     def sdk_client(self, context: Any = None) -> Any:
         """A new official SDK client (``anthropic.Anthropic`` / ``openai.OpenAI``) for this
@@ -418,6 +443,83 @@ class LLMClient:
         return governed_sdk_client(
             self, api_key=self._secrets[0] if self._secrets else None, context=context
         )
+
+    def _on_response(self, response: httpx2.Response) -> None:
+        """The SDK's response hook (every response, 429s included): correct the shared rate
+        state from the provider's rate-limit headers."""
+        if self.per_minute:
+            admission = current_admission()
+            if admission is not None:
+                self.correct_limits(response.headers, admission.limiters)
+
+    def correct_limits(self, headers: Mapping[str, str], names: Sequence[str]) -> None:
+        """Correct the limits ``names`` (this client's ``...:rpm``/``...:tpm`` limits a
+        request was admitted under) from the rate-limit headers of its response.
+
+        - A provider stating a lower limit per minute than configured (its
+          ``...-limit-requests``/``-tokens``: the account's tier, or a limit shared with
+          clients we do not see) wins: this process uses it for that model from now on, with
+          one WARNING naming both figures.
+        - A provider stating that a limit has nothing ``remaining`` until a reset further off
+          than its one-second counting window (a minute's budget spent, e.g. by other users
+          of the key) fills the limit's shared window until that reset: no process sends
+          into it (each would earn a 429). A reset within a second is the window our own
+          admission already keeps.
+        """
+        stated = provider_limits(headers)
+        if not stated:
+            return
+        for name in names:
+            kind = name.rpartition(":")[2]
+            configured = self.per_minute.get(kind)
+            limit = stated.get("requests" if kind == "rpm" else "tokens")
+            if configured is None or limit is None or not name.startswith(self.service):
+                continue
+            if limit.limit is not None and 0 < limit.limit < configured:
+                self._lower(kind, name, configured, limit.limit)
+            reset = limit.reset
+            if limit.remaining == 0 and reset is not None and reset > PROVIDER_COUNTING_WINDOW:
+                self._fill(kind, name, reset)
+
+    def _lower(self, kind: str, name: str, configured: float, stated: float) -> None:
+        if stated >= self._lowered_per_minute.get(name, math.inf):
+            return  # known already
+        config = self._config(kind, stated)
+        assert config is not None
+        self._lowered_per_minute[name] = stated
+        self._lowered[name] = config
+        logger.warning(
+            "%s states a limit of %g %s per minute for %s, lower than %s_limit=%g: using %g "
+            "(set %s_limit to it to silence this warning)",
+            self.service,
+            stated,
+            "requests" if kind == "rpm" else "tokens",
+            name,
+            kind,
+            configured,
+            stated,
+            kind,
+        )
+        telemetry.emit(
+            "flowstone.llm.limit_lowered",
+            limiter=name,
+            configured=configured,
+            provider_limit=stated,
+        )
+
+    def _fill(self, kind: str, name: str, seconds: float) -> None:
+        """Take the whole of limit ``name`` for the next ``seconds`` in the shared store (the
+        provider's window is full, whatever ours says). The reservation is dated so that it
+        leaves the window ``seconds`` from now; on a store keeping its server's clock the
+        end moves by the machines' clock difference."""
+        config = self._config_of(kind, name)
+        if config is None or config.limit is None:
+            return
+        at = time.time() + max(seconds - config.period, 0.0)
+        try:
+            self.resilience.store.reserve(name, config.limit, math.inf, config.period, now=at)
+        except Exception as exc:
+            logger.warning("could not record %s's full rate window: %s", name, exc)
 
     def _on_request(self, request: httpx2.Request) -> None:
         """The SDK's request hook: confirm the rate admission at the wire (see :mod:`.wire`)."""
@@ -981,14 +1083,8 @@ class LLMClient:
         counted at arrival, is fuller than ours (requests reached it later than we admitted
         them). Fill our current window, in the shared store, so that no process sends more
         until it passes, instead of each earning its own 429 meanwhile."""
-        if self.rpm is None or self.rpm.limit is None:
-            return
-        try:
-            self.resilience.store.reserve(
-                self.limit_name("rpm", model), self.rpm.limit, math.inf, self.rpm.period
-            )
-        except Exception as exc:
-            logger.warning("could not record %s's full rate window: %s", self.service, exc)
+        if self.rpm is not None:
+            self._fill("rpm", self.limit_name("rpm", model), 0.0)
 
     def _map(self, exc: BaseException, timeout: float | None) -> BaseException:
         return to_taxonomy(exc, service=self.service, secrets=self._secrets, timeout=timeout)
@@ -1025,15 +1121,15 @@ class LLMClient:
         given back (the store has no refunds); the estimate is kept close instead. A store
         failure here is logged, never raised: the call itself succeeded.
         """
-        if self.tpm is None or self.tpm.limit is None:
+        name = self.limit_name("tpm", model)
+        tpm = self._config_of("tpm", name) if self.tpm is not None else None
+        if tpm is None or tpm.limit is None:
             return
-        extra = usage.total_tokens - max(min(estimate, self.tpm.limit), 1)
+        extra = usage.total_tokens - max(min(estimate, tpm.limit), 1)
         if extra <= 0:
             return
         try:
-            self.resilience.store.reserve(
-                self.limit_name("tpm", model), float(extra), math.inf, self.tpm.period
-            )
+            self.resilience.store.reserve(name, float(extra), math.inf, tpm.period)
         except Exception as exc:
             logger.warning("could not record %d tokens of %s: %s", extra, self.service, exc)
 

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -170,6 +171,58 @@ def rate_limit_wait(headers: Mapping[str, str], *, now: float | None = None) -> 
     if not waits and resets:
         waits.append(max(resets))
     return max(waits) if waits else None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimit:
+    """One rate limit as a provider's response headers state it: its ``limit`` (per minute),
+    what ``remaining`` of it, and the seconds until it is fully ``reset``; ``None`` when a
+    header is absent or unreadable."""
+
+    limit: float | None
+    remaining: float | None
+    reset: float | None
+
+
+def provider_limits(
+    headers: Mapping[str, str], *, now: float | None = None
+) -> dict[str, ProviderLimit]:
+    """The rate limits a response's headers state, by kind (``requests``, ``tokens``, and
+    Anthropic's ``input-tokens``/``output-tokens``): ``anthropic-ratelimit-<kind>-limit``,
+    ``-remaining`` and ``-reset`` (an RFC 3339 time), or OpenAI's
+    ``x-ratelimit-limit-<kind>``, ``x-ratelimit-remaining-<kind>`` and
+    ``x-ratelimit-reset-<kind>`` (a duration such as ``6m0s``)."""
+    now = time.time() if now is None else now
+    found: dict[str, dict[str, str]] = {}
+    for name, value in headers.items():
+        lowered = name.lower()
+        for prefix in ("anthropic-ratelimit-", "x-ratelimit-"):
+            if not lowered.startswith(prefix):
+                continue
+            rest = lowered.removeprefix(prefix)
+            if prefix == "anthropic-ratelimit-":
+                kind, _, field = rest.rpartition("-")
+            else:
+                field, _, kind = rest.partition("-")
+            if kind and field in ("limit", "remaining", "reset"):
+                found.setdefault(kind, {})[field] = value
+    return {
+        kind: ProviderLimit(
+            limit=_number(fields.get("limit")),
+            remaining=_number(fields.get("remaining")),
+            reset=_reset_seconds(fields["reset"], now) if "reset" in fields else None,
+        )
+        for kind, fields in found.items()
+    }
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def provider_message(body: Any) -> tuple[str | None, str | None]:

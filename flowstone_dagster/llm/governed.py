@@ -164,6 +164,7 @@ class GovernedTransport(httpx2.BaseTransport):
         confirm_at_send(request, client.late_after)
         try:
             response = self.inner.handle_request(request)
+            client._on_response(response)  # the provider's rate-limit headers
             if stream:  # events arrive as the caller reads: idle timeout only
                 if response.status_code not in RETRIED_STATUSES:
                     return response

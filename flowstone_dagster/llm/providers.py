@@ -32,7 +32,8 @@ import anthropic
 import httpx2
 import openai
 
-from flowstone_dagster.llm.deadlines import RequestDeadline, on_response
+from flowstone_dagster.llm.deadlines import RequestDeadline
+from flowstone_dagster.llm.deadlines import on_response as watch_deadline
 from flowstone_dagster.llm.messages import LLMResponse, Message, System, Usage
 from flowstone_dagster.llm.tools import InvalidOutput, OutputSpec, ToolCall, ToolSpec
 
@@ -59,6 +60,9 @@ T = TypeVar("T")
 #: built it): where the client takes its rate-limit admission, so that what the provider
 #: counts is as close as possible to what the limiter admitted.
 RequestHook = Callable[[httpx2.Request], None]
+#: Called in the calling thread with each response, before the SDK reads it (429s included):
+#: where the client reads the provider's rate-limit headers.
+ResponseHook = Callable[[httpx2.Response], None]
 
 DEFAULT_BASE_URLS: dict[str, str] = {
     "anthropic": "https://api.anthropic.com",
@@ -333,7 +337,13 @@ class AnthropicAdapter:
     name = "anthropic"
 
     def __init__(
-        self, *, api_key: str, base_url: str, timeout: float, on_request: RequestHook
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        timeout: float,
+        on_request: RequestHook,
+        on_response: ResponseHook,
     ) -> None:
         self.client = anthropic.Anthropic(
             api_key=api_key,
@@ -341,7 +351,10 @@ class AnthropicAdapter:
             timeout=timeout,
             max_retries=0,
             http_client=anthropic.DefaultHttpxClient(
-                event_hooks={"request": [on_request], "response": [on_response]}
+                event_hooks={
+                    "request": [on_request],
+                    "response": [watch_deadline, on_response],
+                }
             ),
         )
         _ = self.client.messages  # see _WARM_UP
@@ -428,6 +441,7 @@ class OpenAIAdapter:
         timeout: float,
         compatible: bool,
         on_request: RequestHook,
+        on_response: ResponseHook,
     ) -> None:
         self.name = "openai_compatible" if compatible else "openai"
         self.compatible = compatible
@@ -441,7 +455,10 @@ class OpenAIAdapter:
             timeout=timeout,
             max_retries=0,
             http_client=openai.DefaultHttpxClient(
-                event_hooks={"request": [on_request], "response": [on_response]}
+                event_hooks={
+                    "request": [on_request],
+                    "response": [watch_deadline, on_response],
+                }
             ),
         )
         _ = self.client.chat.completions  # see _WARM_UP
@@ -536,12 +553,17 @@ def make_adapter(
     base_url: str,
     timeout: float,
     on_request: RequestHook = lambda request: None,
+    on_response: ResponseHook = lambda response: None,
 ) -> ProviderAdapter:
     """The adapter for ``provider`` (``anthropic``, ``openai`` or ``openai_compatible``)."""
     if provider == "anthropic":
         assert api_key, "checked by the caller"
         return AnthropicAdapter(
-            api_key=api_key, base_url=base_url, timeout=timeout, on_request=on_request
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            on_request=on_request,
+            on_response=on_response,
         )
     return OpenAIAdapter(
         api_key=api_key,
@@ -549,4 +571,5 @@ def make_adapter(
         timeout=timeout,
         compatible=provider == "openai_compatible",
         on_request=on_request,
+        on_response=on_response,
     )

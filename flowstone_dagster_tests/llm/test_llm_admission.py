@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -90,3 +91,63 @@ def test_a_request_stalled_after_its_admission_is_admitted_again_at_the_wire(
     # have been a few milliseconds too late)
     assert {event.measures["limiter"] for event in readmitted} == {rpm}
     assert max(event.measures["late_s"] for event in readmitted) >= STALL
+
+
+# -- the provider's rate-limit headers correct the shared state ------------------------------
+
+
+def test_a_lower_limit_stated_by_the_provider_wins(
+    api: LLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Configured for 6,000 rpm, the account has 600 (10 per second at the server): after the
+    # first answer states it, this process keeps to 600, and no request is refused.
+    anthropic = api.path == "/v1/messages"
+    client = LLMClient(
+        "anthropic" if anthropic else "openai",
+        model="claude-sonnet-5-5" if anthropic else "gpt-4o-mini",
+        api_key=KEY if anthropic else OPENAI_KEY,
+        base_url=api.base_url,
+        rpm_limit=6000,
+        rpm_window=1.0,
+        resilience=resilience(attempts=1, threshold=None),
+    )
+    with caplog.at_level("WARNING", logger="flowstone_dagster"):
+        for _ in range(25):
+            client.call("Hi")
+    client.close()
+    assert api.rejected == []
+    arrivals = sorted(request.at for request in api.requests)
+    for first, eleventh in zip(arrivals, arrivals[10:], strict=False):
+        assert eleventh - first >= 1.0
+    limiter = client.limiter("rpm")
+    assert limiter is not None
+    assert limiter.limit == 10  # 600 per minute, in 1 s windows
+    warnings = [r.getMessage() for r in caplog.records if "lower than rpm_limit" in r.getMessage()]
+    assert len(warnings) == 1  # once, not per call
+    assert "600 requests per minute" in warnings[0]
+    assert "rpm_limit=6000" in warnings[0]
+
+
+def test_a_spent_minute_stated_by_the_provider_holds_every_process_until_its_reset(
+    api: LLMServer,
+) -> None:
+    # Other users of the key spent the minute: the answer says nothing remains for 2.5 s.
+    # The next request waits for the reset instead of earning a 429 (the limit's shared
+    # window is full until then, for every process on the store).
+    anthropic = api.path == "/v1/messages"
+    if anthropic:
+        reset = datetime.fromtimestamp(time.time() + 2.5, UTC).isoformat()
+        spent = {
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": reset.replace("+00:00", "Z"),
+        }
+    else:
+        spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2.5s"}
+    api.reply("spent", headers=spent)
+    client = client_for(api)
+    assert client.call("Hi") == "spent"
+    started = time.monotonic()
+    assert client.call("Again") == "ok"
+    assert time.monotonic() - started >= 2.0
+    client.close()
+    assert api.rejected == []

@@ -231,6 +231,20 @@ class LLMServer:
             generate(), status=response.status, headers=headers, direct_passthrough=True
         )
 
+    def window_state(self) -> tuple[int, float] | None:
+        """What the rate-limit headers say of the enforced window: the requests remaining in
+        it and the seconds until it is empty again (``None`` without ``rpm_limit``). Like a
+        provider enforcing a per-minute limit in one-second quanta, they describe the window
+        enforced, while the ``limit`` header states the limit per minute."""
+        if self.rpm_limit is None:
+            return None
+        budget = int(self.rpm_limit * self.rpm_window / 60.0)
+        with self.lock:
+            now = time.monotonic()
+            live = [at for at in self._admitted if at > now - self.rpm_window]
+        reset = live[-1] + self.rpm_window - now if live else 0.0
+        return max(budget - len(live), 0), reset
+
     def _over_limit(self, recorded: Recorded) -> Response | None:
         if self.rpm_limit is None:
             return None
@@ -277,7 +291,7 @@ class LLMServer:
         return Response(
             generate(),
             status=200,
-            headers={"cache-control": "no-cache", **self.limit_headers()},
+            headers={"cache-control": "no-cache", **self.limit_headers(), **scripted.headers},
             mimetype="text/event-stream",
             direct_passthrough=True,
         )
@@ -711,12 +725,15 @@ class AnthropicServer(LLMServer):
         return None
 
     def limit_headers(self) -> dict[str, str]:
-        if self.rpm_limit is None:
+        window = self.window_state()
+        if window is None:
             return {}
-        reset = datetime.fromtimestamp(time.time() + self.rpm_window, UTC)
+        remaining, reset = window
+        at = datetime.fromtimestamp(time.time() + reset, UTC)
         return {
             "anthropic-ratelimit-requests-limit": f"{self.rpm_limit:g}",
-            "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+            "anthropic-ratelimit-requests-remaining": str(remaining),
+            "anthropic-ratelimit-requests-reset": at.isoformat().replace("+00:00", "Z"),
         }
 
     @staticmethod
@@ -759,7 +776,11 @@ class AnthropicServer(LLMServer):
         return Response(
             json.dumps(message),
             status=200,
-            headers={"request-id": f"req_{next(self._ids):08d}", **self.limit_headers()},
+            headers={
+                "request-id": f"req_{next(self._ids):08d}",
+                **self.limit_headers(),
+                **scripted.headers,
+            },
             content_type="application/json",
         )
 
@@ -1194,11 +1215,14 @@ class OpenAIServer(LLMServer):
         return None
 
     def limit_headers(self) -> dict[str, str]:
-        if self.rpm_limit is None:
+        window = self.window_state()
+        if window is None:
             return {}
+        remaining, reset = window
         return {
             "x-ratelimit-limit-requests": f"{self.rpm_limit:g}",
-            "x-ratelimit-reset-requests": f"{self.rpm_window:g}s",
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{max(round(reset * 1000), 1)}ms",
         }
 
     @staticmethod
@@ -1248,7 +1272,11 @@ class OpenAIServer(LLMServer):
         return Response(
             json.dumps(completion),
             status=200,
-            headers={"x-request-id": f"req_{next(self._ids):08d}", **self.limit_headers()},
+            headers={
+                "x-request-id": f"req_{next(self._ids):08d}",
+                **self.limit_headers(),
+                **scripted.headers,
+            },
             content_type="application/json",
         )
 
