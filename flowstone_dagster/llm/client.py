@@ -43,6 +43,7 @@ text and the key never leave the call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -86,6 +87,7 @@ from flowstone_dagster.llm.providers import (
     LLMRequest,
     ProviderAdapter,
     StreamState,
+    StructuredOutput,
     make_adapter,
 )
 from flowstone_dagster.llm.tools import (
@@ -231,6 +233,11 @@ class LLMClient:
         fallbacks: clients tried in order when this one's circuit is open, it stays
             overloaded or failing through its retries, or its rate limit cannot be waited out
             (see :meth:`chat`; :func:`falls_back` decides).
+        structured_output: how ``output=`` reaches the model: ``"native"`` (the provider's
+            schema mode, the default), ``"json_mode"`` (OpenAI's ``json_object`` mode and the
+            schema in the system prompt, for compatible servers without a schema mode) or
+            ``"prompt"`` (the schema in the system prompt only); the reply is validated in
+            every mode.
         service: the breaker's name, and the name of errors and telemetry (default
             ``llm:<provider>:<origin of base_url>``); also the policy looked up in
             ``resilience``.
@@ -263,6 +270,7 @@ class LLMClient:
         fallbacks: Sequence[LLMClient] = (),
         run_token_budget: float | None = None,
         asset_token_budget: float | None = None,
+        structured_output: StructuredOutput = "native",
     ) -> None:
         if provider not in PROVIDERS:
             raise ConfigurationError(f"must be one of {', '.join(PROVIDERS)}", field="provider")
@@ -309,6 +317,16 @@ class LLMClient:
         for ok, field, message in checks:
             if not ok:
                 raise ConfigurationError(message, field=field)
+        if structured_output not in ("native", "json_mode", "prompt"):
+            raise ConfigurationError(
+                f"must be native, json_mode or prompt, got {structured_output!r}",
+                field="structured_output",
+            )
+        if structured_output == "json_mode" and provider == "anthropic":
+            raise ConfigurationError(
+                "Anthropic has no JSON mode: use native (its schema mode) or prompt",
+                field="structured_output",
+            )
         _check_temperature(provider, temperature)
         self.provider = provider
         self.model = model
@@ -348,6 +366,7 @@ class LLMClient:
         self._closed = threading.Event()
         self.run_token_budget = run_token_budget
         self.asset_token_budget = asset_token_budget
+        self.structured_output: StructuredOutput = structured_output
         self.fallbacks: tuple[LLMClient, ...] = tuple(fallbacks)
         for index, fallback in enumerate(self.fallbacks):
             if not isinstance(fallback, LLMClient):
@@ -970,20 +989,30 @@ class LLMClient:
         """Stream the reply: iterate for text deltas; ``usage`` and friends are set at the end.
 
         The request is sent when iteration starts. Until the first text arrives, failures are
-        retried like :meth:`call`'s; a stream that breaks after that raises
-        :class:`~.failures.StreamInterrupted` (with the text so far), never a silent truncation.
+        retried like :meth:`call`'s, and with ``fallbacks`` a primary that cannot open the
+        stream (as :meth:`chat` decides) is replaced by the next fallback (``stream.fallback``
+        names it). A stream that breaks after its first text raises
+        :class:`~.failures.StreamInterrupted` (with the text so far), never a silent
+        truncation, and never moves to a fallback (the text handed out would be repeated).
         """
-        request = self._request(
-            prompt,
-            system=system,
-            model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stop=stop,
-            json=False,
-            timeout=timeout,
-        )
-        return LLMStream(self, request)
+
+        def request_of(client: LLMClient, model: str | None) -> LLMRequest:
+            return client._request(
+                prompt,
+                system=system,
+                model=model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stop=stop,
+                json=False,
+                timeout=timeout,
+            )
+
+        request = request_of(self, model)
+        fallbacks = [
+            (fallback, functools.partial(request_of, fallback, None)) for fallback in self.fallbacks
+        ]
+        return LLMStream(self, request, fallbacks=fallbacks)
 
     # -- the machinery -------------------------------------------------------------------------
 
@@ -1040,6 +1069,7 @@ class LLMClient:
             tools=specs,
             tool_choice=tool_choice,
             output=output_spec(output),
+            output_mode=self.structured_output,
             prompt_cache_key=prompt_cache_key,
         )
 
@@ -1155,9 +1185,18 @@ class LLMStream:
     raises ``StreamInterrupted`` but is not counted by the breaker.
     """
 
-    def __init__(self, client: LLMClient, request: LLMRequest) -> None:
+    def __init__(
+        self,
+        client: LLMClient,
+        request: LLMRequest,
+        *,
+        fallbacks: Sequence[tuple[LLMClient, Callable[[], LLMRequest]]] = (),
+    ) -> None:
         self._client = client
         self._request = request
+        self._fallbacks = list(fallbacks)
+        #: The fallback that answered (``provider:model``), ``None`` for the primary.
+        self.fallback: str | None = None
         self._parts: list[str] = []
         self._iterator: Iterator[str] | None = None
         self.usage: Usage | None = None
@@ -1228,6 +1267,70 @@ class LLMStream:
         interrupted.__cause__ = mapped
         return interrupted
 
+    def _open_any(self, estimate: int) -> tuple[Iterator[str], str | None, StreamState]:
+        """Open the stream on the primary, else on each fallback in turn (as :meth:`chat`
+        does); the client and request that answered become the stream's."""
+        primary = self._client
+        if not self._fallbacks:
+            return primary._guarded(self._request.model, estimate, self._open)
+        candidates: list[tuple[LLMClient, Callable[[], LLMRequest]]] = [
+            (primary, lambda: self._request),
+            *self._fallbacks,
+        ]
+        failure: BaseException | None = None
+        for index, (candidate, request_of) in enumerate(candidates):
+            self._client, self._request = candidate, request_of()
+            try:
+                opened = candidate._guarded(
+                    self._request.model, estimate, self._open, to_dagster=False
+                )
+            except Exception as exc:
+                failure = exc
+                if index + 1 < len(candidates) and falls_back(exc):
+                    telemetry.emit(
+                        "flowstone.llm.fallback",
+                        outcome="ok",
+                        error=None,
+                        service=candidate.service,
+                        model=self._request.model,
+                        reason=type(_cause_of(exc)).__name__,
+                        to=candidates[index + 1][0].label,
+                        stream=True,
+                    )
+                    continue
+                break
+            self.fallback = None if index == 0 else candidate.label
+            return opened
+        assert failure is not None
+        mapped = primary._failure(failure)
+        if mapped is failure:
+            raise failure
+        raise mapped
+
+    def _finish(self, state: StreamState, estimate: int) -> Usage:
+        """Set ``usage``, ``stop_reason``, ``model`` and ``response`` at the stream's end."""
+        usage = Usage(
+            state.input_tokens if state.input_tokens is not None else estimate,
+            state.output_tokens
+            if state.output_tokens is not None
+            else estimate_tokens([{"role": "assistant", "content": self.text}]),
+            state.cache_read_tokens,
+            state.cache_write_tokens,
+        )
+        self.usage, self.stop_reason = usage, state.stop_reason
+        self.model = state.model or self._request.model
+        self.response = LLMResponse(
+            text=self.text,
+            model=self.model,
+            stop_reason=self.stop_reason,
+            usage=usage,
+            raw=state.events,
+            provider=self._client.provider,
+            attempts=self.attempts,
+            fallback=self.fallback,
+        )
+        return usage
+
     def _run(self) -> Iterator[str]:
         client, request = self._client, self._request
         estimate = estimate_tokens(request.messages, request.system)
@@ -1237,8 +1340,11 @@ class LLMStream:
         outcome, error = "ok", None
         try:
             budgets = client._take_budget(estimate)
-            deltas, head, state = client._guarded(request.model, estimate, self._open)
+            deltas, head, state = self._open_any(estimate)
             opened = True
+            if self._client is not client:  # a fallback answered
+                client, request = self._client, self._request
+                measures.update(service=client.service, model=request.model, fallback=self.fallback)
             broken: StreamInterrupted | None = None
             try:
                 if head is not None:
@@ -1264,25 +1370,7 @@ class LLMStream:
             outcome, error = "error", _reported(exc)
             raise
         else:
-            usage = Usage(
-                state.input_tokens if state.input_tokens is not None else estimate,
-                state.output_tokens
-                if state.output_tokens is not None
-                else estimate_tokens([{"role": "assistant", "content": self.text}]),
-                state.cache_read_tokens,
-                state.cache_write_tokens,
-            )
-            self.usage, self.stop_reason = usage, state.stop_reason
-            self.model = state.model or request.model
-            self.response = LLMResponse(
-                text=self.text,
-                model=self.model,
-                stop_reason=self.stop_reason,
-                usage=usage,
-                raw=state.events,
-                provider=client.provider,
-                attempts=self.attempts,
-            )
+            usage = self._finish(state, estimate)
             client._record_actual(request.model, estimate, usage)
             client._record_budget(budgets, estimate, usage)
             measures.update(_usage_measures(usage))

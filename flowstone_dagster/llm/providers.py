@@ -40,11 +40,13 @@ from flowstone_dagster.llm.tools import InvalidOutput, OutputSpec, ToolCall, Too
 __all__ = [
     "DEFAULT_BASE_URLS",
     "JSON_INSTRUCTION",
+    "OUTPUT_INSTRUCTION",
     "AnthropicAdapter",
     "LLMRequest",
     "OpenAIAdapter",
     "ProviderAdapter",
     "ProviderName",
+    "StructuredOutput",
     "anthropic_response",
     "openai_response",
     "RequestHook",
@@ -79,6 +81,19 @@ DEFAULT_BASE_URLS: dict[str, str] = {
 JSON_INSTRUCTION = (
     "Reply with one valid JSON value and nothing else: no prose, no Markdown code fences."
 )
+#: Added to the system prompt when ``output=`` is asked of a server without a schema mode
+#: (``structured_output="json_mode"`` or ``"prompt"``), before the schema itself.
+OUTPUT_INSTRUCTION = (
+    "Reply with one JSON object that validates against this JSON schema, and nothing else: "
+    "no prose, no Markdown code fences. The schema:"
+)
+
+#: How ``output=`` reaches the model: ``native``, the provider's schema mode (Anthropic's
+#: ``output_config``, OpenAI's ``response_format`` of type ``json_schema``; also Ollama, vLLM,
+#: llama.cpp's and LM Studio's servers); ``json_mode``, OpenAI's ``json_object`` mode with the
+#: schema in the system prompt (servers without schema mode); ``prompt``, the schema in the
+#: system prompt only. The reply is validated in every mode.
+StructuredOutput = Literal["native", "json_mode", "prompt"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,8 @@ class LLMRequest:
     #: ``auto`` (the model decides), ``any`` (it must call one), ``none``, or a tool's name.
     tool_choice: str | None = None
     output: OutputSpec | None = None
+    #: How ``output`` is asked for (see :data:`StructuredOutput`).
+    output_mode: StructuredOutput = "native"
     #: OpenAI's ``prompt_cache_key`` (routes requests sharing a prefix to one cache).
     prompt_cache_key: str | None = None
     #: Seconds the whole request may take (for a stream: from sending to its last event).
@@ -103,12 +120,24 @@ class LLMRequest:
     #: For a stream: the longest silence between two events (``None``: ``timeout``).
     idle_timeout: float | None = None
 
+    @property
+    def native_output(self) -> bool:
+        """Whether ``output`` is sent as the provider's schema mode."""
+        return self.output is not None and self.output_mode == "native"
+
     def system_prompt(self) -> System | None:
-        if not self.json:
+        """``system``, with the JSON instruction (``json=True``) or the output schema
+        (``output=`` outside the native schema mode) appended."""
+        if self.output is not None and self.output_mode != "native":
+            schema = jsonlib.dumps(self.output.schema, separators=(",", ":"))
+            extra = f"{OUTPUT_INSTRUCTION}\n{schema}"
+        elif self.json:
+            extra = JSON_INSTRUCTION
+        else:
             return self.system
         if isinstance(self.system, list):
-            return [*self.system, {"type": "text", "text": JSON_INSTRUCTION}]
-        return f"{self.system}\n\n{JSON_INSTRUCTION}" if self.system else JSON_INSTRUCTION
+            return [*self.system, {"type": "text", "text": extra}]
+        return f"{self.system}\n\n{extra}" if self.system else extra
 
 
 @dataclass
@@ -379,7 +408,8 @@ class AnthropicAdapter:
                 if choice in ("auto", "any", "none")
                 else {"type": "tool", "name": choice}
             )
-        if request.output is not None:
+        if request.native_output:
+            assert request.output is not None
             params["output_config"] = {
                 "format": {"type": "json_schema", "schema": request.output.schema}
             }
@@ -480,7 +510,8 @@ class OpenAIAdapter:
                 if choice in ("auto", "any", "none")
                 else {"type": "function", "function": {"name": choice}}
             )
-        if request.output is not None:
+        if request.native_output:
+            assert request.output is not None
             params["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {
@@ -499,7 +530,9 @@ class OpenAIAdapter:
             params["temperature"] = request.temperature
         if request.stop:
             params["stop"] = list(request.stop)
-        if request.json and request.output is None:
+        if (request.json and request.output is None) or (
+            request.output is not None and request.output_mode == "json_mode"
+        ):
             params["response_format"] = {"type": "json_object"}
         return params
 

@@ -114,6 +114,11 @@ class LLMFallback(dg.Config):
     service: str | None = Field(
         default=None, description="Breaker and policy name; null: llm:<provider>:<origin>."
     )
+    structured_output: Literal["native", "json_mode", "prompt"] = Field(
+        default="native",
+        description="How output= reaches this model (as LLMResource.structured_output; not "
+        "inherited: each endpoint states its own).",
+    )
 
 
 class LLMResource(dg.ConfigurableResource):
@@ -220,12 +225,21 @@ class LLMResource(dg.ConfigurableResource):
         ge=1,
         description="The same per asset (per step for ops) of a run. Null: no budget.",
     )
+    structured_output: Literal["native", "json_mode", "prompt"] = Field(
+        default="native",
+        description="How output= reaches the model: native (the provider's schema mode: "
+        "Anthropic's output_config, OpenAI's json_schema response_format, which Ollama, vLLM, "
+        "llama.cpp and LM Studio also take), json_mode (the json_object response_format and "
+        "the schema in the system prompt, for compatible servers without a schema mode) or "
+        "prompt (the schema in the system prompt only). The reply is validated in every mode.",
+    )
     fallbacks: list[LLMFallback] = Field(
         default_factory=list,
         description="Models tried in order when this one's circuit is open, it stays "
         "overloaded or failing (5xx, 529, timeouts) through its retries, or its rate limit "
         "cannot be waited out; the response (`fallback`, `model`) and the metadata "
-        "(flowstone/llm/models) name the model that answered. Not for streams.",
+        "(flowstone/llm/models) name the model that answered. A stream falls back only before "
+        "its first text.",
     )
 
     _client: LLMClient | None = PrivateAttr(default=None)

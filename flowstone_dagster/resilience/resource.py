@@ -88,7 +88,7 @@ class ResilienceResource(dg.ConfigurableResource):
 
     Breaker and limiter state lives in the store at ``store_url``, shared by every step process
     (see :mod:`flowstone_dagster.resilience.stores`). ``call`` composes a service's policy as
-    ``retry(circuit_breaker(rate_limit(bulkhead(timeout(fn)))))``; a service not in
+    ``retry(circuit_breaker(bulkhead(rate_limit(timeout(fn)))))``; a service not in
     ``policies`` uses ``default_policy``, or is a ``ConfigurationError`` when that is null.
     """
 
@@ -316,7 +316,7 @@ class ResilienceResource(dg.ConfigurableResource):
 
             text = resilience.call("anthropic", client.messages.create, model=..., cost=1)
 
-        Order: ``retry(circuit_breaker(rate_limit(bulkhead(timeout(fn)))))``; ``cost`` is the
+        Order: ``retry(circuit_breaker(bulkhead(rate_limit(timeout(fn)))))``; ``cost`` is the
         units the call takes from the service's rate limit; ``limits`` adds rate limits of the
         caller's own, ``(name, config, cost)`` each (an LLM's requests and tokens per model),
         taken on every attempt after the service's (and before the bulkhead slot). Emits

@@ -9,7 +9,7 @@ import pytest
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import HTTPError
-from flowstone_dagster.llm import LLMFallback, LLMResource
+from flowstone_dagster.llm import LLMFallback, LLMResource, StreamInterrupted
 from flowstone_dagster.resilience import (
     CircuitBreakerConfig,
     ResilienceResource,
@@ -107,6 +107,57 @@ def test_when_every_model_fails_the_last_error_is_raised(
     with pytest.raises(Exception, match="503") as raised:
         resource(primary, backup).call("Hi")
     assert "openai" in str(raised.value)
+
+
+def test_a_stream_that_cannot_open_falls_back(
+    servers: tuple[AnthropicServer, OpenAIServer],
+) -> None:
+    primary, backup = servers
+    for _ in range(2):
+        primary.fail(529, "overloaded_error", "Overloaded")
+    backup.reply("streamed from the backup")
+    events: list[telemetry.TelemetryEvent] = []
+    remove = telemetry.add_listener(events.append)
+    try:
+        with resource(primary, backup).stream("Hi") as stream:
+            text = "".join(stream)
+    finally:
+        remove()
+    assert text == "streamed from the backup"
+    assert stream.fallback is not None
+    assert stream.fallback.startswith("openai:gpt-4o-mini@")
+    assert stream.model == "gpt-4o-mini"
+    assert stream.response is not None
+    assert stream.response.fallback == stream.fallback
+    assert backup.requests[0].body["stream"] is True
+    [switch] = [e for e in events if e.name == "flowstone.llm.fallback"]
+    assert switch.measures["stream"] is True
+    [call] = [e for e in events if e.name == "flowstone.llm.call"]
+    assert call.outcome == "ok"
+    assert call.measures["model"] == "gpt-4o-mini"
+    assert call.measures["fallback"] == stream.fallback
+
+
+def test_a_stream_broken_after_its_first_text_never_falls_back(
+    servers: tuple[AnthropicServer, OpenAIServer],
+) -> None:
+    # The text handed out cannot be taken back: a fallback would repeat it.
+    primary, backup = servers
+    primary.reply("one two three four", deltas=["one ", "two ", "three ", "four"], drop_after=2)
+    with pytest.raises(StreamInterrupted) as raised:
+        "".join(resource(primary, backup).stream("Hi"))
+    assert raised.value.partial_text == "one two "
+    assert backup.requests == []
+
+
+def test_a_stream_with_a_bad_request_does_not_fall_back(
+    servers: tuple[AnthropicServer, OpenAIServer],
+) -> None:
+    primary, backup = servers
+    primary.fail(400, "invalid_request_error", "prompt is too long")
+    with pytest.raises(HTTPError, match="prompt is too long"):
+        "".join(resource(primary, backup).stream("Hi"))
+    assert backup.requests == []
 
 
 @pytest.mark.dagster

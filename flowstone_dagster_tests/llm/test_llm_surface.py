@@ -227,6 +227,54 @@ def test_a_plain_json_schema_is_checked(api: LLMServer) -> None:
         client_for(api).call("Label", output=schema)
 
 
+@pytest.mark.parametrize("mode", ["json_mode", "prompt"])
+def test_a_compatible_server_without_schema_mode_gets_the_schema_in_the_prompt(
+    mode: str,
+) -> None:
+    # A local server that takes no json_schema response_format (older llama.cpp, TGI): the
+    # schema goes in the system prompt, JSON mode on or not, and the reply is validated.
+    with llm_server("openai", api_key=None) as server:
+        client = LLMClient(
+            "openai_compatible",
+            model="llama3.1",
+            base_url=server.base_url,
+            resilience=resilience(attempts=1),
+            structured_output=mode,  # type: ignore[arg-type]
+        )
+        server.reply('```json\n{"label": "refund", "priority": 2}\n```')
+        ticket = client.call("Classify: charged twice", system="You triage tickets.", output=Ticket)
+        assert ticket == Ticket(label="refund", priority=2)
+        server.reply('{"label": "refund"}')
+        with pytest.raises(InvalidOutput, match="priority"):
+            client.call("Classify: charged twice", output=Ticket)
+    body = server.requests[0].body
+    if mode == "json_mode":
+        assert body["response_format"] == {"type": "json_object"}
+    else:
+        assert "response_format" not in body
+    system = body["messages"][0]
+    assert system["role"] == "system"
+    assert system["content"].startswith("You triage tickets.\n\nReply with one JSON object")
+    schema = json.loads(system["content"].rsplit("\n", 1)[1])
+    assert schema["required"] == ["label", "priority"]
+
+
+def test_anthropic_has_no_json_mode() -> None:
+    with pytest.raises(ConfigurationError, match="structured_output: Anthropic has no JSON"):
+        LLMClient("anthropic", model="m", api_key=KEY, structured_output="json_mode")
+    with pytest.raises(ConfigurationError, match="structured_output: must be native"):
+        LLMClient("openai", model="m", api_key=OPENAI_KEY, structured_output="xml")  # type: ignore[arg-type]
+
+
+def test_the_prompt_mode_works_with_anthropic_too(api: LLMServer) -> None:
+    api.reply('{"label": "refund", "priority": 2}')
+    ticket = client_for(api, structured_output="prompt").call("Classify", output=Ticket)
+    assert ticket == Ticket(label="refund", priority=2)
+    body = api.requests[0].body
+    assert "output_config" not in body
+    assert "response_format" not in body
+
+
 def test_openai_rejects_a_non_strict_schema_sent_as_strict() -> None:
     # The server checks what OpenAI's strict mode checks: a model with a default field is sent
     # with strict false, so it is accepted.
