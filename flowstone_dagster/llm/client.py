@@ -332,6 +332,7 @@ class LLMClient:
         self.model = model
         self.base_url = base_url
         self.origin = origin_of(base_url)
+        self._limit_prefix = f"llm:{provider}:{self.origin}:"  # of every limit_name
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.timeout = float(timeout)
@@ -391,7 +392,7 @@ class LLMClient:
     def limit_name(self, kind: Literal["rpm", "tpm"], model: str | None = None) -> str:
         """The store name of ``model``'s (default: the client's) ``rpm`` or ``tpm`` limit
         (:func:`limit_name`, from the origin parsed once)."""
-        return f"llm:{self.provider}:{self.origin}:{model or self.model}:{kind}"
+        return f"{self._limit_prefix}{model or self.model}:{kind}"
 
     def limiter(self, kind: Literal["rpm", "tpm"], model: str | None = None) -> RateLimiter | None:
         """``model``'s ``rpm`` or ``tpm`` limiter on the resilience store (``None`` when no
@@ -492,8 +493,8 @@ class LLMClient:
             kind = name.rpartition(":")[2]
             configured = self.per_minute.get(kind)
             limit = stated.get("requests" if kind == "rpm" else "tokens")
-            if configured is None or limit is None or not name.startswith(self.service):
-                continue
+            if configured is None or limit is None or not name.startswith(self._limit_prefix):
+                continue  # not one of this client's rpm/tpm limits (a policy's own limit)
             if limit.limit is not None and 0 < limit.limit < configured:
                 self._lower(kind, name, configured, limit.limit)
             reset = limit.reset
@@ -534,7 +535,8 @@ class LLMClient:
         config = self._config_of(kind, name)
         if config is None or config.limit is None:
             return
-        at = time.time() + max(seconds - config.period, 0.0)
+        # Within one window: the store's own clock. Beyond: dated on ours.
+        at = time.time() + seconds - config.period if seconds > config.period else None
         try:
             self.resilience.store.reserve(name, config.limit, math.inf, config.period, now=at)
         except Exception as exc:

@@ -39,7 +39,10 @@ def confirm_at_send(request: httpx2.Request, seconds: float) -> None:
     names = [name for name in admission.limiters if not name.endswith(":tpm")]
     if not names:
         return
+    # A request sent again (the governed client's retries) carries the previous attempt's
+    # trace: replace it, keeping only what the caller had set.
     previous = request.extensions.get("trace")
+    previous = getattr(previous, "replaced_trace", previous)
 
     def trace(event: str, info: dict[str, Any]) -> None:
         if event.endswith(".send_request_headers.started"):
@@ -47,4 +50,5 @@ def confirm_at_send(request: httpx2.Request, seconds: float) -> None:
         if previous is not None:
             previous(event, info)
 
+    trace.replaced_trace = previous  # type: ignore[attr-defined]
     request.extensions = {**request.extensions, "trace": trace}

@@ -126,6 +126,29 @@ def test_the_openai_sdk_client_shares_the_rpm_limit() -> None:
         assert server.requests[0].headers["Authorization"] == f"Bearer {OPENAI_KEY}"
 
 
+def test_a_retried_sdk_request_is_admitted_once_per_attempt() -> None:
+    # The SDK's request object is sent again by the retries: each attempt checks its own rpm
+    # admission at the wire, never the previous attempt's (late by the backoff).
+    events: list[telemetry.TelemetryEvent] = []
+    with llm_server("openai", api_key=OPENAI_KEY) as server:
+        server.fail(503, "server_error", "unavailable")
+        server.fail(503, "server_error", "unavailable")
+        llm = governed(server, rpm_limit=600, rpm_window=1.0)
+        remove = telemetry.add_listener(events.append)
+        try:
+            with llm.get_client() as sdk:
+                sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}]
+                )
+        finally:
+            remove()
+        assert len(server.requests) == 3
+        limiter = llm.client().limiter("rpm")
+        assert limiter is not None
+        assert limiter.usage() == pytest.approx(3.0)  # one unit per attempt, none taken again
+    assert [e for e in events if e.name == "flowstone.ratelimit.readmitted"] == []
+
+
 def test_a_keyless_local_server_gets_no_authorization_header() -> None:
     with llm_server("openai", api_key=None) as server:
         llm = LLMResource(
