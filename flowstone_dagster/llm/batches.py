@@ -30,8 +30,10 @@ is retried later and resumes it), otherwise :class:`BatchPending` carrying ``bat
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json as jsonlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import openai
+import pydantic
 
 from flowstone_dagster import telemetry
 from flowstone_dagster.errors import ConfigurationError, FlowstoneError
@@ -49,10 +52,22 @@ from flowstone_dagster.llm.providers import anthropic_response, openai_response
 if TYPE_CHECKING:
     from flowstone_dagster.llm.client import LLMClient
 
-__all__ = ["BatchPending", "BatchResult", "find_batch", "run_batch"]
+__all__ = [
+    "BatchPending",
+    "BatchResult",
+    "RecordedBatch",
+    "find_batches",
+    "fingerprint",
+    "run_batch",
+]
 
 BATCH_ID_KEY = "flowstone/llm/batch_id"
 BATCH_JOB_KEY = "flowstone/llm/batch_job"
+BATCH_FINGERPRINT_KEY = "flowstone/llm/batch_fingerprint"
+#: What OpenAI calls a batch that will never complete (Anthropic's end per item instead).
+ENDED_BADLY = frozenset({"failed", "expired", "cancelled"})
+
+logger = logging.getLogger(__name__)
 
 
 class BatchPending(FlowstoneError):
@@ -80,32 +95,117 @@ class BatchResult:
         return self.response is not None
 
 
-def find_batch(context: Any, job: str) -> str | None:
-    """The id of ``job``'s batch recorded earlier in this run (a previous step attempt)."""
+@dataclass(frozen=True)
+class RecordedBatch:
+    """A batch an earlier attempt submitted: in this run, or in a run this one re-executes."""
+
+    batch_id: str
+    job: str
+    fingerprint: str | None  # None: recorded without one (not resumed)
+    run_id: str
+
+
+def fingerprint(provider: str, ids: Sequence[str], requests: Sequence[dict[str, Any]]) -> str:
+    """A hash of the exact items a batch sends (custom ids and request bodies: model, messages,
+    system, max_tokens...): a recorded batch is resumed only for the same one."""
+    payload = jsonlib.dumps(
+        {"provider": provider, "items": [[i, r] for i, r in zip(ids, requests, strict=True)]},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=_jsonable,
+    )
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"a batch request holds a {type(value).__name__}, which has no JSON form")
+
+
+def run_lineage(context: Any) -> list[str]:
+    """This run's id, then those of the runs it re-executes up to the root (newest first);
+    only this run's for a run that re-executes nothing."""
+    lineage = [context.run_id]
+    parent_id = context.run.parent_run_id
+    while parent_id is not None and parent_id not in lineage:
+        lineage.append(parent_id)
+        parent = context.instance.get_run_by_id(parent_id)
+        if parent is None:  # deleted: the runs between it and the root are unknown
+            root_id = context.run.root_run_id
+            if root_id is not None and root_id not in lineage:
+                lineage.append(root_id)
+            break
+        parent_id = parent.parent_run_id
+    return lineage
+
+
+def find_batches(context: Any, job: str) -> list[RecordedBatch]:
+    """``job``'s batches recorded by this step's assets in this run and in the runs it
+    re-executes (:func:`run_lineage`), newest first. Never a batch of an unrelated run."""
     if context is None or not getattr(context, "has_assets_def", False):
-        return None
-    records = context.instance.get_records_for_run(
-        context.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
-    ).records
-    found = None
-    for record in records:
-        observation = record.event_log_entry.asset_observation
-        metadata = observation.metadata if observation is not None else {}
-        job_value = metadata.get(BATCH_JOB_KEY)
-        if job_value is not None and getattr(job_value, "value", None) == job:
-            found = metadata[BATCH_ID_KEY].value
+        return []
+    keys = set(context.assets_def.keys)
+    found: list[RecordedBatch] = []
+    for run_id in run_lineage(context):
+        records = context.instance.get_records_for_run(
+            run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION
+        ).records
+        in_run = []
+        for record in records:
+            observation = record.event_log_entry.asset_observation
+            if observation is None or observation.asset_key not in keys:
+                continue
+            metadata = observation.metadata
+            job_value = metadata.get(BATCH_JOB_KEY)
+            batch_id = metadata.get(BATCH_ID_KEY)
+            if job_value is None or batch_id is None or job_value.value != job:
+                continue
+            recorded_fingerprint = metadata.get(BATCH_FINGERPRINT_KEY)
+            batch = RecordedBatch(
+                batch_id=str(batch_id.value),
+                job=job,
+                fingerprint=str(recorded_fingerprint.value) if recorded_fingerprint else None,
+                run_id=run_id,
+            )
+            if batch not in in_run:  # one observation per asset of the step
+                in_run.append(batch)
+        found.extend(reversed(in_run))
     return found
 
 
-def _remember(context: Any, job: str, batch_id: str) -> None:
+def _remember(context: Any, job: str, batch_id: str, batch_fingerprint: str) -> None:
     if context is None or not getattr(context, "has_assets_def", False):
         return
+    metadata = {
+        BATCH_ID_KEY: batch_id,
+        BATCH_JOB_KEY: job,
+        BATCH_FINGERPRINT_KEY: batch_fingerprint,
+    }
     for key in context.assets_def.keys:  # every asset the step materializes
-        context.log_event(
-            dg.AssetObservation(
-                asset_key=key, metadata={BATCH_ID_KEY: batch_id, BATCH_JOB_KEY: job}
-            )
+        context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
+
+
+def _resumable(context: Any, job: str, batch_fingerprint: str) -> RecordedBatch | None:
+    """The newest recorded batch of ``job`` for exactly these requests, if any."""
+    recorded = find_batches(context, job)
+    for batch in recorded:
+        if batch.fingerprint == batch_fingerprint:
+            return batch
+    if recorded:
+        newest = recorded[0]
+        _log(
+            context,
+            "info",
+            f"batch {newest.batch_id} ({job}, recorded in run {newest.run_id}) is not resumed: "
+            "its requests differ from these (the inputs changed), so a new batch is submitted",
         )
+    return None
+
+
+def _log(context: Any, level: str, message: str) -> None:
+    log = getattr(context, "log", None)
+    getattr(log if log is not None else logger, level)(message)
 
 
 def run_batch(
@@ -141,13 +241,29 @@ def run_batch(
     ]
     ids = [f"{job}-{index}" for index in range(len(prompts))]
     sdk = client.sdk_client(context)
+    batch_fingerprint = fingerprint(client.provider, ids, requests)
     try:
-        batch_id = find_batch(context, job)
-        if batch_id is None:
+        found = _resumable(context, job, batch_fingerprint)
+        if found is None:
             batch_id = _submit(client, sdk, ids, requests)
-            _remember(context, job, batch_id)
+            _remember(context, job, batch_id, batch_fingerprint)
+        else:
+            batch_id = found.batch_id
         waited, interval = 0.0, poll_interval
-        while not _done(client, sdk, batch_id):
+        while (status := _status(client, sdk, batch_id)) != "ended":
+            if status in ENDED_BADLY:
+                if found is None or batch_id != found.batch_id:
+                    raise FlowstoneError(f"OpenAI batch {batch_id} ended {status}")
+                # Resuming it would fail every re-execution the same way: start over.
+                _log(
+                    context,
+                    "warning",
+                    f"batch {batch_id} ({job}, recorded in run {found.run_id}) ended {status} "
+                    "at the provider: a new batch is submitted for the same requests",
+                )
+                batch_id = _submit(client, sdk, ids, requests)
+                _remember(context, job, batch_id, batch_fingerprint)
+                continue
             if waited + interval > max_wait:
                 pending = BatchPending(
                     f"batch {batch_id} ({job}) is not done after {waited:g} s; it goes on at "
@@ -211,13 +327,12 @@ def _submit(client: LLMClient, sdk: Any, ids: list[str], requests: list[dict[str
     return str(batch.id)
 
 
-def _done(client: LLMClient, sdk: Any, batch_id: str) -> bool:
+def _status(client: LLMClient, sdk: Any, batch_id: str) -> str:
+    """``ended`` when the results can be collected, else the provider's status."""
     if client.provider == "anthropic":
-        return bool(sdk.messages.batches.retrieve(batch_id).processing_status == "ended")
-    batch = sdk.batches.retrieve(batch_id)
-    if batch.status in ("failed", "expired", "cancelled"):
-        raise FlowstoneError(f"OpenAI batch {batch_id} ended {batch.status}")
-    return bool(batch.status == "completed")
+        return str(sdk.messages.batches.retrieve(batch_id).processing_status)
+    status = str(sdk.batches.retrieve(batch_id).status)
+    return "ended" if status == "completed" else status
 
 
 def _error_text(error: Any) -> str:

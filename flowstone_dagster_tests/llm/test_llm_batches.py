@@ -1,17 +1,24 @@
 """Batch jobs against the fake providers' batch endpoints: Anthropic Message Batches and
-OpenAI's files + Batch API; results in input order, per-item errors, resumed after a restart."""
+OpenAI's files + Batch API; results in input order, per-item errors, resumed after a step
+restart and by a re-execution of the run from failure (same inputs only)."""
 
+import logging
+import pickle
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
 
-from flowstone_dagster.errors import ConfigurationError
+from flowstone_dagster.errors import ConfigurationError, FlowstoneError
 from flowstone_dagster.llm import BatchPending, LLMResource
+from flowstone_dagster.llm.batches import run_batch
 from flowstone_dagster.resilience import ResilienceResource, RetryConfig, ServicePolicy
+from flowstone_dagster_tests.llm import llm_jobs
 from flowstone_dagster_tests.llm.test_llm import KEY, OPENAI_KEY
-from flowstone_dagster_tests.support.llm_servers import LLMServer, llm_server
+from flowstone_dagster_tests.support.llm_servers import LLMServer, OpenAIServer, llm_server
 
 
 @pytest.fixture(params=["anthropic", "openai"])
@@ -110,3 +117,187 @@ def test_a_step_restart_resumes_the_batch_instead_of_resubmitting(
     assert len(retries) == 2
     metadata = result.asset_materializations_for_node("labels")[0].metadata
     assert metadata["flowstone/llm/calls"].value >= 2
+
+
+# -- resumed by a re-execution of the run (from failure, in the UI) ---------------------------
+
+ReconstructedJob = Any  # what dg.reconstructable returns (its class is not public)
+IN_PROCESS: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
+
+
+@pytest.fixture
+def openai_api() -> Iterator[OpenAIServer]:
+    with llm_server("openai", api_key=OPENAI_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def batch_job(api: LLMServer, monkeypatch: pytest.MonkeyPatch) -> ReconstructedJob:
+    return batch_job_for(api, monkeypatch)
+
+
+def batch_job_for(api: LLMServer, monkeypatch: pytest.MonkeyPatch) -> ReconstructedJob:
+    """``llm_jobs``'s batch job for ``api``'s provider, its rows ``free money|hello``."""
+    anthropic = api.path == "/v1/messages"
+    monkeypatch.setenv(llm_jobs.BASE_URL_ENV, api.base_url)
+    monkeypatch.setenv(llm_jobs.API_KEY_ENV, KEY if anthropic else OPENAI_KEY)
+    monkeypatch.setenv(llm_jobs.ROWS_ENV, "free money|hello")
+    getter = llm_jobs.get_anthropic_batch_job if anthropic else llm_jobs.get_openai_batch_job
+    return dg.reconstructable(getter)
+
+
+def run_failing_after_submit(
+    job: ReconstructedJob, instance: dg.DagsterInstance, run_config: dict[str, Any]
+) -> str:
+    """A run whose batch step submits, finds the batch not done and fails (no step retry)."""
+    with dg.execute_job(job, instance, run_config=run_config) as result:
+        assert not result.success
+        [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert failure.step_key == "labelled_rows"
+        return result.run_id
+
+
+def reexecute_from_failure(
+    job: ReconstructedJob, instance: dg.DagsterInstance, run_id: str
+) -> tuple[str, list[str | None]]:
+    with dg.execute_job(
+        job, instance, reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)
+    ) as result:
+        assert result.success
+        return result.run_id, stored_labels(instance)
+
+
+def stored_labels(instance: dg.DagsterInstance) -> list[str | None]:
+    """The asset's value, as the default I/O manager stored it (by asset key)."""
+    with open(Path(instance.storage_directory()) / "labelled_rows", "rb") as stored:
+        labels: list[str | None] = pickle.load(stored)  # noqa: S301 (written by this test's run)
+    return labels
+
+
+def log_lines(instance: dg.DagsterInstance, run_id: str, level: int) -> list[str]:
+    return [
+        entry.user_message
+        for entry in instance.all_logs(run_id)
+        if entry.level == level and entry.dagster_event is None
+    ]
+
+
+@pytest.mark.dagster
+@pytest.mark.parametrize(
+    "run_config",
+    [
+        pytest.param(IN_PROCESS, id="in_process"),
+        pytest.param({}, id="multiprocess", marks=pytest.mark.multiprocess),
+    ],
+)
+def test_a_reexecution_from_failure_collects_the_parent_runs_batch(
+    api: LLMServer,
+    batch_job: ReconstructedJob,
+    dagster_home_instance: dg.DagsterInstance,
+    run_config: dict[str, Any],
+) -> None:
+    # batch_polls = 1: "in progress" at the failed run's only poll, ended at the next one.
+    failed = run_failing_after_submit(batch_job, dagster_home_instance, run_config)
+    [batch_id] = api.batches
+    api.reply("spam")
+    api.reply("ham")
+    rerun, labels = reexecute_from_failure(batch_job, dagster_home_instance, failed)
+    assert labels == ["spam", "ham"]
+    assert list(api.batches) == [batch_id]  # collected, not submitted (and paid for) again
+    # A second re-execution in the chain (from the first) would find it in the root run too.
+    run = dagster_home_instance.get_run_by_id(rerun)
+    assert run is not None
+    assert run.parent_run_id == failed
+    assert run.root_run_id == failed
+
+
+@pytest.mark.dagster
+def test_the_batch_is_found_up_the_reexecution_chain(
+    api: LLMServer, batch_job: ReconstructedJob, dagster_home_instance: dg.DagsterInstance
+) -> None:
+    api.batch_polls = 2  # still in progress when the first re-execution polls
+    root = run_failing_after_submit(batch_job, dagster_home_instance, IN_PROCESS)
+    with dg.execute_job(
+        batch_job,
+        dagster_home_instance,
+        reexecution_options=dg.ReexecutionOptions.from_failure(root, dagster_home_instance),
+    ) as result:
+        assert not result.success
+        second = result.run_id
+    _, labels = reexecute_from_failure(batch_job, dagster_home_instance, second)
+    assert labels == ["ok", "ok"]
+    assert len(api.batches) == 1
+
+
+@pytest.mark.dagster
+def test_changed_inputs_are_not_resumed_from_the_parent_run(
+    api: LLMServer,
+    batch_job: ReconstructedJob,
+    dagster_home_instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failed = run_failing_after_submit(batch_job, dagster_home_instance, IN_PROCESS)
+    [old_id] = api.batches
+    monkeypatch.setenv(llm_jobs.ROWS_ENV, "free money|hello|a third row")  # the data changed
+    api.batch_polls = 0  # the new batch ends at its first poll
+    rerun, labels = reexecute_from_failure(batch_job, dagster_home_instance, failed)
+    assert labels == ["ok", "ok", "ok"]
+    assert len(api.batches) == 2
+    assert api.batches[old_id]["polls"] == 1  # never polled again
+    [new_id] = set(api.batches) - {old_id}
+    prompts = [body["messages"][-1]["content"] for _, body in api.batches[new_id]["requests"]]
+    assert prompts == ["Label: free money", "Label: hello", "Label: a third row"]
+    [line] = [
+        line
+        for line in log_lines(dagster_home_instance, rerun, logging.INFO)
+        if "is not resumed" in line
+    ]
+    assert old_id in line
+    assert "inputs changed" in line
+
+
+@pytest.mark.dagster
+def test_an_unrelated_run_of_the_same_job_submits_its_own_batch(
+    api: LLMServer, batch_job: ReconstructedJob, dagster_home_instance: dg.DagsterInstance
+) -> None:
+    run_failing_after_submit(batch_job, dagster_home_instance, IN_PROCESS)
+    [old_id] = api.batches
+    api.batch_polls = 0
+    with dg.execute_job(batch_job, dagster_home_instance, run_config=IN_PROCESS) as result:
+        assert result.success  # a new run, not a re-execution: same job, same inputs
+    assert len(api.batches) == 2
+    assert api.batches[old_id]["polls"] == 1
+
+
+@pytest.mark.dagster
+def test_a_parent_batch_that_expired_is_submitted_again_with_a_warning(
+    openai_api: OpenAIServer,
+    dagster_home_instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # OpenAI batches end as a whole (Anthropic's canceled or expired items are item errors).
+    api = openai_api
+    batch_job = batch_job_for(api, monkeypatch)
+    failed = run_failing_after_submit(batch_job, dagster_home_instance, IN_PROCESS)
+    [old_id] = api.batches
+    api.end_batch(old_id, "expired")  # not done within its 24 h window
+    api.batch_polls = 0
+    api.reply("spam")
+    api.reply("ham")
+    rerun, labels = reexecute_from_failure(batch_job, dagster_home_instance, failed)
+    assert labels == ["spam", "ham"]
+    assert len(api.batches) == 2
+    [warning] = log_lines(dagster_home_instance, rerun, logging.WARNING)
+    assert old_id in warning
+    assert "ended expired" in warning
+
+
+def test_a_fresh_batch_that_ends_badly_raises(openai_api: OpenAIServer) -> None:
+    def end_every_batch(_: float) -> None:
+        for batch_id in openai_api.batches:
+            openai_api.end_batch(batch_id, "failed")
+
+    openai_api.batch_polls = 5
+    with pytest.raises(FlowstoneError, match=r"OpenAI batch batch_\d+ ended failed"):
+        run_batch(resource_for(openai_api).client(), ["a"], job="doomed", sleep=end_every_batch)
+    assert len(openai_api.batches) == 1

@@ -950,7 +950,7 @@ class OpenAIServer(LLMServer):
             "endpoint": "/v1/chat/completions",
             "input_file_id": batch["input_file_id"],
             "completion_window": "24h",
-            "status": "completed" if done else "in_progress",
+            "status": batch.get("status") or ("completed" if done else "in_progress"),
             "output_file_id": batch.get("output_file_id"),
             "error_file_id": None,
             "created_at": int(time.time()),
@@ -1002,6 +1002,8 @@ class OpenAIServer(LLMServer):
         batch = self.batches.get(batch_id)
         if batch is None:
             return self._invalid(f"No batch found with id '{batch_id}'.", "batch_id")
+        if batch.get("status") is not None:  # ended by end_batch: no results
+            return self._json(self._batch_object(batch_id))
         if self.batch_finished(batch, request) and "output_file_id" not in batch:
             lines = [
                 json.dumps(
@@ -1018,6 +1020,12 @@ class OpenAIServer(LLMServer):
             self.files[file_id] = ("output.jsonl", ("\n".join(lines) + "\n").encode())
             batch["output_file_id"] = file_id
         return self._json(self._batch_object(batch_id))
+
+    def end_batch(self, batch_id: str, status: str) -> None:
+        """End a batch without results, as the provider does: ``expired`` (not done within its
+        completion window), ``failed`` or ``cancelled``."""
+        with self.lock:
+            self.batches[batch_id]["status"] = status
 
     def _invalid(self, message: str, param: str | None = None) -> Response:
         return Response(
