@@ -20,12 +20,22 @@ provider's error for that item (per-item errors never fail the whole batch). Eac
 item emits ``flowstone.llm.call`` (``batch=True``, tokens), so the usage reaches the step's
 metadata.
 
-**Resumable.** Inside an asset, the batch's id is recorded as an ``AssetObservation`` of the
-asset (metadata ``flowstone/llm/batch_id`` and ``flowstone/llm/batch_job``) as soon as it is
-submitted. When the step starts again in the same run (a step retry) with the same ``job``,
-the batch is found in the run's event log and polled instead of submitted again. A batch that
-is not done within ``max_wait`` raises, with Dagster errors on, ``RetryRequested`` (the step
-is retried later and resumes it), otherwise :class:`BatchPending` carrying ``batch_id``.
+**Resumable.** Inside an asset, the batch is recorded as an ``AssetObservation`` of the
+step's assets as soon as it is submitted: ``flowstone/llm/batch_id``,
+``flowstone/llm/batch_job`` and ``flowstone/llm/batch_fingerprint`` (:func:`fingerprint`: a
+SHA-256 of the exact items, custom ids and request bodies). Before submitting,
+:func:`find_batches` looks for ``job``'s batches recorded by the step's assets in this run's
+event log and in those of the runs it re-executes, up the ``parent_run_id`` chain to the root,
+newest first; the newest with the same fingerprint is polled and collected instead of
+submitted (and paid for) again. So a step retry in the same run and a re-execution of a run
+that failed after submitting (from failure, in the UI) resume it; an unrelated new run of the
+same job never does. A recorded batch for other requests (the inputs changed) is not resumed:
+a new one is submitted, and the step log says why. A found OpenAI batch that ended
+``failed``, ``expired`` or ``cancelled`` is submitted again, with a warning naming its id and
+status (a batch submitted by this attempt that ends so raises); Anthropic's canceled or
+expired items are item errors. A batch that is not done within ``max_wait`` raises, with
+Dagster errors on, ``RetryRequested`` (the step is retried later and resumes it), otherwise
+:class:`BatchPending` carrying ``batch_id``.
 """
 
 from __future__ import annotations

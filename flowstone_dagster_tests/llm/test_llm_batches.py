@@ -119,6 +119,38 @@ def test_a_step_restart_resumes_the_batch_instead_of_resubmitting(
     assert metadata["flowstone/llm/calls"].value >= 2
 
 
+@pytest.mark.dagster
+def test_two_assets_of_a_run_with_the_same_job_submit_their_own_batches(
+    api: LLMServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    api.batch_polls = 0
+
+    @dg.asset
+    def first_labels(llm: LLMResource) -> int:
+        return len(llm.batch(["same row"], job="labels", poll_interval=0.05))
+
+    @dg.asset(deps=[first_labels])
+    def second_labels(llm: LLMResource) -> int:
+        return len(llm.batch(["same row"], job="labels", poll_interval=0.05))
+
+    result = dg.materialize(
+        [first_labels, second_labels],
+        resources={"llm": resource_for(api, dagster_errors=True)},
+        instance=dagster_instance,
+    )
+    assert result.success
+    assert len(api.batches) == 2  # same job and requests, but another asset's batch
+    observed = [
+        (e.asset_key.path, e.event_specific_data.asset_observation.metadata)
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+    ]
+    assert [key for key, _ in observed] == [["first_labels"], ["second_labels"]]
+    fingerprints = {m["flowstone/llm/batch_fingerprint"].value for _, m in observed}
+    assert len(fingerprints) == 1
+    assert {m["flowstone/llm/batch_id"].value for _, m in observed} == set(api.batches)
+
+
 # -- resumed by a re-execution of the run (from failure, in the UI) ---------------------------
 
 ReconstructedJob = Any  # what dg.reconstructable returns (its class is not public)
