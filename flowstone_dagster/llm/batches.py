@@ -27,15 +27,16 @@ SHA-256 of the exact items, custom ids and request bodies). Before submitting,
 :func:`find_batches` looks for ``job``'s batches recorded by the step's assets in this run's
 event log and in those of the runs it re-executes, up the ``parent_run_id`` chain to the root,
 newest first; the newest with the same fingerprint is polled and collected instead of
-submitted (and paid for) again. So a step retry in the same run and a re-execution of a run
-that failed after submitting (from failure, in the UI) resume it; an unrelated new run of the
-same job never does. A recorded batch for other requests (the inputs changed) is not resumed:
-a new one is submitted, and the step log says why. A found OpenAI batch that ended
-``failed``, ``expired`` or ``cancelled`` is submitted again, with a warning naming its id and
-status (a batch submitted by this attempt that ends so raises); Anthropic's canceled or
-expired items are item errors. A batch that is not done within ``max_wait`` raises, with
-Dagster errors on, ``RetryRequested`` (the step is retried later and resumes it), otherwise
-:class:`BatchPending` carrying ``batch_id``.
+submitted (and paid for) again (a re-executing run records it too, with
+``flowstone/llm/batch_resumed_from`` naming the run it was found in). So a step retry in the
+same run and a re-execution of a run that failed after submitting (from failure, in the UI)
+resume it; an unrelated new run of the same job never does. A recorded batch for other
+requests (the inputs changed) is not resumed: a new one is submitted, and the step log says
+why. A found OpenAI batch that ended ``failed``, ``expired`` or ``cancelled`` is submitted
+again, with a warning naming its id and status (a batch submitted by this attempt that ends
+so raises); Anthropic's canceled or expired items are item errors. A batch that is not done
+within ``max_wait`` raises, with Dagster errors on, ``RetryRequested`` (the step is retried
+later and resumes it), otherwise :class:`BatchPending` carrying ``batch_id``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ __all__ = [
 BATCH_ID_KEY = "flowstone/llm/batch_id"
 BATCH_JOB_KEY = "flowstone/llm/batch_job"
 BATCH_FINGERPRINT_KEY = "flowstone/llm/batch_fingerprint"
+BATCH_RESUMED_FROM_KEY = "flowstone/llm/batch_resumed_from"  # the run that recorded it first
 #: What OpenAI calls a batch that will never complete (Anthropic's end per item instead).
 ENDED_BADLY = frozenset({"failed", "expired", "cancelled"})
 
@@ -184,7 +186,14 @@ def find_batches(context: Any, job: str) -> list[RecordedBatch]:
     return found
 
 
-def _remember(context: Any, job: str, batch_id: str, batch_fingerprint: str) -> None:
+def _remember(
+    context: Any,
+    job: str,
+    batch_id: str,
+    batch_fingerprint: str,
+    *,
+    resumed_from: str | None = None,
+) -> None:
     if context is None or not getattr(context, "has_assets_def", False):
         return
     metadata = {
@@ -192,6 +201,8 @@ def _remember(context: Any, job: str, batch_id: str, batch_fingerprint: str) -> 
         BATCH_JOB_KEY: job,
         BATCH_FINGERPRINT_KEY: batch_fingerprint,
     }
+    if resumed_from is not None:
+        metadata[BATCH_RESUMED_FROM_KEY] = resumed_from
     for key in context.assets_def.keys:  # every asset the step materializes
         context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
 
@@ -259,6 +270,10 @@ def run_batch(
             _remember(context, job, batch_id, batch_fingerprint)
         else:
             batch_id = found.batch_id
+            _log(context, "info", f"batch {batch_id} ({job}) resumed from run {found.run_id}")
+            if found.run_id != getattr(context, "run_id", None):
+                # Shown on this run's asset too, and found here by the next re-execution.
+                _remember(context, job, batch_id, batch_fingerprint, resumed_from=found.run_id)
         waited, interval = 0.0, poll_interval
         while (status := _status(client, sdk, batch_id)) != "ended":
             if status in ENDED_BADLY:
@@ -293,6 +308,16 @@ def run_batch(
         by_id = _collect(client, sdk, batch_id)
     finally:
         sdk.close()
+    return _results(client, ids, by_id, model)
+
+
+def _results(
+    client: LLMClient,
+    ids: list[str],
+    by_id: dict[str, tuple[LLMResponse | None, str | None]],
+    model: str | None,
+) -> list[BatchResult]:
+    """One result per item in input order, each emitting ``flowstone.llm.call``."""
     results = []
     for index, custom_id in enumerate(ids):
         response, error = by_id.get(custom_id, (None, "no result for this item"))

@@ -236,19 +236,35 @@ def test_a_reexecution_from_failure_collects_the_parent_runs_batch(
     rerun, labels = reexecute_from_failure(batch_job, dagster_home_instance, failed)
     assert labels == ["spam", "ham"]
     assert list(api.batches) == [batch_id]  # collected, not submitted (and paid for) again
-    # A second re-execution in the chain (from the first) would find it in the root run too.
     run = dagster_home_instance.get_run_by_id(rerun)
     assert run is not None
     assert run.parent_run_id == failed
-    assert run.root_run_id == failed
+    # The re-executed run shows the batch it collected, and where it came from.
+    [observed] = [
+        record.event_log_entry.asset_observation
+        for record in dagster_home_instance.get_records_for_run(
+            rerun, of_type=dg.DagsterEventType.ASSET_OBSERVATION
+        ).records
+    ]
+    assert observed is not None
+    assert observed.metadata["flowstone/llm/batch_id"].value == batch_id
+    assert observed.metadata["flowstone/llm/batch_resumed_from"].value == failed
+    assert f"batch {batch_id} (labels) resumed from run {failed}" in log_lines(
+        dagster_home_instance, rerun, logging.INFO
+    )
 
 
 @pytest.mark.dagster
 def test_the_batch_is_found_up_the_reexecution_chain(
-    api: LLMServer, batch_job: ReconstructedJob, dagster_home_instance: dg.DagsterInstance
+    api: LLMServer,
+    batch_job: ReconstructedJob,
+    dagster_home_instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    api.batch_polls = 2  # still in progress when the first re-execution polls
     root = run_failing_after_submit(batch_job, dagster_home_instance, IN_PROCESS)
+    # A re-execution that fails before it reaches the batch (its source is unreadable): it
+    # records nothing, so the next one must look past its parent, at the root run.
+    monkeypatch.delenv(llm_jobs.ROWS_ENV)
     with dg.execute_job(
         batch_job,
         dagster_home_instance,
@@ -256,9 +272,20 @@ def test_the_batch_is_found_up_the_reexecution_chain(
     ) as result:
         assert not result.success
         second = result.run_id
-    _, labels = reexecute_from_failure(batch_job, dagster_home_instance, second)
+    assert not dagster_home_instance.get_records_for_run(
+        second, of_type=dg.DagsterEventType.ASSET_OBSERVATION
+    ).records
+    monkeypatch.setenv(llm_jobs.ROWS_ENV, "free money|hello")
+    third, labels = reexecute_from_failure(batch_job, dagster_home_instance, second)
     assert labels == ["ok", "ok"]
     assert len(api.batches) == 1
+    run = dagster_home_instance.get_run_by_id(third)
+    assert run is not None
+    assert (run.parent_run_id, run.root_run_id) == (second, root)
+    [batch_id] = api.batches
+    assert f"batch {batch_id} (labels) resumed from run {root}" in log_lines(
+        dagster_home_instance, third, logging.INFO
+    )
 
 
 @pytest.mark.dagster
