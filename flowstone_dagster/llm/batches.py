@@ -215,11 +215,16 @@ def _resumable(context: Any, job: str, batch_fingerprint: str) -> RecordedBatch 
             return batch
     if recorded:
         newest = recorded[0]
+        why = (
+            "its requests differ from these (the inputs changed)"
+            if newest.fingerprint is not None
+            else "it was recorded without the fingerprint of its requests"
+        )
         _log(
             context,
             "info",
             f"batch {newest.batch_id} ({job}, recorded in run {newest.run_id}) is not resumed: "
-            "its requests differ from these (the inputs changed), so a new batch is submitted",
+            f"{why}, so a new batch is submitted",
         )
     return None
 

@@ -151,6 +151,38 @@ def test_two_assets_of_a_run_with_the_same_job_submit_their_own_batches(
     assert {m["flowstone/llm/batch_id"].value for _, m in observed} == set(api.batches)
 
 
+@pytest.mark.dagster
+def test_a_batch_recorded_without_a_fingerprint_is_not_resumed(
+    api: LLMServer, dagster_instance: dg.DagsterInstance
+) -> None:
+    api.batch_polls = 0
+
+    @dg.asset
+    def labels(context: dg.AssetExecutionContext, llm: LLMResource) -> int:
+        # What an earlier flowstone-dagster recorded: no fingerprint, so the requests behind
+        # the batch are unknown.
+        context.log_event(
+            dg.AssetObservation(
+                asset_key="labels",
+                metadata={"flowstone/llm/batch_id": "old_batch", "flowstone/llm/batch_job": "j"},
+            )
+        )
+        return len(llm.batch(["a row"], job="j", poll_interval=0.05))
+
+    result = dg.materialize(
+        [labels], resources={"llm": resource_for(api)}, instance=dagster_instance
+    )
+    assert result.success
+    assert len(api.batches) == 1  # a new batch; old_batch was never asked for
+    assert not [request for request, _ in api.server.log if "old_batch" in request.path]
+    [line] = [
+        line
+        for line in log_lines(dagster_instance, result.run_id, logging.INFO)
+        if "old_batch" in line
+    ]
+    assert "recorded without the fingerprint" in line
+
+
 # -- resumed by a re-execution of the run (from failure, in the UI) ---------------------------
 
 ReconstructedJob = Any  # what dg.reconstructable returns (its class is not public)
