@@ -10,9 +10,10 @@ Submitting, polling and fetching go through the resource's governed SDK client (
 limit, retries, telemetry; :mod:`.governed`): Anthropic ``POST /v1/messages/batches``, then
 ``GET`` it until ``processing_status`` is ``ended``, then its ``results_url`` (JSONL);
 OpenAI: the requests uploaded as a JSONL file (``purpose=batch``), ``POST /v1/batches``
-(``/v1/chat/completions``, 24 h), ``GET`` it until ``completed``, then the output file. Each
-item's request is built as :meth:`LLMClient.chat <.client.LLMClient.chat>` builds one (same
-wire format; ``custom_id`` ``<job>-<index>``). Polls back off from ``poll_interval`` to
+(``/v1/chat/completions``, 24 h), ``GET`` it until ``completed``, then the output file
+(answered items) and the error file (failed ones). Each item's request is built as
+:meth:`LLMClient.chat <.client.LLMClient.chat>` builds one (same wire format; ``custom_id``
+``<job>-<index>``). Polls back off from ``poll_interval`` to
 ``max_poll_interval``.
 
 Results come back in input order, one :class:`BatchResult` per prompt: the reply, or the
@@ -397,7 +398,12 @@ def _collect(
                 found[item.custom_id] = (None, text)
         return found
     batch = sdk.batches.retrieve(batch_id)
-    content = sdk.files.content(batch.output_file_id).text if batch.output_file_id else ""
+    # Answered items are in the output file, failed ones in the error file (each may be null).
+    content = "".join(
+        sdk.files.content(file_id).text + "\n"
+        for file_id in (batch.output_file_id, batch.error_file_id)
+        if file_id
+    )
     for line in content.splitlines():
         if not line.strip():
             continue

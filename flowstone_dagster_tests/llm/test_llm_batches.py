@@ -70,6 +70,18 @@ def test_a_batch_returns_results_in_input_order_with_item_errors(api: LLMServer)
         assert items[0]["max_completion_tokens"] == 5
 
 
+def test_a_batch_whose_every_item_failed_reports_each_error(api: LLMServer) -> None:
+    # OpenAI: no output file at all (null output_file_id), only the error file.
+    api.fail(400, "invalid_request_error", "first is bad")
+    api.fail(400, "invalid_request_error", "second is bad")
+    results = resource_for(api).batch(["a", "b"], job="all-bad", poll_interval=0.05)
+    assert [r.error for r in results] == [
+        "invalid_request_error: first is bad",
+        "invalid_request_error: second is bad",
+    ]
+    assert not any(r.ok for r in results)
+
+
 def test_a_batch_not_done_in_time_is_pending_and_resumes(api: LLMServer) -> None:
     api.batch_polls = 3
     llm = resource_for(api)
