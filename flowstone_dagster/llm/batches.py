@@ -140,7 +140,10 @@ def run_lineage(context: Any) -> list[str]:
     """This run's id, then those of the runs it re-executes up to the root (newest first);
     only this run's for a run that re-executes nothing."""
     lineage = [context.run_id]
-    parent_id = context.run.parent_run_id
+    try:
+        parent_id = context.run.parent_run_id
+    except dg.DagsterError:  # an asset invoked directly (build_asset_context): no run
+        return lineage
     while parent_id is not None and parent_id not in lineage:
         lineage.append(parent_id)
         parent = context.instance.get_run_by_id(parent_id)
@@ -268,18 +271,22 @@ def run_batch(
     ]
     ids = [f"{job}-{index}" for index in range(len(prompts))]
     sdk = client.sdk_client(context)
+    # The op context underneath: an AssetExecutionContext's run_id is deprecated.
+    step = (
+        context.op_execution_context if isinstance(context, dg.AssetExecutionContext) else context
+    )
     batch_fingerprint = fingerprint(client.provider, ids, requests)
     try:
-        found = _resumable(context, job, batch_fingerprint)
+        found = _resumable(step, job, batch_fingerprint)
         if found is None:
             batch_id = _submit(client, sdk, ids, requests)
-            _remember(context, job, batch_id, batch_fingerprint)
+            _remember(step, job, batch_id, batch_fingerprint)
         else:
             batch_id = found.batch_id
-            _log(context, "info", f"batch {batch_id} ({job}) resumed from run {found.run_id}")
-            if found.run_id != getattr(context, "run_id", None):
+            _log(step, "info", f"batch {batch_id} ({job}) resumed from run {found.run_id}")
+            if found.run_id != getattr(step, "run_id", None):
                 # Shown on this run's asset too, and found here by the next re-execution.
-                _remember(context, job, batch_id, batch_fingerprint, resumed_from=found.run_id)
+                _remember(step, job, batch_id, batch_fingerprint, resumed_from=found.run_id)
         waited, interval = 0.0, poll_interval
         while (status := _status(client, sdk, batch_id)) != "ended":
             if status in ENDED_BADLY:
@@ -287,13 +294,13 @@ def run_batch(
                     raise FlowstoneError(f"OpenAI batch {batch_id} ended {status}")
                 # Resuming it would fail every re-execution the same way: start over.
                 _log(
-                    context,
+                    step,
                     "warning",
                     f"batch {batch_id} ({job}, recorded in run {found.run_id}) ended {status} "
                     "at the provider: a new batch is submitted for the same requests",
                 )
                 batch_id = _submit(client, sdk, ids, requests)
-                _remember(context, job, batch_id, batch_fingerprint)
+                _remember(step, job, batch_id, batch_fingerprint)
                 continue
             if waited + interval > max_wait:
                 pending = BatchPending(

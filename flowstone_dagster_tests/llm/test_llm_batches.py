@@ -101,6 +101,21 @@ def test_bad_batch_arguments_fail_before_anything_is_sent(api: LLMServer) -> Non
 
 
 @pytest.mark.dagster
+def test_an_asset_invoked_directly_runs_its_batch(api: LLMServer) -> None:
+    api.batch_polls = 0
+
+    @dg.asset
+    def labels(context: dg.AssetExecutionContext, llm: LLMResource) -> list[str | None]:
+        results = llm.batch(["a", "b"], job="direct", poll_interval=0.05, context=context)
+        return [r.response.text if r.response else None for r in results]
+
+    llm = resource_for(api)
+    assert labels(dg.build_asset_context(), llm=llm) == ["ok", "ok"]
+    assert labels(dg.build_asset_context(), llm=llm) == ["ok", "ok"]
+    assert len(api.batches) == 2  # no run: nothing to resume
+
+
+@pytest.mark.dagster
 def test_a_step_restart_resumes_the_batch_instead_of_resubmitting(
     api: LLMServer, dagster_instance: dg.DagsterInstance
 ) -> None:
