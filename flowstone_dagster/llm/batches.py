@@ -76,7 +76,7 @@ __all__ = [
 BATCH_ID_KEY = "flowstone/llm/batch_id"
 BATCH_JOB_KEY = "flowstone/llm/batch_job"
 BATCH_FINGERPRINT_KEY = "flowstone/llm/batch_fingerprint"
-BATCH_RESUMED_FROM_KEY = "flowstone/llm/batch_resumed_from"  # the run that recorded it first
+BATCH_RESUMED_FROM_KEY = "flowstone/llm/batch_resumed_from"  # the run it was found in
 #: What OpenAI calls a batch that will never complete (Anthropic's end per item instead).
 ENDED_BADLY = frozenset({"failed", "expired", "cancelled"})
 
@@ -147,12 +147,8 @@ def run_lineage(context: Any) -> list[str]:
     while parent_id is not None and parent_id not in lineage:
         lineage.append(parent_id)
         parent = context.instance.get_run_by_id(parent_id)
-        if parent is None:  # deleted: the runs between it and the root are unknown
-            root_id = context.run.root_run_id
-            if root_id is not None and root_id not in lineage:
-                lineage.append(root_id)
-            break
-        parent_id = parent.parent_run_id
+        # (Dagster refuses to re-execute a run one of whose ancestors was deleted.)
+        parent_id = parent.parent_run_id if parent is not None else None
     return lineage
 
 
