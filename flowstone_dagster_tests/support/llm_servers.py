@@ -950,15 +950,15 @@ class OpenAIServer(LLMServer):
             "endpoint": "/v1/chat/completions",
             "input_file_id": batch["input_file_id"],
             "completion_window": "24h",
-            "status": "completed" if done else "in_progress",
+            "status": batch.get("status") or ("completed" if done else "in_progress"),
             "output_file_id": batch.get("output_file_id"),
-            "error_file_id": None,
+            "error_file_id": batch.get("error_file_id"),
             "created_at": int(time.time()),
             "metadata": batch["metadata"],
             "request_counts": {
                 "total": len(batch["requests"]),
-                "completed": len(batch["requests"]) if done else 0,
-                "failed": 0,
+                "completed": len(batch["requests"]) - batch.get("failed", 0) if done else 0,
+                "failed": batch.get("failed", 0),
             },
         }
 
@@ -1002,22 +1002,46 @@ class OpenAIServer(LLMServer):
         batch = self.batches.get(batch_id)
         if batch is None:
             return self._invalid(f"No batch found with id '{batch_id}'.", "batch_id")
+        if batch.get("status") is not None:  # ended by end_batch: no results
+            return self._json(self._batch_object(batch_id))
         if self.batch_finished(batch, request) and "output_file_id" not in batch:
-            lines = [
-                json.dumps(
-                    {
-                        "id": f"batch_req_{n}",
-                        "custom_id": custom_id,
-                        "response": {"status_code": status, "request_id": f"req_{n}", "body": data},
-                        "error": None,
-                    }
+            # As OpenAI does: the answered items in the output file, the failed ones in the
+            # error file; a file id is null when it would be empty.
+            lines: dict[bool, list[str]] = {True: [], False: []}
+            for n, (custom_id, status, data) in enumerate(reversed(batch["results"])):
+                lines[status == 200].append(
+                    json.dumps(
+                        {
+                            "id": f"batch_req_{n}",
+                            "custom_id": custom_id,
+                            "response": {
+                                "status_code": status,
+                                "request_id": f"req_{n}",
+                                "body": data,
+                            },
+                            "error": None,
+                        }
+                    )
                 )
-                for n, (custom_id, status, data) in enumerate(reversed(batch["results"]))
-            ]
-            file_id = f"file-{next(self._ids):08d}"
-            self.files[file_id] = ("output.jsonl", ("\n".join(lines) + "\n").encode())
-            batch["output_file_id"] = file_id
+            for key, ok, name in (
+                ("output_file_id", True, "output"),
+                ("error_file_id", False, "errors"),
+            ):
+                batch[key] = None
+                if lines[ok]:
+                    batch[key] = f"file-{next(self._ids):08d}"
+                    self.files[batch[key]] = (
+                        f"{name}.jsonl",
+                        ("\n".join(lines[ok]) + "\n").encode(),
+                    )
+            batch["failed"] = len(lines[False])
         return self._json(self._batch_object(batch_id))
+
+    def end_batch(self, batch_id: str, status: str) -> None:
+        """End a batch without results, as the provider does: ``expired`` (not done within its
+        completion window), ``failed`` or ``cancelled``."""
+        with self.lock:
+            self.batches[batch_id]["status"] = status
 
     def _invalid(self, message: str, param: str | None = None) -> Response:
         return Response(
