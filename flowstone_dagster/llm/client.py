@@ -43,7 +43,6 @@ text and the key never leave the call.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -729,13 +728,31 @@ class LLMClient:
         }
         if not self.fallbacks:
             return self._chat_single(args, model=model)
+        index, response = self._first_to_answer(
+            lambda index, candidate: candidate._chat_single(
+                args, model=model if index == 0 else None, to_dagster=False
+            ),
+            model=model,
+        )
+        return replace(response, fallback=None if index == 0 else self.fallbacks[index - 1].label)
+
+    def _first_to_answer(
+        self,
+        attempt: Callable[[int, LLMClient], T],
+        *,
+        model: str | None,
+        **measures: Any,
+    ) -> tuple[int, T]:
+        """``attempt(index, candidate)`` on this client (index 0), then on each fallback in
+        turn while the failure is one :func:`falls_back` moves on from, each move emitting
+        ``flowstone.llm.fallback`` (with ``measures``); returns the index that answered and
+        its result. The last failure is raised (mapped to Dagster when that is on).
+        ``model``: the model asked of this client (``None``: its own)."""
         candidates = [self, *self.fallbacks]
         failure: BaseException | None = None
         for index, candidate in enumerate(candidates):
             try:
-                response = candidate._chat_single(
-                    args, model=model if index == 0 else None, to_dagster=False
-                )
+                return index, attempt(index, candidate)
             except Exception as exc:
                 failure = exc
                 if index + 1 < len(candidates) and falls_back(exc):
@@ -747,10 +764,10 @@ class LLMClient:
                         model=model if index == 0 and model else candidate.model,
                         reason=type(_cause_of(exc)).__name__,
                         to=candidates[index + 1].label,
+                        **measures,
                     )
                     continue
                 break
-            return replace(response, fallback=None if index == 0 else candidate.label)
         assert failure is not None
         mapped = self._failure(failure)
         if mapped is failure:
@@ -1010,11 +1027,9 @@ class LLMClient:
                 timeout=timeout,
             )
 
-        request = request_of(self, model)
-        fallbacks = [
-            (fallback, functools.partial(request_of, fallback, None)) for fallback in self.fallbacks
-        ]
-        return LLMStream(self, request, fallbacks=fallbacks)
+        return LLMStream(
+            self, request_of(self, model), fallback_request=lambda f: request_of(f, None)
+        )
 
     # -- the machinery -------------------------------------------------------------------------
 
@@ -1192,11 +1207,12 @@ class LLMStream:
         client: LLMClient,
         request: LLMRequest,
         *,
-        fallbacks: Sequence[tuple[LLMClient, Callable[[], LLMRequest]]] = (),
+        fallback_request: Callable[[LLMClient], LLMRequest] | None = None,
     ) -> None:
         self._client = client
         self._request = request
-        self._fallbacks = list(fallbacks)
+        #: The request for a fallback of ``client`` (``None``: the stream does not fall back).
+        self._fallback_request = fallback_request
         #: The fallback that answered (``provider:model``), ``None`` for the primary.
         self.fallback: str | None = None
         self._parts: list[str] = []
@@ -1272,42 +1288,21 @@ class LLMStream:
     def _open_any(self, estimate: int) -> tuple[Iterator[str], str | None, StreamState]:
         """Open the stream on the primary, else on each fallback in turn (as :meth:`chat`
         does); the client and request that answered become the stream's."""
-        primary = self._client
-        if not self._fallbacks:
-            return primary._guarded(self._request.model, estimate, self._open)
-        candidates: list[tuple[LLMClient, Callable[[], LLMRequest]]] = [
-            (primary, lambda: self._request),
-            *self._fallbacks,
-        ]
-        failure: BaseException | None = None
-        for index, (candidate, request_of) in enumerate(candidates):
-            self._client, self._request = candidate, request_of()
-            try:
-                opened = candidate._guarded(
-                    self._request.model, estimate, self._open, to_dagster=False
-                )
-            except Exception as exc:
-                failure = exc
-                if index + 1 < len(candidates) and falls_back(exc):
-                    telemetry.emit(
-                        "flowstone.llm.fallback",
-                        outcome="ok",
-                        error=None,
-                        service=candidate.service,
-                        model=self._request.model,
-                        reason=type(_cause_of(exc)).__name__,
-                        to=candidates[index + 1][0].label,
-                        stream=True,
-                    )
-                    continue
-                break
-            self.fallback = None if index == 0 else candidate.label
-            return opened
-        assert failure is not None
-        mapped = primary._failure(failure)
-        if mapped is failure:
-            raise failure
-        raise mapped
+        primary, first_request = self._client, self._request
+        fallback_request = self._fallback_request
+        if not primary.fallbacks or fallback_request is None:
+            return primary._guarded(first_request.model, estimate, self._open)
+
+        def attempt(
+            index: int, candidate: LLMClient
+        ) -> tuple[Iterator[str], str | None, StreamState]:
+            self._client = candidate
+            self._request = first_request if index == 0 else fallback_request(candidate)
+            return candidate._guarded(self._request.model, estimate, self._open, to_dagster=False)
+
+        index, opened = primary._first_to_answer(attempt, model=first_request.model, stream=True)
+        self.fallback = None if index == 0 else self._client.label
+        return opened
 
     def _finish(self, state: StreamState, estimate: int) -> Usage:
         """Set ``usage``, ``stop_reason``, ``model`` and ``response`` at the stream's end."""
