@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import pytest
 
 from flowstone_dagster import telemetry
-from flowstone_dagster.llm import LLMClient
-from flowstone_dagster_tests.llm.test_llm import KEY, OPENAI_KEY, resilience
+from flowstone_dagster_tests.llm.test_llm import KEY, OPENAI_KEY
+from flowstone_dagster_tests.llm.test_llm_deadlines import client_for
 from flowstone_dagster_tests.support.llm_servers import LLMServer, llm_server
 
 RPM = 600  # 10 per second: the server refuses the 11th request in any 1-second window
@@ -26,23 +26,10 @@ def api(request: pytest.FixtureRequest) -> Iterator[LLMServer]:
         yield server
 
 
-def client_for(server: LLMServer) -> LLMClient:
-    anthropic = server.path == "/v1/messages"
-    return LLMClient(
-        "anthropic" if anthropic else "openai",
-        model="claude-sonnet-5-5" if anthropic else "gpt-4o-mini",
-        api_key=KEY if anthropic else OPENAI_KEY,
-        base_url=server.base_url,
-        rpm_limit=RPM,
-        rpm_window=1.0,
-        resilience=resilience(attempts=1, threshold=None),  # a 429 would fail the call
-    )
-
-
 def test_a_request_stalled_after_its_admission_is_admitted_again_at_the_wire(
     api: LLMServer,
 ) -> None:
-    client = client_for(api)
+    client = client_for(api, rpm_limit=RPM, rpm_window=1.0)
     rpm = client.limit_name("rpm")
     stalled = threading.Event()
     readmitted: list[telemetry.TelemetryEvent] = []
@@ -101,16 +88,7 @@ def test_a_lower_limit_stated_by_the_provider_wins(
 ) -> None:
     # Configured for 6,000 rpm, the account has 600 (10 per second at the server): after the
     # first answer states it, this process keeps to 600, and no request is refused.
-    anthropic = api.path == "/v1/messages"
-    client = LLMClient(
-        "anthropic" if anthropic else "openai",
-        model="claude-sonnet-5-5" if anthropic else "gpt-4o-mini",
-        api_key=KEY if anthropic else OPENAI_KEY,
-        base_url=api.base_url,
-        rpm_limit=6000,
-        rpm_window=1.0,
-        resilience=resilience(attempts=1, threshold=None),
-    )
+    client = client_for(api, rpm_limit=6000, rpm_window=1.0)
     with caplog.at_level("WARNING", logger="flowstone_dagster"):
         for _ in range(25):
             client.call("Hi")
@@ -144,7 +122,7 @@ def test_a_spent_minute_stated_by_the_provider_holds_every_process_until_its_res
     else:
         spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2.5s"}
     api.reply("spent", headers=spent)
-    client = client_for(api)
+    client = client_for(api, rpm_limit=RPM, rpm_window=1.0)
     assert client.call("Hi") == "spent"
     started = time.monotonic()
     assert client.call("Again") == "ok"
