@@ -150,24 +150,11 @@ def rate_limit_wait(headers: Mapping[str, str], *, now: float | None = None) -> 
     retry_after = parse_retry_after(lowered.get("retry-after"), now=now)
     if retry_after is not None:
         waits.append(retry_after)
-    exhausted: list[float] = []
-    resets: list[float] = []
-    for key, value in lowered.items():
-        if key.startswith("anthropic-ratelimit-") and key.endswith("-reset"):
-            remaining = lowered.get(key.removesuffix("-reset") + "-remaining")
-        elif key.startswith("x-ratelimit-reset-"):
-            remaining = lowered.get(
-                "x-ratelimit-remaining-" + key.removeprefix("x-ratelimit-reset-")
-            )
-        else:
-            continue
-        seconds = _reset_seconds(value, now)
-        if seconds is None:
-            continue
-        resets.append(seconds)
-        if remaining is not None and remaining.strip() == "0":
-            exhausted.append(seconds)
-    waits.extend(exhausted)
+    stated = provider_limits(lowered, now=now).values()
+    resets = [limit.reset for limit in stated if limit.reset is not None]
+    waits.extend(
+        limit.reset for limit in stated if limit.reset is not None and limit.remaining == 0
+    )
     if not waits and resets:
         waits.append(max(resets))
     return max(waits) if waits else None
