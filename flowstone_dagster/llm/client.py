@@ -349,9 +349,9 @@ class LLMClient:
             self.per_minute["tpm"] = float(tpm_limit)
         self.rpm: RateLimitConfig | None = self._config("rpm", rpm_limit)
         self.tpm: RateLimitConfig | None = self._config("tpm", tpm_limit)
-        # Limits a provider stated lower than configured, by limit name (see _correct_limits).
-        self._lowered: dict[str, RateLimitConfig] = {}
-        self._lowered_per_minute: dict[str, float] = {}
+        # Limits a provider stated lower than configured, by limit name (see correct_limits):
+        # the stated figure per minute and its config.
+        self._lowered: dict[str, tuple[float, RateLimitConfig]] = {}
         #: How late (seconds after its rpm admission) a request may go on the wire before it
         #: is admitted again; see :mod:`.wire`.
         self.late_after = late_after(rate_limit_margin)
@@ -420,7 +420,7 @@ class LLMClient:
         if self._lowered:
             lowered = self._lowered.get(name)
             if lowered is not None:
-                return lowered
+                return lowered[1]
         return self.rpm if kind == "rpm" else self.tpm
 
     @property
@@ -501,12 +501,11 @@ class LLMClient:
                 self._fill(kind, name, reset)
 
     def _lower(self, kind: str, name: str, configured: float, stated: float) -> None:
-        if stated >= self._lowered_per_minute.get(name, math.inf):
+        if stated >= self._lowered.get(name, (math.inf,))[0]:
             return  # known already
         config = self._config(kind, stated)
         assert config is not None
-        self._lowered_per_minute[name] = stated
-        self._lowered[name] = config
+        self._lowered[name] = (stated, config)
         logger.warning(
             "%s states a limit of %g %s per minute for %s, lower than %s_limit=%g: using %g "
             "(set %s_limit to it to silence this warning)",

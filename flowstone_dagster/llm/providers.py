@@ -59,8 +59,8 @@ ProviderName = Literal["anthropic", "openai", "openai_compatible"]
 T = TypeVar("T")
 
 #: Called in the calling thread just before each request goes on the wire (after the SDK has
-#: built it): where the client takes its rate-limit admission, so that what the provider
-#: counts is as close as possible to what the limiter admitted.
+#: built it): where the client has the request check its rate admission at the wire (see
+#: :mod:`.wire`), so that what the provider counts is what the limiter admitted.
 RequestHook = Callable[[httpx2.Request], None]
 #: Called in the calling thread with each response, before the SDK reads it (429s included):
 #: where the client reads the provider's rate-limit headers.

@@ -39,7 +39,7 @@ __all__ = ["Admission", "current_admission"]
 class _Taken:
     limiter: RateLimiter
     units: float
-    at: float  # the limiter's local clock just before the store admitted it
+    at: float  # when the store admitted it, on the limiter's local clock (RateLimiter.admit)
 
     def age(self) -> float:
         return (self.limiter.clock or time.monotonic)() - self.at

@@ -157,13 +157,15 @@ class _GuardedCall:
                 if bulkhead is not None:
                     budget = self._wait_budget()
                     slot = _Slot(bulkhead, bulkhead.acquire(max_wait=budget))
-                if limiter is not None or self.limits:
+                takes = [(limiter, self.cost)] if limiter is not None else []
+                takes += [
+                    (resource._extra_limiter(name, config, local), units)
+                    for name, config, units in self.limits
+                ]
+                if takes:
                     admission = Admission(self._wait_budget)
-                if limiter is not None:
-                    admission.take(limiter, self.cost)  # type: ignore[union-attr]
-                for name, config, units in self.limits:
-                    extra = resource._extra_limiter(name, config, local)
-                    admission.take(extra, units)  # type: ignore[union-attr]
+                    for taken, units in takes:
+                        admission.take(taken, units)
             except BaseException as exc:
                 if slot is not None:
                     self._after(_release_slot, slot)
